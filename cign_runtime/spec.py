@@ -1,0 +1,170 @@
+"""The one preprocessing specification shared by prepare, training, export and the live runtime.
+
+Every number that turns a clip into model inputs lives in :class:`PreprocessSpec`; prepared
+stores, checkpoints and export manifests carry it as JSON. This module holds the numpy
+implementation (the runtime imports no torch); ``cign_train.preprocess`` holds the torch one and
+``tests/test_spec_parity.py`` checks that both agree.
+
+Paper (Sec. 4.1): 224x224 frames; log spectrogram of 3 s of 22,050 Hz audio, 257 x 300. The
+paper's "50 ms window, 25 ms hop" cannot give that shape: 257 bins need n_fft = 512 (23.2 ms at
+22,050 Hz) and a 25 ms hop gives 121 frames. We keep the paper's tensor shape and choose
+n_fft = win_length = 512 (periodic Hann) with hop 221 samples (10.0 ms) and centred frames
+(reflect padding): 1 + 66150 // 221 = 300 frames. The spectrogram is ln(|STFT|^2 + 1e-7)
+(the log power of the reference release's audio pipeline), normalised as (x - mean) / std.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+
+#: ImageNet statistics: the paper initialises the visual ResNet18 from ImageNet-style pretraining.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """Audio and frame preprocessing, from decoded media to normalised model inputs."""
+
+    name: str = "paper"
+    sample_rate: int = 22050  # Hz, mono
+    clip_seconds: float = 3.0  # analysis window, centred on the clip
+    n_fft: int = 512  # -> n_fft // 2 + 1 frequency bins
+    win_length: int = 512  # periodic Hann window
+    hop_length: int = 221  # samples between STFT frames
+    log_eps: float = 1e-7  # ln(|X|^2 + eps)
+    spec_mean: float = 0.0  # log-spectrogram normalisation
+    spec_std: float = 12.0
+    frame_size: int = 224  # frames are resized (not cropped) to frame_size x frame_size RGB
+    frame_mean: tuple[float, float, float] = IMAGENET_MEAN
+    frame_std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.win_length > self.n_fft:
+            raise ValueError(f"win_length {self.win_length} exceeds n_fft {self.n_fft}")
+        if min(self.sample_rate, self.n_fft, self.hop_length, self.frame_size) <= 0:
+            raise ValueError(f"spec {self.name!r} has a non-positive size: {self}")
+        # JSON round trips give lists; keep the dataclass hashable and comparable.
+        object.__setattr__(self, "frame_mean", tuple(float(v) for v in self.frame_mean))
+        object.__setattr__(self, "frame_std", tuple(float(v) for v in self.frame_std))
+
+    @property
+    def n_samples(self) -> int:
+        """Samples in one analysis window."""
+        return int(round(self.sample_rate * self.clip_seconds))
+
+    @property
+    def n_freq(self) -> int:
+        return self.n_fft // 2 + 1
+
+    @property
+    def n_time(self) -> int:
+        """STFT frames of a window (centred framing)."""
+        return 1 + self.n_samples // self.hop_length
+
+    @property
+    def spectrogram_shape(self) -> tuple[int, int]:
+        return (self.n_freq, self.n_time)
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        """Stored frame layout: H x W x RGB, uint8."""
+        return (self.frame_size, self.frame_size, 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["frame_mean"] = list(self.frame_mean)
+        d["frame_std"] = list(self.frame_std)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown preprocessing spec fields {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PreprocessSpec":
+        return cls.from_dict(json.loads(text))
+
+
+#: Named presets. ``paper``: Sec. 4.1 shapes. ``cpu``: small inputs for 2-core runs (the
+#: embedded ``avdigits`` default): 16 kHz, 129 x 151 log spectrogram, 64 x 64 frames.
+PRESETS: dict[str, PreprocessSpec] = {
+    "paper": PreprocessSpec(),
+    "cpu": PreprocessSpec(
+        name="cpu", sample_rate=16000, n_fft=256, win_length=256, hop_length=320, frame_size=64
+    ),
+}
+
+
+def get_preset(name: str) -> PreprocessSpec:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preprocessing preset {name!r}; choose from {sorted(PRESETS)}") from None
+
+
+def hann_window(length: int) -> np.ndarray:
+    """Periodic Hann window (the STFT convention, equal to torch.hann_window)."""
+    n = np.arange(length, dtype=np.float64)
+    return (0.5 - 0.5 * np.cos(2.0 * np.pi * n / length)).astype(np.float32)
+
+
+def fit_window(audio: np.ndarray, n_samples: int) -> np.ndarray:
+    """Centre-crop or symmetrically zero-pad a mono waveform to exactly ``n_samples``."""
+    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+    excess = audio.shape[0] - n_samples
+    if excess >= 0:
+        start = excess // 2
+        return audio[start : start + n_samples]
+    before = (-excess) // 2
+    return np.pad(audio, (before, -excess - before))
+
+
+def log_spectrogram(spec: PreprocessSpec, audio: np.ndarray) -> np.ndarray:
+    """ln(|STFT|^2 + eps) of mono audio (..., n_samples) -> (..., n_freq, n_time) float32."""
+    audio = np.asarray(audio, dtype=np.float32)
+    pad = spec.n_fft // 2
+    padded = np.pad(audio, [(0, 0)] * (audio.ndim - 1) + [(pad, pad)], mode="reflect")
+    frames = np.lib.stride_tricks.sliding_window_view(padded, spec.n_fft, axis=-1)
+    frames = frames[..., :: spec.hop_length, :]  # (..., n_time, n_fft)
+    window = np.zeros(spec.n_fft, dtype=np.float32)
+    offset = (spec.n_fft - spec.win_length) // 2
+    window[offset : offset + spec.win_length] = hann_window(spec.win_length)
+    power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2  # (..., n_time, n_freq)
+    return np.log(power + spec.log_eps).astype(np.float32).swapaxes(-1, -2)
+
+
+def normalize_spectrogram(spec: PreprocessSpec, log_spec: np.ndarray) -> np.ndarray:
+    return ((np.asarray(log_spec, dtype=np.float32) - spec.spec_mean) / spec.spec_std).astype(np.float32)
+
+
+def resize_frame(spec: PreprocessSpec, rgb: np.ndarray) -> np.ndarray:
+    """Any H x W x 3 (or H x W grey) uint8 frame -> frame_size x frame_size x 3 uint8 (area resize)."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim == 2:
+        rgb = cv2.cvtColor(rgb, cv2.COLOR_GRAY2RGB)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an H x W x 3 uint8 frame, got shape {rgb.shape} dtype {rgb.dtype}")
+    size = (spec.frame_size, spec.frame_size)
+    if rgb.shape[:2] == size:
+        return np.ascontiguousarray(rgb)
+    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+
+
+def normalize_frames(spec: PreprocessSpec, frames: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W), scaled to [0, 1] and standardised."""
+    x = np.asarray(frames, dtype=np.float32) / 255.0
+    x = (x - np.asarray(spec.frame_mean, np.float32)) / np.asarray(spec.frame_std, np.float32)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))

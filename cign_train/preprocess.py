@@ -1,0 +1,42 @@
+"""Torch implementation of :class:`cign_runtime.spec.PreprocessSpec` (the numpy one is in the spec).
+
+``cign-prepare`` computes the stored log spectrograms with :func:`log_spectrogram`; training
+normalises stored uint8 frames and float16 spectrograms on the device with
+:func:`normalize_frames` / :func:`normalize_spectrogram`. ``tests/test_spec_parity.py`` checks
+each against its numpy twin.
+"""
+from __future__ import annotations
+
+import torch
+
+from cign_runtime.spec import PreprocessSpec
+
+
+def log_spectrogram(spec: PreprocessSpec, audio: torch.Tensor) -> torch.Tensor:
+    """ln(|STFT|^2 + eps) of mono audio (..., n_samples) -> (..., n_freq, n_time) float32."""
+    lead = audio.shape[:-1]
+    window = torch.hann_window(spec.win_length, periodic=True, dtype=torch.float32, device=audio.device)
+    stft = torch.stft(
+        audio.reshape(-1, audio.shape[-1]).float(),
+        n_fft=spec.n_fft,
+        hop_length=spec.hop_length,
+        win_length=spec.win_length,
+        window=window,
+        center=True,
+        pad_mode="reflect",
+        return_complex=True,
+    )  # (B, n_freq, n_time)
+    power = stft.real.square() + stft.imag.square()
+    return torch.log(power + spec.log_eps).reshape(*lead, *power.shape[-2:])
+
+
+def normalize_spectrogram(spec: PreprocessSpec, log_spec: torch.Tensor) -> torch.Tensor:
+    return (log_spec.float() - spec.spec_mean) / spec.spec_std
+
+
+def normalize_frames(spec: PreprocessSpec, frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W), scaled to [0, 1] and standardised."""
+    mean = torch.tensor(spec.frame_mean, dtype=torch.float32, device=frames.device)
+    std = torch.tensor(spec.frame_std, dtype=torch.float32, device=frames.device)
+    x = (frames.float() / 255.0 - mean) / std
+    return x.movedim(-1, -3).contiguous()
