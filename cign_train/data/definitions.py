@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
+#: The embedded ``avdigits`` data set: spoken + handwritten digits, class index = digit.
+AVDIGITS_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 @dataclass(frozen=True)
@@ -72,10 +74,8 @@ def _vgginstruments() -> DatasetDefinition:
 
 def get_definition(name: str) -> DatasetDefinition:
     """The built-in definition ``name`` (``csv`` data sets have none: their labels define them)."""
-    from cign_train.data.avdigits import CLASSES as AVDIGITS_CLASSES
-
     if name == "avdigits":
-        return DatasetDefinition("avdigits", tuple(AVDIGITS_CLASSES), tasks=5, preset="cpu")
+        return DatasetDefinition("avdigits", AVDIGITS_CLASSES, tasks=5, preset="cpu")
     if name == "vgginstruments":
         return _vgginstruments()
     if name == "vggsound100":

@@ -1,0 +1,16 @@
+PYTHON ?= python3
+
+.PHONY: setup demo test bench
+
+setup:
+	PYTHON=$(PYTHON) bash scripts/setup.sh
+
+# Main job on the embedded default data: generate + prepare avdigits.
+demo: setup
+	cign-prepare --dataset avdigits
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+bench: setup
+	$(PYTHON) benchmarks/bench_data.py

@@ -1,0 +1,71 @@
+"""``cign-train``: the class-incremental CIGN procedure on a prepared store."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+
+from cign_train.data.definitions import DATASETS, get_definition
+from cign_train.methods import available
+from cign_train.reporting import results_table
+from cign_train.settings import PRESETS, preset_settings
+from cign_train.trainer import NonFiniteLoss, Trainer
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--dataset", type=click.Choice([d for d in DATASETS if d != "csv"]), default="avdigits", show_default=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Training preset [default: the data set's: cpu for avdigits, else paper].")
+@click.option("--method", type=click.Choice(available()), default="cign", show_default=True)
+@click.option("--epochs", type=int, help="Epochs per task.")
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float, help="Adam learning rate.")
+@click.option("--tasks", type=int, help="Number of equal tasks [default: the data set's].")
+@click.option("--class-order", type=click.Choice(["definition", "seeded"]), help="Benchmark class order or a permutation by --seed.")
+@click.option("--max-per-class", type=int, help="Cap on training clips per class.")
+@click.option("--buffer-per-class", type=int, help="Rehearsal exemplars per old class.")
+@click.option("--buffer-select", type=click.Choice(["random", "herding"]))
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda (torchrun: one process per GPU).")
+@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), help="Mixed precision on CUDA.")
+@click.option("--workers", type=int, help="Loader processes.")
+@click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), help="Local ResNet18 checkpoint for both encoders.")
+@click.option("--depth", type=int, help="Self-attention layers (1/3/6/12).")
+@click.option("--assign", type=click.Choice(["soft", "hard"]), help="Grouping assignment (Table 5).")
+@click.option("--no-avctd", is_flag=True, help="Drop token distillation + token CE (Table 4).")
+@click.option("--no-avcg", is_flag=True, help="Drop the continual-grouping loss (Table 4).")
+@click.option("--out", type=click.Path(path_type=Path), help="Run folder [default: runs/DATASET-METHOD-seedSEED].")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished task and epoch.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (one line per task still prints).")
+def main(dataset, data_dir, preset, method, epochs, batch_size, lr, tasks, class_order, max_per_class,
+         buffer_per_class, buffer_select, seed, device, amp, workers, encoder_weights, depth, assign,
+         no_avctd, no_avcg, out, resume, no_progress):
+    """Train CIGN (or another --method) task by task, evaluate, and print the results table."""
+    preset = preset or get_definition(dataset).preset
+    settings = preset_settings(
+        preset, dataset=dataset, data_dir=str(data_dir), method=method, epochs=epochs, batch_size=batch_size,
+        lr=lr, tasks=tasks, class_order=class_order, max_per_class=max_per_class,
+        buffer_per_class=buffer_per_class, buffer_select=buffer_select, seed=seed, device=device, amp=amp,
+        workers=workers, encoder_weights=encoder_weights,
+    )
+    model_overrides = {k: v for k, v in dict(depth=depth, assign=assign).items() if v is not None}
+    if no_avctd:
+        model_overrides["use_avctd"] = False
+    if no_avcg:
+        model_overrides["use_avcg"] = False
+    if model_overrides:
+        settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, **model_overrides))
+    out = out or Path("runs") / f"{dataset}-{method}-seed{seed}"
+    try:
+        trainer = Trainer(settings, out, progress=not no_progress)
+        metrics = trainer.run(resume=resume)
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLoss) as e:
+        raise click.ClickException(str(e)) from e
+    if trainer.dist.main:
+        click.echo(results_table(metrics, f"{method} on {dataset}, {len(metrics['accuracy_matrix']['audio'])} tasks (%)"))
+        click.echo(f"results in {out}/ (metrics.json, metrics.csv, accuracy_matrix.png, task_*.pt)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Model configuration: one dataclass handed to every submodule and stored in every checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CIGNConfig:
+    """Architecture and loss settings of CIGN (paper Sec. 3, defaults from Sec. 4.1)."""
+
+    dim: int = 512  # D, embedding width of features and class tokens
+    depth: int = 3  # self-attention layers of phi_a and phi_v (eqs 1-4); 1/3/6/12 in the paper
+    heads: int = 8  # attention heads per layer (eqs 3-4 are the one-head, identity-projection case)
+    mlp_ratio: float = 4.0  # transformer feed-forward width / dim
+    dropout: float = 0.0
+    assign: str = "soft"  # grouping assignment (eq 6): softmax "soft" or Gumbel straight-through "hard"
+    gumbel_tau: float = 1.0  # temperature of the hard assignment
+    tau: float = 0.07  # temperature of the continual-grouping contrastive loss (eq 9)
+    use_avctd: bool = True  # eq 8's token terms (KL distillation + CE independence), Table 4
+    use_avcg: bool = True  # eq 9 continual-grouping loss, Table 4
+    audio_channels: int = 1  # log spectrogram planes into the audio ResNet18
+
+    def __post_init__(self) -> None:
+        if self.assign not in ("soft", "hard"):
+            raise ValueError(f"assign must be 'soft' or 'hard', got {self.assign!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.depth < 1:
+            raise ValueError(f"depth must be >= 1, got {self.depth}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CIGNConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown CIGN config fields {unknown}")
+        return cls(**d)

@@ -1,0 +1,49 @@
+"""Accuracy of audio, visual and audio-visual predictions on each seen task's test split.
+
+Prediction is class-incremental (no task id): argmax over all classes seen so far of p_a, of p_v,
+and of p_av = p_a * p_v (Sec. 3.3). Under DDP each rank scores a shard and the counts are summed.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from cign_train import distributed as D
+from cign_train.data.loader import batch_loader
+from cign_train.metrics import seen_accuracy
+from cign_train.model import predict
+
+MODALITIES = ("audio", "visual", "audio_visual")
+
+
+class TaskAccuracy(NamedTuple):
+    per_task: dict[str, list[float]]  # modality -> accuracy (%) on each seen task's test split
+    seen: dict[str, float]  # modality -> accuracy (%) on the union of the seen tasks' test splits
+
+
+@torch.no_grad()
+def evaluate_tasks(model, plan, t: int, to_inputs, autocast, batch_size: int, workers: int, dist: D.Dist) -> TaskAccuracy:
+    """Score the model after task ``t`` on the test split of tasks 0..t."""
+    model.eval()
+    counts = torch.zeros(t + 1, len(MODALITIES) + 1, dtype=torch.float64)  # correct per modality, total
+    for i in range(t + 1):
+        idx = plan.split_indices("test", plan.task_classes[i])[dist.rank :: dist.world]
+        if len(idx) == 0:
+            continue
+        for batch in batch_loader(plan.store, idx, batch_size, shuffle=False, workers=workers):
+            x = to_inputs(batch)
+            with autocast():
+                p = predict(model(x.spectrograms, x.frames))
+            for m, probs in enumerate((p.p_a, p.p_v, p.p_av)):
+                counts[i, m] += (probs.float().argmax(dim=1) == x.labels).sum().item()
+            counts[i, -1] += len(x.labels)
+    counts = D.all_reduce_sum(counts.to(dist.device), dist).cpu().numpy()
+    total = counts[:, -1]
+    if (total == 0).any():
+        empty = [i for i in range(t + 1) if total[i] == 0]
+        raise ValueError(f"tasks {empty} have no test samples in {plan.store.root}")
+    per_task = {m: [float(100 * c) for c in counts[:, j] / total] for j, m in enumerate(MODALITIES)}
+    seen = {m: 100 * seen_accuracy(counts[:, j], total) for j, m in enumerate(MODALITIES)}
+    return TaskAccuracy(per_task, seen)

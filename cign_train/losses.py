@@ -1,0 +1,103 @@
+"""CIGN objectives (paper Sec. 3.2-3.3): L = L_ctl + L_group (eq 10).
+
+Pure functions of model outputs and labels; the model's forward never sees labels. Class indices
+are global: the K classes seen so far, old classes first, match the rows of the token table.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from cign_train.config import CIGNConfig
+from cign_train.model import CIGNOutput
+
+
+def token_distillation(tokens: torch.Tensor, old_tokens: torch.Tensor) -> torch.Tensor:
+    """sum_{i <= C} KL(c^t_i || c^{t-1}_i), eq 8's first term.
+
+    tokens (K, D) are the current model's, old_tokens (C, D) the previous task's (a teacher: no
+    gradient). The paper does not say how a token becomes a distribution; we softmax each token over
+    its D feature dimensions, so the KL keeps each old token's feature profile.
+    KL(p || q) = sum_d p (log p - log q).
+    """
+    log_p = F.log_softmax(tokens[: old_tokens.shape[0]], dim=-1)  # (C, D)
+    log_q = F.log_softmax(old_tokens.detach(), dim=-1)  # (C, D)
+    return (log_p.exp() * (log_p - log_q)).sum()
+
+
+def token_independence(token_logits: torch.Tensor, new_classes: Sequence[int]) -> torch.Tensor:
+    """sum_{i new} CE(h_i, e_i) with e_i = softmax(FC(c_i)) and h_i one-hot at i, eq 8's second term.
+
+    token_logits (K, K) is FC(c_i) for every token (CIGN.token_logits()); each new token must
+    classify as its own class.
+    """
+    idx = torch.as_tensor(list(new_classes), dtype=torch.long, device=token_logits.device)
+    return F.cross_entropy(token_logits[idx], idx, reduction="sum")
+
+
+def grouping_bce(logits_a: torch.Tensor, logits_v: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """sum_i BCE(y_i, p_a,i) + BCE(y_i, p_v,i) over all K seen classes, eq 8's last term; batch mean.
+
+    logits (B, K) are FC(g_i) before the sigmoid, labels (B,) class indices (y one-hot).
+    """
+    y = F.one_hot(labels, logits_a.shape[1]).to(logits_a.dtype)  # (B, K)
+    bce_a = F.binary_cross_entropy_with_logits(logits_a, y, reduction="none").sum(dim=1)  # (B,)
+    bce_v = F.binary_cross_entropy_with_logits(logits_v, y, reduction="none").sum(dim=1)  # (B,)
+    return (bce_a + bce_v).mean()
+
+
+def continual_grouping(
+    g_old: torch.Tensor, g_new: torch.Tensor, labels: torch.Tensor, old_classes: Sequence[int], tau: float
+) -> torch.Tensor:
+    """One modality's term of L_ctl (eq 9).
+
+    g_old (B, C, D) comes from the frozen previous model (teacher, no gradient), g_new (B, K, D) from
+    the current model on the same inputs; labels (B,). Each sample n whose label is an old class
+    (from the rehearsal buffer) is an anchor g_old[n, y_n], with positive g_new[n, y_n]; the negatives
+    are the batch's new-class samples m at their ground-truth classes, g_new[m, y_m]. sim is the
+    cosine similarity over tau. Eq 9's denominator sums only the negatives, which lets the loss fall
+    without bound as the positive grows; we add the positive to it (standard InfoNCE), so the loss
+    is >= 0. Mean over anchors; a (differentiable) 0 when the batch lacks old or new samples.
+    """
+    old = torch.isin(labels, torch.as_tensor(list(old_classes), dtype=labels.dtype, device=labels.device))
+    if not old.any() or old.all():
+        return g_new.sum() * 0.0
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    anchor = F.normalize(g_old.detach()[rows[old], labels[old]], dim=-1)  # (N, D)
+    pos = F.normalize(g_new[rows[old], labels[old]], dim=-1)  # (N, D)
+    neg = F.normalize(g_new[rows[~old], labels[~old]], dim=-1)  # (M, D)
+    sim_pos = (anchor * pos).sum(dim=-1, keepdim=True) / tau  # (N, 1)
+    sim_neg = anchor @ neg.T / tau  # (N, M)
+    logits = torch.cat([sim_pos, sim_neg], dim=1)  # (N, 1 + M), the positive first
+    return (torch.logsumexp(logits, dim=1) - sim_pos.squeeze(1)).mean()
+
+
+def cign_loss(
+    out: CIGNOutput,
+    labels: torch.Tensor,
+    *,
+    cfg: CIGNConfig,
+    token_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    old_tokens: torch.Tensor | None = None,
+    teacher_out: CIGNOutput | None = None,
+    old_classes: Sequence[int] = (),
+    new_classes: Sequence[int] = (),
+) -> dict[str, torch.Tensor]:
+    """L = L_ctl + L_group (eq 10) as named terms `bce`, `kl`, `ce`, `ctl` and their sum `total`.
+
+    L_group (eq 8) = kl + ce + bce; L_ctl (eq 9) = ctl, audio plus visual. cfg.use_avctd = False drops
+    kl and ce, cfg.use_avcg = False drops ctl (Table 4). kl needs old_tokens and ctl needs teacher_out
+    (the previous task's model on the same batch); terms that do not apply are 0.
+    """
+    zero = out.logits_a.new_zeros(())
+    bce = grouping_bce(out.logits_a, out.logits_v, labels)
+    kl = token_distillation(tokens, old_tokens) if cfg.use_avctd and old_tokens is not None else zero
+    ce = token_independence(token_logits, new_classes) if cfg.use_avctd and len(new_classes) else zero
+    ctl = zero
+    if cfg.use_avcg and teacher_out is not None:
+        ctl = (continual_grouping(teacher_out.g_a, out.g_a, labels, old_classes, cfg.tau)
+               + continual_grouping(teacher_out.g_v, out.g_v, labels, old_classes, cfg.tau))
+    return {"bce": bce, "kl": kl, "ce": ce, "ctl": ctl, "total": bce + kl + ce + ctl}

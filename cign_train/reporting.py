@@ -1,0 +1,56 @@
+"""A run's result files: ``metrics.json``, ``metrics.csv``, ``accuracy_matrix.png`` and the table."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from cign_train.metrics import plot_accuracy_matrix, summarize
+
+
+def write_metrics(run_dir: Path, rows: dict[str, list[list[float]]], seen: dict[str, list[float]]) -> dict:
+    """Write the result files for the tasks evaluated so far; returns metrics.json's content.
+
+    ``accuracy_matrix[m][t][i]`` (%) is modality m's accuracy on task i after task t;
+    ``average_accuracy`` is the mean over steps of the seen-class accuracy; ``forgetting`` holds
+    both definitions, ``avcil`` (AV-CIL: mean over steps) and ``final`` (max minus final at the
+    last step); see ``cign_train.metrics``.
+    """
+    summary = summarize(rows, seen)
+    out = {
+        "accuracy_matrix": rows,
+        "seen_accuracy": seen,
+        "average_accuracy": {m: v["average_accuracy"] for m, v in summary.items()},
+        "final_accuracy": {m: v["final_accuracy"] for m, v in summary.items()},
+        "forgetting": {m: v["forgetting"] for m, v in summary.items()},
+    }
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(out, indent=1, allow_nan=False))
+    os.replace(tmp, run_dir / "metrics.json")
+    tmp = run_dir / "metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["modality", "after_task", "task", "accuracy"])
+        for m, matrix in rows.items():
+            for t, row in enumerate(matrix):
+                for i, acc in enumerate(row):
+                    w.writerow([m, t, i, f"{acc:.4f}"])
+    os.replace(tmp, run_dir / "metrics.csv")
+    plot_accuracy_matrix(rows, run_dir / "accuracy_matrix.png")
+    return out
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def results_table(metrics: dict, label: str = "") -> str:
+    """Plain-text table: per modality, average / final accuracy and both forgetting measures (%)."""
+    head = f"{'':<14}{'avg acc':>9}{'final acc':>11}{'forget(AV-CIL)':>16}{'forget(final)':>15}"
+    lines = [label, head] if label else [head]
+    for m in metrics["average_accuracy"]:
+        f = metrics["forgetting"][m]
+        lines.append(f"{m:<14}{_fmt(metrics['average_accuracy'][m]):>9}{_fmt(metrics['final_accuracy'][m]):>11}"
+                     f"{_fmt(f['avcil']):>16}{_fmt(f['final']):>15}")
+    return "\n".join(lines)

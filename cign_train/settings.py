@@ -1,0 +1,71 @@
+"""Run settings and the two presets (``paper``: Sec. 4.1; ``cpu``: small runs on 2 cores)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from cign_train.config import CIGNConfig
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything a run depends on; saved as the run's ``config.json``."""
+
+    dataset: str = "avdigits"
+    data_dir: str = "data"
+    spec: str = "cpu"  # preprocessing preset of the prepared store to read
+    method: str = "cign"
+    tasks: int | None = None  # None: the data set's default (e.g. 5 x 2 for avdigits)
+    class_order: str = "definition"  # "definition" (benchmark order) or "seeded" (permutation by seed)
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 1e-4  # Adam (Sec. 4.1)
+    max_per_class: int | None = None  # cap on training clips per class (seeded choice)
+    buffer_per_class: int = 50  # rehearsal exemplars per old class (Sec. 4.1)
+    buffer_select: str = "random"  # "random" (paper) or "herding"
+    seed: int = 0
+    device: str = "cpu"
+    amp: str = "auto"  # auto: bf16 (else fp16 + loss scaling) on CUDA, off on CPU; or bf16 / fp16 / off
+    workers: int = 2  # loader processes
+    encoder_weights: str | None = None  # local ResNet18 checkpoint (ImageNet or audio-visual)
+    model: CIGNConfig = field(default_factory=CIGNConfig)
+
+    def __post_init__(self) -> None:
+        if self.class_order not in ("definition", "seeded"):
+            raise ValueError(f"class_order must be 'definition' or 'seeded', got {self.class_order!r}")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"amp must be auto, bf16, fp16 or off, got {self.amp!r}")
+        if min(self.epochs, self.batch_size, self.buffer_per_class) < 1 or self.lr <= 0:
+            raise ValueError("epochs, batch size and buffer size must be >= 1 and lr > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainSettings":
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}")
+        d["model"] = CIGNConfig.from_dict(d.get("model", {}))
+        return cls(**d)
+
+
+#: ``paper``: 100 epochs, batch 128, Adam 1e-4, D 512, depth 3, 50 exemplars/class, 224 px, 257x300.
+#: ``cpu``: the same network on the ``cpu`` spec (64 px frames, 129x151 spectrograms) with a short
+#: schedule and a larger learning rate, sized so the default avdigits run takes <= 10 min on 2 cores.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(spec="paper", epochs=100, batch_size=128, lr=1e-4, buffer_per_class=50, model=CIGNConfig()),
+    "cpu": dict(spec="cpu", epochs=4, batch_size=32, lr=5e-4, buffer_per_class=50, workers=1,
+                model=CIGNConfig(dim=256, depth=1, heads=4)),
+}
+
+
+def preset_settings(preset: str, **overrides: Any) -> TrainSettings:
+    """A preset with ``overrides`` (None values are ignored, so CLI defaults pass straight through)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown training preset {preset!r}; choose from {sorted(PRESETS)}")
+    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    return TrainSettings(**values)

@@ -1,0 +1,312 @@
+"""The class-incremental procedure: for each task, grow, train (task data + buffer), update the
+buffer, evaluate every seen task, checkpoint. The loop talks to a method only through
+``begin_task`` / ``observe`` / ``end_task`` (``cign_train.methods.base``).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from cign_train import checkpoint as ck
+from cign_train import distributed as D
+from cign_train.buffer import RehearsalBuffer
+from cign_train.data.definitions import get_definition
+from cign_train.data.ingest import prepare_dataset, store_dir
+from cign_train.data.loader import Batch, batch_loader
+from cign_train.data.store import PreparedStore
+from cign_train.evaluate import MODALITIES, evaluate_tasks
+from cign_train.methods import Inputs, Method, Task, get_method
+from cign_train.model import CIGN, load_encoder_weights
+from cign_train.preprocess import normalize_frames, normalize_spectrogram
+from cign_train.reporting import write_metrics
+from cign_train.settings import TrainSettings
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss; the message names task, epoch and step."""
+
+
+@dataclass
+class Plan:
+    """The data side of a run: the store and which store samples and classes each task uses."""
+
+    store: PreparedStore
+    order: list[int]  # store class index of model class k
+    task_classes: list[list[int]]  # model class indices per task
+    label_map: np.ndarray  # store class index -> model class index (-1: not in the run)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.store.classes[i] for i in self.order]
+
+    def split_indices(self, split: str, model_classes) -> np.ndarray:
+        store_classes = [self.order[k] for k in model_classes]
+        return self.store.indices(split, store_classes)
+
+
+def make_plan(s: TrainSettings) -> Plan:
+    """Open (or, for avdigits, build) the prepared store and lay the classes out in tasks."""
+    root = store_dir(Path(s.data_dir), s.dataset, s.spec)
+    if not (root / "index.json").is_file() and s.dataset == "avdigits":
+        prepare_dataset("avdigits", Path(s.data_dir), preset=s.spec)
+    store = PreparedStore(root)
+    n = len(store.classes)
+    if s.class_order == "seeded":
+        order = [int(i) for i in np.random.default_rng(s.seed).permutation(n)]
+    else:
+        order = list(range(n))
+    tasks = s.tasks or get_definition(s.dataset).tasks
+    if n % tasks:
+        raise ValueError(f"{s.dataset}: {n} classes do not split into {tasks} equal tasks")
+    per = n // tasks
+    label_map = np.full(n, -1, dtype=np.int64)
+    label_map[order] = np.arange(n)
+    return Plan(store, order, [list(range(t * per, (t + 1) * per)) for t in range(tasks)], label_map)
+
+
+def train_indices(plan: Plan, classes, max_per_class: int | None, seed: int) -> np.ndarray:
+    """The task's training samples, at most ``max_per_class`` per class (a seeded choice)."""
+    idx = plan.split_indices("train", classes)
+    if max_per_class is None:
+        return idx
+    keep = []
+    for k in classes:
+        mine = idx[plan.label_map[plan.store.labels[idx]] == k]
+        if len(mine) > max_per_class:
+            mine = np.sort(np.random.default_rng([seed, k]).choice(mine, max_per_class, replace=False))
+        keep.append(mine)
+    return np.sort(np.concatenate(keep))
+
+
+class Trainer:
+    def __init__(self, settings: TrainSettings, run_dir: Path, progress: bool = True):
+        self.s = settings
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.dist = D.setup(settings.device)
+        self.plan = make_plan(settings)
+        self.spec = self.plan.store.spec
+        self.buffer = RehearsalBuffer(settings.buffer_per_class, settings.buffer_select, settings.seed)
+        self.rows: dict[str, list[list[float]]] = {m: [] for m in MODALITIES}
+        self.seen: dict[str, list[float]] = {m: [] for m in MODALITIES}
+        dev = self.dist.device
+        self.amp_dtype = None
+        if dev.type == "cuda" and settings.amp != "off":
+            bf16 = settings.amp == "bf16" or (settings.amp == "auto" and torch.cuda.is_bf16_supported())
+            self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        elif settings.amp in ("bf16", "fp16"):
+            raise ValueError(f"--amp {settings.amp} needs a CUDA device (got {dev})")
+
+    # ----------------------------------------------------------------------------------- inputs
+    def inputs(self, batch: Batch) -> Inputs:
+        dev = self.dist.device
+        cuda = dev.type == "cuda"
+        frames = normalize_frames(self.spec, batch.frames.to(dev, non_blocking=cuda))
+        if cuda:
+            frames = frames.contiguous(memory_format=torch.channels_last)
+        spectrograms = normalize_spectrogram(self.spec, batch.spectrograms.to(dev, non_blocking=cuda))
+        labels = torch.from_numpy(self.plan.label_map[batch.labels.numpy()]).to(dev)
+        return Inputs(spectrograms, frames, labels)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------------------- lifecycle
+    def build_model(self, n_classes: int) -> CIGN:
+        torch.manual_seed(self.s.seed)
+        model = CIGN(self.s.model, n_classes)
+        if self.s.encoder_weights:
+            load_encoder_weights(model, self.s.encoder_weights)
+        model = model.to(self.dist.device)
+        if self.dist.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def run(self, resume: bool = False) -> dict:
+        s, plan = self.s, self.plan
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = self.run_dir / "config.json"
+        if resume:
+            if not config_path.is_file():
+                raise FileNotFoundError(f"{config_path}: nothing to resume in {self.run_dir}")
+            saved = TrainSettings.from_dict(json.loads(config_path.read_text()))
+            if saved != s:
+                raise ValueError(f"{config_path}: the run was started with other settings; resume it with those")
+        elif any(self.run_dir.glob("task_*.pt")):
+            raise FileExistsError(f"{self.run_dir} holds a run already; pass --resume or pick another --out")
+        if self.dist.main:
+            config_path.write_text(json.dumps(s.to_dict(), indent=1))
+
+        n_tasks = len(plan.task_classes)
+        done = ck.last_finished_task(self.run_dir, n_tasks) if resume else -1
+        method_cls = get_method(s.method)
+        if done >= 0:
+            saved = ck.load(ck.task_path(self.run_dir, done))
+            model = self.build_model(len(saved["classes"]))
+            model.load_state_dict(saved["model"])
+            self.buffer.load_state_dict(saved["buffer"])
+            self.rows, self.seen = saved["evaluation"]["rows"], saved["evaluation"]["seen"]
+        else:
+            model = self.build_model(len(plan.task_classes[0]))
+        method: Method = method_cls(model, s.model)
+        for t in range(done + 1, n_tasks):
+            self.train_task(method, model, t)
+        D.barrier(self.dist)
+        summary = write_metrics(self.run_dir, self.rows, self.seen) if self.dist.main else {}
+        D.teardown(self.dist)
+        return summary
+
+    def task(self, t: int) -> Task:
+        old = tuple(k for tc in self.plan.task_classes[:t] for k in tc)
+        return Task(t, old, tuple(self.plan.task_classes[t]))
+
+    def train_task(self, method: Method, model: CIGN, t: int) -> None:
+        s, task, started = self.s, self.task(t), time.perf_counter()
+        method.task = task
+        method.begin_task(task)
+        if t > 0:
+            model.grow(len(task.new_classes))
+        if not s.model.use_avctd:  # the token classifier only feeds the token CE (eq 8)
+            model.token_cls.requires_grad_(False)
+        method.forward = model
+        if self.dist.world > 1:
+            method.forward = DistributedDataParallel(model, device_ids=[self.dist.device] if
+                                                     self.dist.device.type == "cuda" else None)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=s.lr)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        new_idx = train_indices(self.plan, task.new_classes, s.max_per_class, s.seed)
+        idx = np.union1d(new_idx, self.buffer.indices) if method.NEEDS_BUFFER else new_idx
+        start_epoch = self.restore_last(t, model, optimizer, scaler)
+        last = {}
+        for epoch in range(start_epoch, s.epochs):
+            last = self.train_epoch(method, model, optimizer, scaler, idx, t, epoch)
+            self.save_last(t, epoch + 1, model, optimizer, scaler)
+        method.end_task(task)
+        if method.NEEDS_BUFFER:
+            self.update_buffer(model, new_idx)
+        acc = evaluate_tasks(model, self.plan, t, self.inputs, self.autocast, s.batch_size, s.workers, self.dist)
+        for m in MODALITIES:
+            self.rows[m].append(acc.per_task[m])
+            self.seen[m].append(acc.seen[m])
+        if self.dist.main:
+            self.save_task(t, model)
+            write_metrics(self.run_dir, self.rows, self.seen)
+            (self.run_dir / "last.pt").unlink(missing_ok=True)
+            loss_txt = " ".join(f"{k} {v:.3f}" for k, v in last.items())
+            tqdm.write(
+                f"task {t + 1}/{len(self.plan.task_classes)} classes {list(task.new_classes)}: seen-class accuracy "
+                f"audio-visual {acc.seen['audio_visual']:.1f}%, audio {acc.seen['audio']:.1f}%, "
+                f"visual {acc.seen['visual']:.1f}% | {loss_txt} | {len(idx)} train clips, "
+                f"{time.perf_counter() - started:.0f} s"
+            )
+
+    def train_epoch(self, method, model, optimizer, scaler, idx, t: int, epoch: int) -> dict[str, float]:
+        s = self.s
+        model.train()
+        loader = batch_loader(self.plan.store, idx, s.batch_size, shuffle=True, workers=s.workers,
+                              seed=s.seed * 100_003 + t * 1009 + epoch, pin_memory=self.dist.device.type == "cuda",
+                              rank=self.dist.rank, world=self.dist.world)
+        bar = tqdm(loader, desc=f"task {t + 1} epoch {epoch + 1}/{s.epochs}", leave=False,
+                   disable=not (self.progress and self.dist.main))
+        sums: dict[str, float] = {}
+        for step, batch in enumerate(bar):
+            x = self.inputs(batch)
+            with self.autocast():
+                losses = method.observe(x)
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            if bad:
+                raise NonFiniteLoss(
+                    f"non-finite loss ({', '.join(f'{k}={values[k]}' for k in bad)}) at task {t + 1}, epoch "
+                    f"{epoch + 1}, step {step + 1}; finished tasks and epochs are saved in {self.run_dir}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["total"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{values['total']:.3f}")
+        return {k: v / max(1, len(loader)) for k, v in sums.items()}
+
+    @torch.no_grad()
+    def update_buffer(self, model: CIGN, new_idx: np.ndarray) -> None:
+        """Keep ``buffer_per_class`` exemplars of each new class (random, or herding on encoder features)."""
+        labels = self.plan.label_map[self.plan.store.labels[new_idx]]
+        features = None
+        if self.buffer.select == "herding":
+            model.eval()
+            feats = []
+            for batch in batch_loader(self.plan.store, new_idx, self.s.batch_size, shuffle=False, workers=self.s.workers):
+                x = self.inputs(batch)
+                with self.autocast():
+                    f_a = model.audio_encoder(x.spectrograms)  # (B, D)
+                    f_v = model.visual_encoder(x.frames).mean(dim=1)  # (B, P, D) -> (B, D)
+                feats.append(torch.cat([f_a, f_v], dim=1).float().cpu())
+            features = torch.cat(feats).numpy()
+        self.buffer.update(new_idx, labels, features)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def save_task(self, t: int, model: CIGN) -> None:
+        classes = self.plan.class_names[: model.n_classes]
+        ck.save_atomic(
+            {
+                "format": ck.FORMAT,
+                "version": ck.VERSION,
+                "task": t,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "config": self.s.model.to_dict(),
+                "spec": self.spec.to_dict(),
+                "classes": classes,
+                "classes_per_task": [len(c) for c in self.plan.task_classes[: t + 1]],
+                "tokens": model.tokens.detach().cpu().clone(),
+                "method": self.s.method,
+                "settings": self.s.to_dict(),
+                "buffer": self.buffer.state_dict(),
+                "evaluation": {"rows": self.rows, "seen": self.seen},
+            },
+            ck.task_path(self.run_dir, t),
+        )
+
+    def save_last(self, t: int, epochs_done: int, model, optimizer, scaler) -> None:
+        if not self.dist.main:
+            return
+        ck.save_atomic(
+            {
+                "format": ck.FORMAT,
+                "version": ck.VERSION,
+                "task": t,
+                "epochs_done": epochs_done,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": torch.get_rng_state(),
+            },
+            self.run_dir / "last.pt",
+        )
+
+    def restore_last(self, t: int, model, optimizer, scaler) -> int:
+        """Epochs of task ``t`` already done according to ``last.pt`` (0 when there is none)."""
+        path = self.run_dir / "last.pt"
+        if not path.is_file():
+            return 0
+        state = ck.load(path)
+        if state["task"] != t:
+            return 0
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        return int(state["epochs_done"])

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh Debian machine: system libraries, then the package with its test extra.
+# Safe to re-run: apt runs only when a library is missing; pip skips what is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+# libportaudio2: sounddevice's PortAudio; libgl1/libglib2.0-0: opencv-python's runtime libraries.
+APT_PACKAGES=(libportaudio2 libgl1 libglib2.0-0)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# torch/torchvision pinned to the releases these machines serve from disk (see README).
+"$PYTHON" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
+"$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test]"

@@ -1,0 +1,194 @@
+"""Each CIGN loss term (eqs 8-10) against a hand-computed value, and where its gradient goes."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from cign_train.config import CIGNConfig
+from cign_train.losses import (
+    cign_loss,
+    continual_grouping,
+    grouping_bce,
+    token_distillation,
+    token_independence,
+)
+from cign_train.model import CIGN, CIGNOutput
+
+TINY = CIGNConfig(dim=32, depth=1, heads=4)
+
+
+def softmax(xs):
+    z = sum(math.exp(x) for x in xs)
+    return [math.exp(x) / z for x in xs]
+
+
+def cos(u, v):
+    return sum(a * b for a, b in zip(u, v)) / (math.hypot(*u) * math.hypot(*v))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return CIGN(TINY, n_classes=3)
+
+
+def test_token_distillation_value_and_gradient():
+    cur = [[0.2, -0.4], [1.0, 0.5], [3.0, -3.0]]  # 2 old tokens and 1 new one, D = 2
+    old = [[0.0, 0.3], [1.5, -0.5]]
+    expected = 0.0
+    for c, o in zip(cur, old):
+        p, q = softmax(c), softmax(o)
+        expected += sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+    tokens = torch.tensor(cur, requires_grad=True)
+    old_tokens = torch.tensor(old, requires_grad=True)
+    kl = token_distillation(tokens, old_tokens)
+    assert kl.item() == pytest.approx(expected, rel=1e-5)
+    kl.backward()
+    assert tokens.grad[:2].abs().sum() > 0
+    assert torch.all(tokens.grad[2] == 0)  # the new token is free
+    assert old_tokens.grad is None  # the teacher's tokens get nothing
+    assert token_distillation(torch.tensor(old), torch.tensor(old)).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_token_independence_value():
+    rows = [[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 0.0]]
+    expected = -math.log(softmax(rows[1])[1]) - math.log(softmax(rows[2])[2])  # new classes 1 and 2
+    ce = token_independence(torch.tensor(rows), new_classes=[1, 2])
+    assert ce.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_token_independence_gradient_reaches_token_cls_and_new_tokens_only(tiny_model):
+    tiny_model.zero_grad(set_to_none=True)
+    token_independence(tiny_model.token_logits(), new_classes=[2]).backward()
+    assert torch.all(tiny_model.tokens.grad[:2] == 0)
+    assert tiny_model.tokens.grad[2].abs().sum() > 0
+    assert tiny_model.token_cls.weight.grad.abs().sum() > 0
+    assert tiny_model.head_a.weight.grad is None
+    assert tiny_model.group_v.w_q.weight.grad is None
+
+
+def test_grouping_bce_value():
+    la, lv, labels = [[0.5, -1.0], [2.0, 0.0]], [[-0.3, 0.8], [1.0, -2.0]], [0, 1]
+
+    def bce(x, y):
+        p = 1 / (1 + math.exp(-x))
+        return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+    expected = sum(
+        sum(bce(la[n][i], int(i == labels[n])) + bce(lv[n][i], int(i == labels[n])) for i in range(2))
+        for n in range(2)
+    ) / 2
+    got = grouping_bce(torch.tensor(la), torch.tensor(lv), torch.tensor(labels))
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_grouping_bce_gradient_reaches_heads(tiny_model):
+    tiny_model.zero_grad(set_to_none=True)
+    g_a, g_v = torch.randn(2, 3, 32, requires_grad=True), torch.randn(2, 3, 32, requires_grad=True)
+    logits_a, logits_v = tiny_model.head_a(g_a).squeeze(-1), tiny_model.head_v(g_v).squeeze(-1)  # (B, K)
+    grouping_bce(logits_a, logits_v, torch.tensor([0, 2])).backward()
+    for head in (tiny_model.head_a, tiny_model.head_v):
+        assert head.weight.grad.abs().sum() > 0
+    assert g_a.grad.abs().sum() > 0 and g_v.grad.abs().sum() > 0  # on to the grouping blocks
+    assert tiny_model.token_cls.weight.grad is None  # not part of eq 8's BCE
+
+
+def continual_case():
+    """4 samples, old classes {0, 1}, new class 2, D = 2; anchors are samples 0 and 1."""
+    labels = [0, 1, 2, 2]
+    g_old = torch.zeros(4, 2, 2)
+    g_old[0, 0] = torch.tensor([1.0, 0.0])
+    g_old[1, 1] = torch.tensor([0.0, 2.0])
+    g_new = torch.randn(4, 3, 2)  # entries off the ground-truth classes must not matter
+    g_new[0, 0] = torch.tensor([1.0, 1.0])
+    g_new[1, 1] = torch.tensor([0.5, 1.0])
+    g_new[2, 2] = torch.tensor([0.0, 1.0])
+    g_new[3, 2] = torch.tensor([-1.0, 0.0])
+    return g_old, g_new, torch.tensor(labels)
+
+
+def test_continual_grouping_value():
+    g_old, g_new, labels = continual_case()
+    tau = 0.5
+    negatives = [[0.0, 1.0], [-1.0, 0.0]]
+    expected = 0.0
+    for anchor, positive in (([1.0, 0.0], [1.0, 1.0]), ([0.0, 2.0], [0.5, 1.0])):
+        pos = math.exp(cos(anchor, positive) / tau)
+        denom = pos + sum(math.exp(cos(anchor, m) / tau) for m in negatives)
+        expected += -math.log(pos / denom) / 2
+    got = continual_grouping(g_old, g_new, labels, old_classes=[0, 1], tau=tau)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    assert got.item() > 0  # the positive is in the denominator: bounded below by 0
+
+
+def test_continual_grouping_gradient_reaches_student_only():
+    g_old, g_new, labels = continual_case()
+    g_old.requires_grad_(True)
+    g_new.requires_grad_(True)
+    continual_grouping(g_old, g_new, labels, old_classes=[0, 1], tau=0.1).backward()
+    assert g_old.grad is None
+    used = torch.zeros(4, 3, dtype=torch.bool)
+    used[[0, 1, 2, 3], [0, 1, 2, 2]] = True
+    norms = g_new.grad.abs().sum(dim=-1)  # (B, K)
+    assert torch.all(norms[used] > 0)
+    assert torch.all(norms[~used] == 0)
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 0, 1], [2, 2, 2, 2]])
+def test_continual_grouping_is_zero_without_old_or_new_samples(labels):
+    g_old, g_new, _ = continual_case()
+    g_new.requires_grad_(True)
+    loss = continual_grouping(g_old, g_new, torch.tensor(labels), old_classes=[0, 1], tau=0.1)
+    assert loss.item() == 0.0 and loss.device == g_new.device
+    loss.backward()  # differentiable
+    assert torch.all(g_new.grad == 0)
+
+
+def synthetic_step():
+    torch.manual_seed(1)
+    b, k, c, d = 4, 3, 2, 8
+    out = CIGNOutput(torch.randn(b, k), torch.randn(b, k), torch.randn(b, k, d), torch.randn(b, k, d))
+    teacher = CIGNOutput(torch.randn(b, c), torch.randn(b, c), torch.randn(b, c, d), torch.randn(b, c, d))
+    kwargs = dict(token_logits=torch.randn(k, k), tokens=torch.randn(k, d), old_tokens=torch.randn(c, d),
+                  teacher_out=teacher, old_classes=[0, 1], new_classes=[2])
+    return out, torch.tensor([0, 2, 1, 2]), kwargs
+
+
+def test_cign_loss_sums_all_terms():
+    out, labels, kw = synthetic_step()
+    terms = cign_loss(out, labels, cfg=TINY, **kw)
+    assert terms["bce"].item() == pytest.approx(grouping_bce(out.logits_a, out.logits_v, labels).item())
+    assert terms["kl"].item() == pytest.approx(token_distillation(kw["tokens"], kw["old_tokens"]).item())
+    assert terms["ce"].item() == pytest.approx(token_independence(kw["token_logits"], [2]).item())
+    ctl = sum(continual_grouping(t, s, labels, [0, 1], TINY.tau).item()
+              for t, s in ((kw["teacher_out"].g_a, out.g_a), (kw["teacher_out"].g_v, out.g_v)))
+    assert terms["ctl"].item() == pytest.approx(ctl, rel=1e-6)
+    assert all(terms[n].item() > 0 for n in ("bce", "kl", "ce", "ctl"))
+    parts = terms["bce"] + terms["kl"] + terms["ce"] + terms["ctl"]
+    assert terms["total"].item() == pytest.approx(parts.item())
+
+
+@pytest.mark.parametrize(
+    "avctd, avcg, dropped",
+    [(False, True, {"kl", "ce"}), (True, False, {"ctl"}), (False, False, {"kl", "ce", "ctl"})],
+)
+def test_cign_loss_switches_drop_terms(avctd, avcg, dropped):
+    out, labels, kw = synthetic_step()
+    full = cign_loss(out, labels, cfg=TINY, **kw)
+    cfg = CIGNConfig(dim=32, depth=1, heads=4, use_avctd=avctd, use_avcg=avcg)
+    terms = cign_loss(out, labels, cfg=cfg, **kw)
+    for name in ("bce", "kl", "ce", "ctl"):
+        assert terms[name].item() == (0.0 if name in dropped else pytest.approx(full[name].item()))
+    kept = sum(full[n].item() for n in ("bce", "kl", "ce", "ctl") if n not in dropped)
+    assert terms["total"].item() == pytest.approx(kept, rel=1e-6)
+
+
+def test_cign_loss_first_task_has_no_teacher_terms():
+    out, labels, kw = synthetic_step()
+    terms = cign_loss(out, labels, cfg=TINY, token_logits=kw["token_logits"], tokens=kw["tokens"],
+                      new_classes=[0, 1, 2])
+    assert terms["kl"].item() == 0.0 and terms["ctl"].item() == 0.0
+    assert terms["ce"].item() > 0
+    assert terms["total"].item() == pytest.approx(terms["bce"].item() + terms["ce"].item())

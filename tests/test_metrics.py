@@ -1,0 +1,79 @@
+"""Continual-learning metrics on a hand-computed 3-task matrix, the seen-accuracy helper and the heat map."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from cign_train import metrics
+
+NAN = math.nan
+# After task 1, task 0 rises from 90 to 95 (backward transfer), so its best earlier accuracy at
+# step 2 is 95, not the diagonal 90.
+A = [[90, NAN, NAN],
+     [95, 80, NAN],
+     [60, 60, 85]]
+SEEN = [90, 85, 70]
+
+
+def test_forgetting_avcil_by_hand():
+    # step 1: task 0: 90 - 95 = -5                          -> -5
+    # step 2: task 0: max(90, 95) - 60 = 35; task 1: 80 - 60 = 20 -> 27.5
+    # mean over steps 1, 2: (-5 + 27.5) / 2 = 11.25
+    assert metrics.forgetting_avcil(A) == pytest.approx(11.25)
+
+
+def test_forgetting_final_by_hand():
+    # last step only: (35 + 20) / 2
+    assert metrics.forgetting_final(A) == pytest.approx(27.5)
+
+
+def test_accuracies_by_hand():
+    assert metrics.average_accuracy(SEEN) == pytest.approx((90 + 85 + 70) / 3)
+    assert metrics.final_accuracy(SEEN) == 70
+
+
+def test_units_do_not_matter_and_rows_may_end_at_the_diagonal():
+    ragged = [[0.90], [0.95, 0.80], [0.60, 0.60, 0.85]]
+    assert metrics.forgetting_avcil(ragged) == pytest.approx(0.1125)
+    assert metrics.forgetting_final(np.array(A) / 100) == pytest.approx(0.275)
+
+
+def test_single_task_has_no_forgetting():
+    assert math.isnan(metrics.forgetting_avcil([[80.0]]))
+    assert math.isnan(metrics.forgetting_final([[80.0]]))
+
+
+def test_missing_entry_below_the_diagonal_is_an_error():
+    with pytest.raises(ValueError, match="row 1"):
+        metrics.forgetting_final([[90, NAN], [NAN, 80]])
+
+
+def test_seen_accuracy_weights_tasks_by_test_size():
+    # task 0: 90/100 right, task 1: 10/50 right -> 100/150, not the task mean (0.9 + 0.2) / 2
+    assert metrics.seen_accuracy([90, 10], [100, 50]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        metrics.seen_accuracy([1], [0])
+
+
+def test_summarize_is_json_ready():
+    out = metrics.summarize({"audio": A, "visual": [[50.0]]}, {"audio": SEEN, "visual": [50.0]})
+    assert out["audio"] == {"average_accuracy": pytest.approx(245 / 3), "final_accuracy": 70.0,
+                            "forgetting": {"avcil": pytest.approx(11.25), "final": pytest.approx(27.5)}}
+    assert out["visual"]["forgetting"] == {"avcil": None, "final": None}
+    json.dumps(out, allow_nan=False)
+    with pytest.raises(ValueError, match="modalities differ"):
+        metrics.summarize({"audio": A}, {"visual": SEEN})
+
+
+def test_plot_writes_a_png(tmp_path):
+    path = tmp_path / "acc.png"
+    mats = {m: np.array(A) / 100 for m in ("audio", "visual", "audio_visual")}
+    assert metrics.plot_accuracy_matrix(mats, path) == path
+    assert path.stat().st_size > 1000 and not (tmp_path / "acc.png.tmp").exists()
+    image = imread(path)
+    height, width = image.shape[:2]
+    assert image.ndim == 3 and 100 < height < width < 2000  # three panels side by side

@@ -1,0 +1,195 @@
+"""CIGN model: shapes, growing the class tokens, hard assignment, encoder weight loading, determinism."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.models import resnet18
+
+from cign_train.config import CIGNConfig
+from cign_train.losses import token_independence
+from cign_train.model import CIGN, CIGNOutput, load_encoder_weights, predict
+from cign_train.model.encoders import resnet18_trunk
+from cign_train.model.grouping import Grouping
+
+TINY = CIGNConfig(dim=32, depth=1, heads=4)
+
+
+def tiny_batch(b: int = 2, side: int = 64):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(b, 33, 40, generator=g), torch.randn(b, 3, side, side, generator=g)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions are dominated by thread hand-offs (tens of times slower on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return CIGN(TINY, n_classes=3)
+
+
+def test_tiny_shapes(tiny_model):
+    spec, frames = tiny_batch()
+    out = tiny_model(spec, frames)
+    assert isinstance(out, CIGNOutput)
+    assert out.logits_a.shape == out.logits_v.shape == (2, 3)
+    assert out.g_a.shape == out.g_v.shape == (2, 3, 32)
+    assert tiny_model.audio_encoder(spec).shape == (2, 32)
+    assert tiny_model.visual_encoder(frames).shape == (2, 4, 32)  # 64 px -> 2 x 2 locations
+    assert tiny_model.token_logits().shape == (3, 3)
+    p = predict(out)
+    torch.testing.assert_close(p.p_av, torch.sigmoid(out.logits_a) * torch.sigmoid(out.logits_v))
+
+
+def test_paper_shapes():
+    torch.manual_seed(0)
+    model = CIGN(CIGNConfig(dim=512, depth=3, heads=8), n_classes=10).eval()
+    seen = {}
+    model.visual_encoder.register_forward_hook(lambda m, i, o: seen.update(f_v=o.shape))
+    with torch.no_grad():
+        out = model(torch.randn(1, 257, 300), torch.randn(1, 3, 224, 224))
+    assert seen["f_v"] == (1, 49, 512)  # P = 7 x 7 at 224 px
+    assert out.logits_a.shape == out.logits_v.shape == (1, 10)
+    assert out.g_a.shape == out.g_v.shape == (1, 10, 512)
+
+
+def test_grow_keeps_old_rows_and_trains_new_tokens():
+    torch.manual_seed(0)
+    model = CIGN(TINY, n_classes=3)
+    tokens = model.tokens.detach().clone()
+    w, b = model.token_cls.weight.detach().clone(), model.token_cls.bias.detach().clone()
+    model.grow(2)
+    assert model.n_classes == 5
+    assert model.tokens.shape == (5, 32) and model.token_cls.weight.shape == (5, 32)
+    assert torch.equal(model.tokens[:3], tokens)
+    assert torch.equal(model.token_cls.weight[:3], w) and torch.equal(model.token_cls.bias[:3], b)
+    assert model.tokens[3:].abs().sum() > 0
+    assert any(p is model.tokens for p in model.parameters())
+    out = model(*tiny_batch())
+    assert out.logits_a.shape == (2, 5) and out.g_v.shape == (2, 5, 32)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    new_before = model.tokens[3:].detach().clone()
+    token_independence(model.token_logits(), new_classes=[3, 4]).backward()
+    opt.step()
+    assert not torch.equal(model.tokens[3:], new_before)
+    assert torch.equal(model.tokens[:3], tokens)
+
+
+def test_grow_follows_device_and_dtype():
+    model = CIGN(TINY, n_classes=2).to(device="meta", dtype=torch.float64)
+    model.grow(3)
+    for p in (model.tokens, model.token_cls.weight, model.token_cls.bias):
+        assert p.device.type == "meta" and p.dtype == torch.float64
+    assert model.token_logits().shape == (5, 5)
+
+
+def test_hard_assignment_is_one_hot_in_eval_and_straight_through_in_training():
+    torch.manual_seed(0)
+    group = Grouping(CIGNConfig(dim=32, depth=1, heads=4, assign="hard"))
+    f_hat, c_hat = torch.randn(2, 6, 32), torch.randn(2, 4, 32)
+
+    group.eval()
+    g, a = group(f_hat, c_hat)
+    assert torch.all((a == 0) | (a == 1)) and torch.all(a.sum(-1) == 1)
+    empty = a.sum(1) == 0  # (B, K) classes no location chose contribute nothing
+    assert empty.any()
+    torch.testing.assert_close(g[empty], c_hat[empty])
+
+    group.train()
+    g, a = group(f_hat, c_hat)
+    torch.testing.assert_close(a.detach(), a.detach().round())
+    assert torch.all(a.detach().sum(-1).sub(1).abs() < 1e-5)
+    g.square().sum().backward()
+    assert group.w_q.weight.grad.abs().sum() > 0 and group.w_k.weight.grad.abs().sum() > 0
+    assert torch.isfinite(group.w_q.weight.grad).all()
+
+
+def test_soft_audio_grouping_reduces_to_value_projection():
+    torch.manual_seed(0)
+    group = Grouping(TINY)
+    f_hat, c_hat = torch.randn(2, 1, 32), torch.randn(2, 4, 32)  # P = 1
+    g, a = group(f_hat, c_hat)
+    torch.testing.assert_close(a.sum(-1), torch.ones(2, 1))
+    expected = c_hat + group.w_o(group.w_v(f_hat))  # eq 7 for audio, broadcast over classes
+    torch.testing.assert_close(g, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_eval_is_deterministic():
+    torch.manual_seed(0)
+    model = CIGN(CIGNConfig(dim=32, depth=1, heads=4, assign="hard", dropout=0.1), n_classes=3).eval()
+    spec, frames = tiny_batch()
+    with torch.no_grad():
+        first, second = model(spec, frames), model(spec, frames)
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+
+
+def backbone_equal(net, sd, skip=()):
+    """Every tensor of the backbone equals the checkpoint's, except the keys in `skip`."""
+    own = {k: v for k, v in net.state_dict().items() if k not in skip}
+    return all(torch.equal(v, sd[k]) for k, v in own.items() if k in sd) and all(
+        k in sd for k in own if not k.endswith("num_batches_tracked"))
+
+
+def test_load_torchvision_state_dict(tmp_path, tiny_model):
+    torch.manual_seed(123)
+    sd = resnet18().state_dict()
+    path = tmp_path / "resnet18.pth"
+    torch.save(sd, path)
+    report = load_encoder_weights(tiny_model, path)
+    assert report.layout == "torchvision" and report.n_visual == report.n_audio == len(sd) - 2
+    assert backbone_equal(tiny_model.visual_encoder.backbone, sd)
+    audio = tiny_model.audio_encoder.backbone.state_dict()
+    assert torch.equal(audio["conv1.weight"], sd["conv1.weight"].mean(dim=1, keepdim=True))
+    assert backbone_equal(tiny_model.audio_encoder.backbone, sd, skip=("conv1.weight",))
+
+
+def test_load_audnet_imgnet_checkpoint(tmp_path, tiny_model):
+    torch.manual_seed(7)
+    aud, img = resnet18_trunk(1).state_dict(), resnet18_trunk(3).state_dict()
+    state = {f"module.audnet.{k}": v for k, v in aud.items()}
+    state |= {f"module.imgnet.{k}": v for k, v in img.items()}
+    state["module.img_proj.weight"] = torch.zeros(4, 4)
+    path = tmp_path / "ezvsl.pth"
+    torch.save({"model": state, "epoch": 3}, path)
+    report = load_encoder_weights(tiny_model, path)
+    assert report.layout == "audnet/imgnet" and "img_proj.weight" in report.ignored
+    assert backbone_equal(tiny_model.audio_encoder.backbone, aud)
+    assert backbone_equal(tiny_model.visual_encoder.backbone, img)
+
+
+
+def test_load_audio_visual_checkpoint(tmp_path, tiny_model):
+    torch.manual_seed(8)
+    aud, img = resnet18_trunk(1).state_dict(), resnet18_trunk(3).state_dict()
+    path = tmp_path / "av.pth"
+    torch.save({"audio": aud, "visual": {f"module.{k}": v for k, v in img.items()}}, path)
+    assert load_encoder_weights(tiny_model, path).layout == "audio/visual"
+    assert backbone_equal(tiny_model.audio_encoder.backbone, aud)
+    assert backbone_equal(tiny_model.visual_encoder.backbone, img)
+
+
+def test_bad_checkpoints_raise_naming_the_file(tmp_path, tiny_model):
+    sd = resnet18().state_dict()
+    cases = {
+        "unknown.pth": {"encoder.weight": torch.zeros(3)},
+        "missing.pth": {k: v for k, v in sd.items() if k != "layer2.0.bn1.weight"},
+        "shape.pth": sd | {"layer3.0.conv1.weight": torch.zeros(1)},
+        "deeper.pth": sd | {"layer1.2.conv1.weight": sd["layer1.1.conv1.weight"]},
+        "list.pth": [torch.zeros(1)],
+    }
+    for name, obj in cases.items():
+        torch.save(obj, tmp_path / name)
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    for name in [*cases, "garbage.pth"]:
+        with pytest.raises(ValueError, match=name):
+            load_encoder_weights(tiny_model, tmp_path / name)
+    with pytest.raises(ValueError, match="layer2.0.bn1.weight"):
+        load_encoder_weights(tiny_model, tmp_path / "missing.pth")
