@@ -5,12 +5,15 @@ PYTHON ?= python3
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 
-# Main job on the embedded default data: generate + prepare avdigits.
+# Main job on the embedded default data: generate + prepare avdigits, train CIGN on all tasks,
+# print the results table.
 demo: setup
 	cign-prepare --dataset avdigits
+	cign-train
 
 test: setup
 	$(PYTHON) -m pytest -q
 
 bench: setup
 	$(PYTHON) benchmarks/bench_data.py
+	$(PYTHON) benchmarks/bench_train.py

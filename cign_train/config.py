@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from cign_runtime.records import known_fields
+
 
 @dataclass(frozen=True)
 class CIGNConfig:
@@ -35,8 +37,4 @@ class CIGNConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CIGNConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown CIGN config fields {unknown}")
-        return cls(**d)
+        return cls(**known_fields(cls, d, "CIGN config"))

@@ -42,6 +42,19 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+@torch.no_grad()
+def check_in_sync(model: torch.nn.Module, d: Dist) -> None:
+    """Raise if the ranks' copies of ``model`` differ (DDP keeps them equal; a mismatch is a bug)."""
+    if d.world == 1:
+        return
+    mine = torch.stack([p.detach().double().sum() for p in model.parameters()])  # (n_params,)
+    mine = mine.to(d.device)
+    ref = mine.clone()
+    dist.broadcast(ref, src=0)
+    if not torch.allclose(mine, ref, rtol=1e-6, atol=1e-8):
+        raise RuntimeError(f"rank {d.rank}: model parameters differ from rank 0's")
+
+
 def barrier(d: Dist) -> None:
     if d.world > 1:
         dist.barrier()

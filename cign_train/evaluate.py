@@ -21,6 +21,7 @@ MODALITIES = ("audio", "visual", "audio_visual")
 class TaskAccuracy(NamedTuple):
     per_task: dict[str, list[float]]  # modality -> accuracy (%) on each seen task's test split
     seen: dict[str, float]  # modality -> accuracy (%) on the union of the seen tasks' test splits
+    test_clips: list[int]  # test clips scored per seen task (all ranks together)
 
 
 @torch.no_grad()
@@ -46,4 +47,4 @@ def evaluate_tasks(model, plan, t: int, to_inputs, autocast, batch_size: int, wo
         raise ValueError(f"tasks {empty} have no test samples in {plan.store.root}")
     per_task = {m: [float(100 * c) for c in counts[:, j] / total] for j, m in enumerate(MODALITIES)}
     seen = {m: 100 * seen_accuracy(counts[:, j], total) for j, m in enumerate(MODALITIES)}
-    return TaskAccuracy(per_task, seen)
+    return TaskAccuracy(per_task, seen, [int(n) for n in total])

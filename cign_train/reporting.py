@@ -9,7 +9,8 @@ from pathlib import Path
 from cign_train.metrics import plot_accuracy_matrix, summarize
 
 
-def write_metrics(run_dir: Path, rows: dict[str, list[list[float]]], seen: dict[str, list[float]]) -> dict:
+def write_metrics(run_dir: Path, rows: dict[str, list[list[float]]], seen: dict[str, list[float]],
+                  test_clips: list[int]) -> dict:
     """Write the result files for the tasks evaluated so far; returns metrics.json's content.
 
     ``accuracy_matrix[m][t][i]`` (%) is modality m's accuracy on task i after task t;
@@ -21,6 +22,7 @@ def write_metrics(run_dir: Path, rows: dict[str, list[list[float]]], seen: dict[
     out = {
         "accuracy_matrix": rows,
         "seen_accuracy": seen,
+        "test_clips": test_clips,
         "average_accuracy": {m: v["average_accuracy"] for m, v in summary.items()},
         "final_accuracy": {m: v["final_accuracy"] for m, v in summary.items()},
         "forgetting": {m: v["forgetting"] for m, v in summary.items()},

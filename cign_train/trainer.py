@@ -98,6 +98,7 @@ class Trainer:
         self.buffer = RehearsalBuffer(settings.buffer_per_class, settings.buffer_select, settings.seed)
         self.rows: dict[str, list[list[float]]] = {m: [] for m in MODALITIES}
         self.seen: dict[str, list[float]] = {m: [] for m in MODALITIES}
+        self.test_clips: list[int] = []
         dev = self.dist.device
         self.amp_dtype = None
         if dev.type == "cuda" and settings.amp != "off":
@@ -156,14 +157,15 @@ class Trainer:
             model = self.build_model(len(saved["classes"]))
             model.load_state_dict(saved["model"])
             self.buffer.load_state_dict(saved["buffer"])
-            self.rows, self.seen = saved["evaluation"]["rows"], saved["evaluation"]["seen"]
+            ev = saved["evaluation"]
+            self.rows, self.seen, self.test_clips = ev["rows"], ev["seen"], ev["test_clips"]
         else:
             model = self.build_model(len(plan.task_classes[0]))
         method: Method = method_cls(model, s.model)
         for t in range(done + 1, n_tasks):
             self.train_task(method, model, t)
         D.barrier(self.dist)
-        summary = write_metrics(self.run_dir, self.rows, self.seen) if self.dist.main else {}
+        summary = write_metrics(self.run_dir, self.rows, self.seen, self.test_clips) if self.dist.main else {}
         D.teardown(self.dist)
         return summary
 
@@ -173,6 +175,7 @@ class Trainer:
 
     def train_task(self, method: Method, model: CIGN, t: int) -> None:
         s, task, started = self.s, self.task(t), time.perf_counter()
+        torch.manual_seed(s.seed * 1_000_003 + t)  # each task's randomness is independent of resumes
         method.task = task
         method.begin_task(task)
         if t > 0:
@@ -193,6 +196,7 @@ class Trainer:
         for epoch in range(start_epoch, s.epochs):
             last = self.train_epoch(method, model, optimizer, scaler, idx, t, epoch)
             self.save_last(t, epoch + 1, model, optimizer, scaler)
+        D.check_in_sync(model, self.dist)
         method.end_task(task)
         if method.NEEDS_BUFFER:
             self.update_buffer(model, new_idx)
@@ -200,9 +204,10 @@ class Trainer:
         for m in MODALITIES:
             self.rows[m].append(acc.per_task[m])
             self.seen[m].append(acc.seen[m])
+        self.test_clips = acc.test_clips
         if self.dist.main:
             self.save_task(t, model)
-            write_metrics(self.run_dir, self.rows, self.seen)
+            write_metrics(self.run_dir, self.rows, self.seen, self.test_clips)
             (self.run_dir / "last.pt").unlink(missing_ok=True)
             loss_txt = " ".join(f"{k} {v:.3f}" for k, v in last.items())
             tqdm.write(
@@ -275,7 +280,8 @@ class Trainer:
                 "method": self.s.method,
                 "settings": self.s.to_dict(),
                 "buffer": self.buffer.state_dict(),
-                "evaluation": {"rows": self.rows, "seen": self.seen},
+                "evaluation": {"rows": self.rows, "seen": self.seen, "test_clips": self.test_clips},
+                "world_size": self.dist.world,
             },
             ck.task_path(self.run_dir, t),
         )

@@ -24,7 +24,7 @@ def test_good_clip_frame_is_the_one_at_the_window_centre(tmp_path):
 
 
 def test_audio_is_resampled_not_reinterpreted(tmp_path):
-    """A 1 kHz tone at 48 kHz stereo keeps its pitch after resampling to 16 kHz mono."""
+    """A 1 kHz tone at 48 kHz stereo keeps its pitch after resampling to 8 kHz mono."""
     audio = tone(4.0, 48000, freq=1000.0, channels=2)
     audio[1] = audio[0]
     path = write_clip(tmp_path / "stereo48k.mp4", audio=audio, sample_rate=48000, channels=2)

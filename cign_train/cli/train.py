@@ -31,7 +31,9 @@ from cign_train.trainer import NonFiniteLoss, Trainer
 @click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), help="Mixed precision on CUDA.")
 @click.option("--workers", type=int, help="Loader processes.")
 @click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), help="Local ResNet18 checkpoint for both encoders.")
+@click.option("--dim", type=int, help="Embedding width D of features and class tokens.")
 @click.option("--depth", type=int, help="Self-attention layers (1/3/6/12).")
+@click.option("--heads", type=int, help="Attention heads per layer.")
 @click.option("--assign", type=click.Choice(["soft", "hard"]), help="Grouping assignment (Table 5).")
 @click.option("--no-avctd", is_flag=True, help="Drop token distillation + token CE (Table 4).")
 @click.option("--no-avcg", is_flag=True, help="Drop the continual-grouping loss (Table 4).")
@@ -39,7 +41,7 @@ from cign_train.trainer import NonFiniteLoss, Trainer
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished task and epoch.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (one line per task still prints).")
 def main(dataset, data_dir, preset, method, epochs, batch_size, lr, tasks, class_order, max_per_class,
-         buffer_per_class, buffer_select, seed, device, amp, workers, encoder_weights, depth, assign,
+         buffer_per_class, buffer_select, seed, device, amp, workers, encoder_weights, dim, depth, heads, assign,
          no_avctd, no_avcg, out, resume, no_progress):
     """Train CIGN (or another --method) task by task, evaluate, and print the results table."""
     preset = preset or get_definition(dataset).preset
@@ -49,7 +51,7 @@ def main(dataset, data_dir, preset, method, epochs, batch_size, lr, tasks, class
         buffer_per_class=buffer_per_class, buffer_select=buffer_select, seed=seed, device=device, amp=amp,
         workers=workers, encoder_weights=encoder_weights,
     )
-    model_overrides = {k: v for k, v in dict(depth=depth, assign=assign).items() if v is not None}
+    model_overrides = {k: v for k, v in dict(dim=dim, depth=depth, heads=heads, assign=assign).items() if v is not None}
     if no_avctd:
         model_overrides["use_avctd"] = False
     if no_avcg:

@@ -8,7 +8,7 @@ import torch
 
 from cign_train.losses import cign_loss
 from cign_train.methods.base import Inputs, Method, Task
-from cign_train.model import CIGN
+from cign_train.model import CIGN, CIGNOutput
 
 
 class CignMethod(Method):
@@ -24,12 +24,26 @@ class CignMethod(Method):
             return
         self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
 
+    @torch.no_grad()
+    def teacher_features(self, batch: Inputs, out: CIGNOutput) -> CIGNOutput | None:
+        """The teacher's g^{t-1} on the batch's old-class samples, the only anchors of eq 9.
+
+        Rows of other samples are left zero: eq 9 never reads them, so the teacher skips them.
+        """
+        if self.teacher is None or not self.cfg.use_avcg:
+            return None
+        old = torch.isin(batch.labels, torch.as_tensor(self.task.old_classes, device=batch.labels.device))
+        b, c = batch.labels.shape[0], self.teacher.n_classes
+        g_a = out.g_a.new_zeros(b, c, out.g_a.shape[-1])  # (B, C, D)
+        g_v = out.g_v.new_zeros(b, c, out.g_v.shape[-1])  # (B, C, D)
+        if old.any():
+            t = self.teacher(batch.spectrograms[old], batch.frames[old])
+            g_a[old], g_v[old] = t.g_a.to(g_a.dtype), t.g_v.to(g_v.dtype)
+        return CIGNOutput(None, None, g_a, g_v)  # eq 9 reads only the class-aware features
+
     def observe(self, batch: Inputs) -> dict[str, torch.Tensor]:
         out = self.forward(batch.spectrograms, batch.frames)
-        teacher_out = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_out = self.teacher(batch.spectrograms, batch.frames)
+        teacher_out = self.teacher_features(batch, out)
         return cign_loss(
             out,
             batch.labels,

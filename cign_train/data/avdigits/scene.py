@@ -10,6 +10,8 @@ from sklearn.datasets import load_digits
 from .config import AvdigitsConfig
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+#: Fragments of other digits are fainter than the target digit, so the target stays the salient one.
+_FRAGMENT_CONTRAST = 0.5
 
 
 @functools.cache
@@ -41,7 +43,7 @@ def render(
         piece = fragment[top : top + rows, left : left + cols]
         # fragments keep the target's stroke width: same pixels per digit cell
         glyph = _glyph(piece, side / 8 * np.array([cols, rows]), rng.uniform(0, 360))
-        _stamp(rng, canvas, glyph, rng.uniform(*config.digit_contrast))
+        _stamp(rng, canvas, glyph, _FRAGMENT_CONTRAST * rng.uniform(*config.digit_contrast))
     glyph = _glyph(digit, np.array([side, side]), rng.uniform(-1, 1) * config.digit_rotation)
     _stamp(rng, canvas, glyph, rng.uniform(*config.digit_contrast))
     sigma = rng.uniform(*config.blur_sigma)
@@ -59,9 +61,10 @@ def render(
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Smooth colour blobs: a coarse random colour grid upsampled with cubic interpolation."""
+    """Smooth colour blobs around a base colour: a coarse random grid upsampled (cubic)."""
     cells = int(rng.integers(2, 6))
-    coarse = rng.uniform(0, 255, (cells, cells, 3)).astype(np.float32)
+    base = rng.uniform(40, 215, 3)
+    coarse = (base + rng.uniform(-70, 70, (cells, cells, 3))).astype(np.float32)
     smooth = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
     return np.clip(smooth, 0, 255).astype(np.uint8)
 

@@ -1,0 +1,97 @@
+"""Training throughput (samples/s) of one CIGN step at each preset's input shapes.
+
+A step is what the trainer does on a task after the first: the current model's forward, the
+frozen teacher's forward, eqs 8-10, backward and an Adam update, on random inputs of the preset's
+spec. On CUDA it uses the trainer's mixed precision (bf16) and channels_last. Writes
+``benchmarks/results/train_<device>.json`` and prints a table; quote ratios from one run.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from cign_runtime.spec import get_preset
+from cign_train.losses import cign_loss
+from cign_train.model import CIGN
+from cign_train.settings import PRESETS
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def step_rate(preset: str, batch: int, steps: int, device: torch.device, classes=(10, 10)) -> float:
+    """Samples/s of teacher+student training steps at ``preset``'s shapes and model config."""
+    cfg, spec = PRESETS[preset]["model"], get_preset(PRESETS[preset]["spec"])
+    torch.manual_seed(0)
+    old, new = classes
+    model = CIGN(cfg, old).to(device)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    model.grow(new)
+    cuda = device.type == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    spectrograms = torch.randn(batch, *spec.spectrogram_shape, device=device)
+    frames = torch.randn(batch, 3, spec.frame_size, spec.frame_size, device=device)
+    if cuda:
+        frames = frames.contiguous(memory_format=torch.channels_last)
+    labels = torch.arange(batch, device=device) % (old + new)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def step() -> None:
+        with amp:
+            out = model(spectrograms, frames)
+            with torch.no_grad():
+                t_out = teacher(spectrograms, frames)
+            loss = cign_loss(out, labels, cfg=cfg, token_logits=model.token_logits(), tokens=model.tokens,
+                             old_tokens=teacher.tokens, teacher_out=t_out, old_classes=range(old),
+                             new_classes=range(old, old + new))["total"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up (allocations, cuDNN autotune)
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    cases = [("cpu", 32), ("paper", 8)] if device.type == "cpu" else [("cpu", 128), ("paper", 128)]
+    rows = []
+    for preset, batch in cases:
+        spec = get_preset(PRESETS[preset]["spec"])
+        rate = step_rate(preset, batch, args.steps, device)
+        shape = f"{spec.frame_size}px + {spec.n_freq}x{spec.n_time}"
+        rows.append({"preset": preset, "inputs": shape, "batch": batch, "samples_per_s": round(rate, 2)})
+    print(f"{'preset':<8}{'inputs':<22}{'batch':>6}{'samples/s':>12}")
+    for r in rows:
+        print(f"{r['preset']:<8}{r['inputs']:<22}{r['batch']:>6}{r['samples_per_s']:>12.2f}")
+    print(f"cpu preset / paper preset throughput: {rows[0]['samples_per_s'] / rows[1]['samples_per_s']:.1f}x")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "cuda" if device.type == "cuda" else "cpu"
+    info = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    (RESULTS / f"train_{name}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    print(f"wrote {RESULTS / f'train_{name}.json'}")
+
+
+if __name__ == "__main__":
+    main()
