@@ -11,7 +11,15 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+    get_worker_info,
+)
 
 from cign_train.data.store import PreparedStore
 
@@ -38,12 +46,16 @@ class StoreBatches(Dataset):
 
     def __getitem__(self, positions) -> Batch:
         idx = np.sort(self.indices[np.asarray(positions, dtype=np.int64)])
-        return Batch(
-            torch.from_numpy(self.store.frames(idx)),
-            torch.from_numpy(self.store.spectrograms(idx)),
-            torch.from_numpy(self.store.labels[idx]),
-            torch.from_numpy(idx),
-        )
+        spec = self.store.spec
+        frames = torch.empty((len(idx), *spec.frame_shape), dtype=torch.uint8)
+        spectrograms = torch.empty((len(idx), *spec.spectrogram_shape), dtype=torch.float16)
+        if get_worker_info() is not None:
+            # Read straight into shared memory: the batch then crosses to the main process uncopied.
+            frames.share_memory_()
+            spectrograms.share_memory_()
+        self.store.frames(idx, out=frames.numpy())
+        self.store.spectrograms(idx, out=spectrograms.numpy())
+        return Batch(frames, spectrograms, torch.from_numpy(self.store.labels[idx]), torch.from_numpy(idx))
 
 
 def batch_loader(

@@ -107,10 +107,10 @@ class PreparedStore:
             keep &= np.isin(self.labels, np.asarray(list(classes), dtype=np.int64))
         return np.flatnonzero(keep)
 
-    def frames(self, idx) -> np.ndarray:
+    def frames(self, idx, out: np.ndarray | None = None) -> np.ndarray:
         """uint8 (…, H, W, 3) frames of sample indices ``idx`` (sorted row order reads fastest)."""
-        return self._frames[self.rows[idx]]
+        return np.take(self._frames, self.rows[idx], axis=0, out=out)
 
-    def spectrograms(self, idx) -> np.ndarray:
+    def spectrograms(self, idx, out: np.ndarray | None = None) -> np.ndarray:
         """float16 (…, n_freq, n_time) log spectrograms of sample indices ``idx``."""
-        return self._spectrograms[self.rows[idx]]
+        return np.take(self._spectrograms, self.rows[idx], axis=0, out=out)

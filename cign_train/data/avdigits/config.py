@@ -5,9 +5,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-#: Class index = digit.
-CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-SPLITS = ("train", "val", "test")
+from cign_train.data.definitions import AVDIGITS_CLASSES as CLASSES  # class index = digit
+from cign_train.data.definitions import SPLITS
 
 
 @dataclass(frozen=True)
@@ -16,7 +15,9 @@ class AvdigitsConfig:
 
     The defaults aim at a benchmark where a ResNet18 trained jointly on 64x64 frames and
     log spectrograms reaches roughly 70-90 % test accuracy from either modality alone and more
-    from both; every difficulty knob is here so a probe can retune them.
+    from both; every difficulty knob is here so a probe can retune them. A CPU check with a small
+    4-block CNN (not ResNet18) trained per modality gave about 85 % (64x64 centre frames) and
+    82 % (16 kHz log spectrograms) test accuracy with these defaults.
     """
 
     # size: clips per class in each split
@@ -45,14 +46,14 @@ class AvdigitsConfig:
     # digit: side as a fraction of the frame side, rotation (+- degrees), and luminance
     # difference from the background under it (fraction of full range)
     digit_scale: tuple[float, float] = (0.22, 0.45)
-    digit_rotation: float = 20.0
-    digit_contrast: tuple[float, float] = (0.12, 0.5)
-    # clutter: random lines/shapes, and stroke fragments cut from other digits
-    clutter_shapes: int = 10
-    clutter_fragments: int = 3
+    digit_rotation: float = 15.0
+    digit_contrast: tuple[float, float] = (0.25, 0.65)
+    # clutter: random lines/shapes, and stroke fragments cut from other digits (drawn fainter)
+    clutter_shapes: int = 6
+    clutter_fragments: int = 1
     # degradation: Gaussian blur sigma (px at frame_size) and per-frame pixel noise (std, fraction of range)
-    blur_sigma: tuple[float, float] = (0.0, 1.5)
-    pixel_noise: tuple[float, float] = (0.0, 0.06)
+    blur_sigma: tuple[float, float] = (0.0, 1.2)
+    pixel_noise: tuple[float, float] = (0.0, 0.05)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):  # JSON gives lists; keep the config hashable

@@ -109,6 +109,8 @@ def _write_clip(job: tuple[AvdigitsConfig, int, Clip, Path]) -> None:
 def _write_clips(
     config: AvdigitsConfig, seed: int, clips: list[Clip], clips_dir: Path, workers: int | None, progress: bool
 ) -> None:
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     jobs = [(config, seed, clip, clips_dir) for clip in clips]
     workers = min(workers or len(os.sched_getaffinity(0)), len(jobs))
     bar = tqdm(total=len(jobs), desc="avdigits", unit="clip", disable=not progress)
