@@ -2,7 +2,7 @@
 
 Rows:
 * decode, 1 process: ``decode_clip`` over avdigits clips (4 s, 128x128, 22.05 kHz mono) and over
-  VGGSound-like clips made here (10 s, 640x360 at 25 fps, 44.1 kHz stereo), paper preset.
+  VGGSound-like clips made here (10 s, 640x360 at 25 fps, 44.1 kHz), paper preset.
 * prepare, N workers: the whole ``cign-prepare`` path (decode + torch log spectrogram + store).
 * loader: ``batch_loader`` over a paper-preset store (224x224 frames, 257x300 spectrograms),
   batch 128, 0 and 2 worker processes, warm page cache. Goal: >= 3,000 samples/s with 2 workers.

@@ -70,3 +70,12 @@ def test_resize_frame_handles_grey_and_rejects_float():
     assert out.shape == (64, 64, 3) and (out == 77).all()
     with pytest.raises(ValueError, match="uint8 frame"):
         np_spec.resize_frame(spec, np.zeros((8, 8, 3), np.float32))
+
+
+def test_runtime_spec_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, cign_runtime.spec, cign_runtime.records; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
