@@ -28,7 +28,8 @@ class TaskAccuracy(NamedTuple):
 def evaluate_tasks(model, plan, t: int, to_inputs, autocast, batch_size: int, workers: int, dist: D.Dist) -> TaskAccuracy:
     """Score the model after task ``t`` on the test split of tasks 0..t."""
     model.eval()
-    counts = torch.zeros(t + 1, len(MODALITIES) + 1, dtype=torch.float64)  # correct per modality, total
+    # correct per modality, then total; kept on the device so scoring a batch needs no host sync
+    counts = torch.zeros(t + 1, len(MODALITIES) + 1, dtype=torch.float64, device=dist.device)
     for i in range(t + 1):
         idx = plan.split_indices("test", plan.task_classes[i])[dist.rank :: dist.world]
         if len(idx) == 0:
@@ -38,9 +39,9 @@ def evaluate_tasks(model, plan, t: int, to_inputs, autocast, batch_size: int, wo
             with autocast():
                 p = predict(model(x.spectrograms, x.frames))
             for m, probs in enumerate((p.p_a, p.p_v, p.p_av)):
-                counts[i, m] += (probs.float().argmax(dim=1) == x.labels).sum().item()
+                counts[i, m] += (probs.float().argmax(dim=1) == x.labels).sum()
             counts[i, -1] += len(x.labels)
-    counts = D.all_reduce_sum(counts.to(dist.device), dist).cpu().numpy()
+    counts = D.all_reduce_sum(counts, dist).cpu().numpy()
     total = counts[:, -1]
     if (total == 0).any():
         empty = [i for i in range(t + 1) if total[i] == 0]

@@ -64,13 +64,10 @@ def make_plan(s: TrainSettings) -> Plan:
         order = [int(i) for i in np.random.default_rng(s.seed).permutation(n)]
     else:
         order = list(range(n))
-    tasks = s.tasks or get_definition(s.dataset).tasks
-    if n % tasks:
-        raise ValueError(f"{s.dataset}: {n} classes do not split into {tasks} equal tasks")
-    per = n // tasks
     label_map = np.full(n, -1, dtype=np.int64)
     label_map[order] = np.arange(n)
-    return Plan(store, order, [list(range(t * per, (t + 1) * per)) for t in range(tasks)], label_map)
+    # Model class k is the k-th of the run's order, so the definition's blocks are the tasks.
+    return Plan(store, order, get_definition(s.dataset).task_classes(s.tasks), label_map)
 
 
 def train_indices(plan: Plan, classes, max_per_class: int | None, seed: int) -> np.ndarray:
@@ -230,7 +227,8 @@ class Trainer:
             x = self.inputs(batch)
             with self.autocast():
                 losses = method.observe(x)
-            values = {k: float(v.detach()) for k, v in losses.items()}
+            names = list(losses)
+            values = dict(zip(names, torch.stack([losses[k].detach().float() for k in names]).tolist()))  # one sync
             bad = [k for k, v in values.items() if not math.isfinite(v)]
             if bad:
                 raise NonFiniteLoss(
