@@ -2,8 +2,9 @@
 
 A step is what the trainer does on a task after the first: the current model's forward, the
 frozen teacher's forward, eqs 8-10, backward and an Adam update, on random inputs of the preset's
-spec. On CUDA it uses the trainer's mixed precision (bf16) and channels_last. Writes
-``benchmarks/results/train_<device>.json`` and prints a table; quote ratios from one run.
+spec, channels_last, in fp32 and in the trainer's ``--amp auto`` precision (bf16 on CUDA and on
+CPUs with native bf16). Writes ``benchmarks/results/train_<device>.json`` and prints a table;
+quote ratios from one run.
 """
 from __future__ import annotations
 
@@ -20,33 +21,31 @@ import torch
 from cign_runtime.spec import get_preset
 from cign_train.losses import cign_loss
 from cign_train.model import CIGN
+from cign_train.precision import autocast, autocast_dtype
 from cign_train.settings import PRESETS
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def step_rate(preset: str, batch: int, steps: int, device: torch.device, classes=(10, 10)) -> float:
+def step_rate(preset: str, batch: int, steps: int, device: torch.device, dtype: torch.dtype | None,
+              classes=(10, 10)) -> float:
     """Samples/s of teacher+student training steps at ``preset``'s shapes and model config."""
     cfg, spec = PRESETS[preset]["model"], get_preset(PRESETS[preset]["spec"])
     torch.manual_seed(0)
     old, new = classes
-    model = CIGN(cfg, old).to(device)
+    model = CIGN(cfg, old).to(device, memory_format=torch.channels_last)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     model.grow(new)
     cuda = device.type == "cuda"
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-        teacher = teacher.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     spectrograms = torch.randn(batch, *spec.spectrogram_shape, device=device)
     frames = torch.randn(batch, 3, spec.frame_size, spec.frame_size, device=device)
-    if cuda:
-        frames = frames.contiguous(memory_format=torch.channels_last)
+    frames = frames.contiguous(memory_format=torch.channels_last)
     labels = torch.arange(batch, device=device) % (old + new)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
     def step() -> None:
-        with amp:
+        with autocast(device, dtype):
             out = model(spectrograms, frames)
             with torch.no_grad():
                 t_out = teacher(spectrograms, frames)
@@ -54,8 +53,9 @@ def step_rate(preset: str, batch: int, steps: int, device: torch.device, classes
                              old_tokens=teacher.tokens, teacher_out=t_out, old_classes=range(old),
                              new_classes=range(old, old + new))["total"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
     step()  # warm-up (allocations, cuDNN autotune)
     if cuda:
@@ -74,17 +74,27 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
     device = torch.device(args.device)
-    cases = [("cpu", 32), ("paper", 8)] if device.type == "cpu" else [("cpu", 128), ("paper", 128)]
+    cases = [("cpu", PRESETS["cpu"]["batch_size"]), ("paper", 8)] if device.type == "cpu" else [("cpu", 128), ("paper", 128)]
+    amp = autocast_dtype("auto", device)
+    precisions = [None] if amp is None else [None, amp]
     rows = []
     for preset, batch in cases:
         spec = get_preset(PRESETS[preset]["spec"])
-        rate = step_rate(preset, batch, args.steps, device)
         shape = f"{spec.frame_size}px + {spec.n_freq}x{spec.n_time}"
-        rows.append({"preset": preset, "inputs": shape, "batch": batch, "samples_per_s": round(rate, 2)})
-    print(f"{'preset':<8}{'inputs':<22}{'batch':>6}{'samples/s':>12}")
+        for dtype in precisions:
+            rate = step_rate(preset, batch, args.steps, device, dtype)
+            name = "fp32" if dtype is None else str(dtype).removeprefix("torch.")
+            rows.append({"preset": preset, "inputs": shape, "batch": batch, "precision": name,
+                         "samples_per_s": round(rate, 2)})
+    print(f"{'preset':<8}{'inputs':<22}{'batch':>6}{'precision':>10}{'samples/s':>12}")
     for r in rows:
-        print(f"{r['preset']:<8}{r['inputs']:<22}{r['batch']:>6}{r['samples_per_s']:>12.2f}")
-    print(f"cpu preset / paper preset throughput: {rows[0]['samples_per_s'] / rows[1]['samples_per_s']:.1f}x")
+        print(f"{r['preset']:<8}{r['inputs']:<22}{r['batch']:>6}{r['precision']:>10}{r['samples_per_s']:>12.2f}")
+    rate = {(r["preset"], r["precision"]): r["samples_per_s"] for r in rows}
+    best = rows[-1]["precision"]
+    print(f"cpu preset / paper preset throughput ({best}): {rate['cpu', best] / rate['paper', best]:.1f}x")
+    if amp is not None:
+        for preset, _ in cases:
+            print(f"{preset} preset, {best} / fp32: {rate[preset, best] / rate[preset, 'fp32']:.2f}x")
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "cuda" if device.type == "cuda" else "cpu"
     info = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),

@@ -38,8 +38,9 @@ def test_token_distillation_value_and_gradient():
     cur = [[0.2, -0.4], [1.0, 0.5], [3.0, -3.0]]  # 2 old tokens and 1 new one, D = 2
     old = [[0.0, 0.3], [1.5, -0.5]]
     expected = 0.0
-    for c, o in zip(cur, old):
-        p, q = softmax(c), softmax(o)
+    for c, o in zip(cur, old):  # each token rescaled to unit RMS (norm sqrt(D) = sqrt(2)) first
+        p = softmax([x * math.sqrt(2) / math.hypot(*c) for x in c])
+        q = softmax([x * math.sqrt(2) / math.hypot(*o) for x in o])
         expected += sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
     tokens = torch.tensor(cur, requires_grad=True)
     old_tokens = torch.tensor(old, requires_grad=True)
@@ -50,6 +51,8 @@ def test_token_distillation_value_and_gradient():
     assert torch.all(tokens.grad[2] == 0)  # the new token is free
     assert old_tokens.grad is None  # the teacher's tokens get nothing
     assert token_distillation(torch.tensor(old), torch.tensor(old)).item() == pytest.approx(0.0, abs=1e-7)
+    # Only a token's direction counts: a rescaled copy is at zero divergence.
+    assert token_distillation(torch.tensor(old) * 3, torch.tensor(old)).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_token_independence_value():

@@ -5,9 +5,11 @@ import dataclasses
 from pathlib import Path
 
 import click
+import torch
 
 from cign_train.data.definitions import DATASETS, get_definition
 from cign_train.methods import available
+from cign_train.precision import AMP_CHOICES
 from cign_train.reporting import results_table
 from cign_train.settings import PRESETS, preset_settings
 from cign_train.trainer import NonFiniteLoss, Trainer
@@ -19,6 +21,7 @@ from cign_train.trainer import NonFiniteLoss, Trainer
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Training preset [default: the data set's: cpu for avdigits, else paper].")
 @click.option("--method", type=click.Choice(available()), default="cign", show_default=True)
 @click.option("--epochs", type=int, help="Epochs per task.")
+@click.option("--first-task-epochs", type=int, help="Epochs of the first task [default: --epochs if given, else the preset's (cpu 12)].")
 @click.option("--batch-size", type=int)
 @click.option("--lr", type=float, help="Adam learning rate.")
 @click.option("--tasks", type=int, help="Number of equal tasks [default: the data set's].")
@@ -26,9 +29,12 @@ from cign_train.trainer import NonFiniteLoss, Trainer
 @click.option("--max-per-class", type=int, help="Cap on training clips per class.")
 @click.option("--buffer-per-class", type=int, help="Rehearsal exemplars per old class.")
 @click.option("--buffer-select", type=click.Choice(["random", "herding"]))
+@click.option("--rehearsal-sampling", type=click.Choice(["balanced", "uniform"]), help="How batches draw from task clips + buffer [default: balanced].")
+@click.option("--augment/--no-augment", default=None, help="Training augmentation [default: the preset's; on in cpu].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda (torchrun: one process per GPU).")
-@click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "off"]), help="Mixed precision on CUDA.")
+@click.option("--amp", type=click.Choice(AMP_CHOICES), help="Mixed precision: auto = bf16 on CUDA and on CPUs with native bf16.")
+@click.option("--threads", type=int, help="CPU threads for torch (e.g. 1 when other jobs share the cores) [default: torch's].")
 @click.option("--workers", type=int, help="Loader processes.")
 @click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), help="Local ResNet18 checkpoint for both encoders.")
 @click.option("--dim", type=int, help="Embedding width D of features and class tokens.")
@@ -40,15 +46,21 @@ from cign_train.trainer import NonFiniteLoss, Trainer
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder [default: runs/DATASET-METHOD-seedSEED].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished task and epoch.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (one line per task still prints).")
-def main(dataset, data_dir, preset, method, epochs, batch_size, lr, tasks, class_order, max_per_class,
-         buffer_per_class, buffer_select, seed, device, amp, workers, encoder_weights, dim, depth, heads, assign,
+def main(dataset, data_dir, preset, method, epochs, first_task_epochs, batch_size, lr, tasks, class_order, max_per_class,
+         buffer_per_class, buffer_select, rehearsal_sampling, augment, seed, device, amp, threads, workers, encoder_weights, dim, depth, heads, assign,
          no_avctd, no_avcg, out, resume, no_progress):
     """Train CIGN (or another --method) task by task, evaluate, and print the results table."""
+    if threads is not None:
+        if threads < 1:
+            raise click.BadParameter("must be >= 1", param_hint="--threads")
+        torch.set_num_threads(threads)
+    if epochs is not None and first_task_epochs is None:
+        first_task_epochs = epochs  # an explicit --epochs applies to every task
     preset = preset or get_definition(dataset).preset
     settings = preset_settings(
-        preset, dataset=dataset, data_dir=str(data_dir), method=method, epochs=epochs, batch_size=batch_size,
+        preset, dataset=dataset, data_dir=str(data_dir), method=method, epochs=epochs, first_task_epochs=first_task_epochs, batch_size=batch_size,
         lr=lr, tasks=tasks, class_order=class_order, max_per_class=max_per_class,
-        buffer_per_class=buffer_per_class, buffer_select=buffer_select, seed=seed, device=device, amp=amp,
+        buffer_per_class=buffer_per_class, buffer_select=buffer_select, rehearsal_sampling=rehearsal_sampling, augment=augment, seed=seed, device=device, amp=amp,
         workers=workers, encoder_weights=encoder_weights,
     )
     model_overrides = {k: v for k, v in dict(dim=dim, depth=depth, heads=heads, assign=assign).items() if v is not None}

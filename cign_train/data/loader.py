@@ -7,6 +7,7 @@ with :mod:`cign_train.preprocess`.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch.utils.data import (
     DistributedSampler,
     RandomSampler,
     SequentialSampler,
+    WeightedRandomSampler,
     get_worker_info,
 )
 
@@ -69,13 +71,21 @@ def batch_loader(
     drop_last: bool = False,
     rank: int = 0,
     world: int = 1,
+    weights=None,
 ) -> DataLoader:
     """A DataLoader yielding :class:`Batch` es; shuffling is seeded so runs repeat.
 
     With ``world`` > 1 each rank reads its own shard (torch's DistributedSampler, seeded alike).
+    ``weights`` (one per index) switch to drawing ceil(len(indices) / world) samples per rank with
+    replacement, in proportion to the weights (torch's WeightedRandomSampler, each rank its own seed).
     """
     data = StoreBatches(store, indices)
-    if world > 1:
+    if weights is not None:
+        if len(weights) != len(data):
+            raise ValueError(f"{len(weights)} weights for {len(data)} indices")
+        order = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.float64), math.ceil(len(data) / world),
+                                      replacement=True, generator=torch.Generator().manual_seed(seed * world + rank))
+    elif world > 1:
         order = DistributedSampler(data, world, rank, shuffle=shuffle, seed=seed)
     elif shuffle:
         order = RandomSampler(data, generator=torch.Generator().manual_seed(seed))

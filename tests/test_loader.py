@@ -1,0 +1,47 @@
+"""The batch loader over a real prepared store: batches, seeded order, class-balanced draws."""
+import numpy as np
+import pytest
+
+from cign_train.data.loader import batch_loader
+from cign_train.data.store import PreparedStore
+
+
+@pytest.fixture(scope="module")
+def store(tiny_avdigits):
+    return PreparedStore(tiny_avdigits / "avdigits" / "prepared" / "cpu")
+
+
+def drawn(loader) -> np.ndarray:
+    return np.concatenate([b.index.numpy() for b in loader])
+
+
+def test_batches_carry_the_rows_of_their_samples(store):
+    idx = store.indices("train")[:10]
+    batches = list(batch_loader(store, idx, 4, shuffle=False, workers=0))
+    assert [len(b.labels) for b in batches] == [4, 4, 2]
+    b = batches[1]
+    assert np.array_equal(b.frames.numpy(), store.frames(idx[4:8]))
+    assert np.array_equal(b.spectrograms.numpy(), store.spectrograms(idx[4:8]))
+    assert np.array_equal(b.labels.numpy(), store.labels[idx[4:8]])
+
+
+def test_weighted_draws_balance_a_rare_class(store):
+    train = store.indices("train")
+    common = train[store.labels[train] == 0]  # 6 clips of class 0
+    rare = train[store.labels[train] == 1][:1]  # 1 clip of class 1, as a buffer would hold
+    idx = np.concatenate([np.repeat(common, 20), rare])  # 121 entries, 1 of class 1
+    labels = store.labels[idx]
+    weights = 1.0 / np.bincount(labels)[labels]
+    counts = np.zeros(2)
+    for epoch in range(10):
+        got = drawn(batch_loader(store, idx, 16, shuffle=True, workers=0, seed=epoch, weights=weights))
+        assert len(got) == len(idx)  # an epoch keeps its length
+        counts += np.bincount(store.labels[got], minlength=2)[:2]
+    assert 0.4 < counts[1] / counts.sum() < 0.6  # uniform draws would give 1 / 121
+    again = drawn(batch_loader(store, idx, 16, shuffle=True, workers=0, seed=9, weights=weights))
+    assert np.array_equal(again, got)  # seeded
+    ranks = [drawn(batch_loader(store, idx, 16, shuffle=True, workers=0, seed=9, weights=weights, rank=r, world=2))
+             for r in range(2)]
+    assert [len(r) for r in ranks] == [61, 61] and not np.array_equal(ranks[0], ranks[1])
+    with pytest.raises(ValueError, match="2 weights for 121 indices"):
+        batch_loader(store, idx, 16, shuffle=True, workers=0, weights=weights[:2])
