@@ -55,12 +55,15 @@ class Plan:
         return self.store.indices(split, store_classes)
 
 
+def ensure_avdigits(s: TrainSettings, progress: bool = True) -> None:
+    """Generate and prepare the embedded avdigits store when a run needs it and it is missing."""
+    if s.dataset == "avdigits" and not (store_dir(Path(s.data_dir), s.dataset, s.spec) / "index.json").is_file():
+        prepare_dataset("avdigits", Path(s.data_dir), preset=s.spec, progress=progress)
+
+
 def make_plan(s: TrainSettings) -> Plan:
-    """Open (or, for avdigits, build) the prepared store and lay the classes out in tasks."""
-    root = store_dir(Path(s.data_dir), s.dataset, s.spec)
-    if not (root / "index.json").is_file() and s.dataset == "avdigits":
-        prepare_dataset("avdigits", Path(s.data_dir), preset=s.spec)
-    store = PreparedStore(root)
+    """Open the prepared store and lay the classes out in tasks."""
+    store = PreparedStore(store_dir(Path(s.data_dir), s.dataset, s.spec))
     n = len(store.classes)
     if s.class_order == "seeded":
         order = [int(i) for i in np.random.default_rng(s.seed).permutation(n)]
@@ -92,6 +95,9 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.dist = D.setup(settings.device)
+        if self.dist.main:  # one process builds a missing avdigits store, the others wait for it
+            ensure_avdigits(settings, progress)
+        D.barrier(self.dist)
         self.plan = make_plan(settings)
         self.spec = self.plan.store.spec
         self.buffer = RehearsalBuffer(settings.buffer_per_class, settings.buffer_select, settings.seed)
