@@ -27,7 +27,6 @@ from cign_train.data.store import PreparedStore
 from cign_train.evaluate import MODALITIES, evaluate_tasks
 from cign_train.methods import Inputs, Method, Task, get_method
 from cign_train.model import CIGN, load_encoder_weights
-from cign_train.precision import autocast_dtype
 from cign_train.preprocess import normalize_frames, normalize_spectrogram
 from cign_train.reporting import write_metrics
 from cign_train.settings import TrainSettings
@@ -104,7 +103,7 @@ class Trainer:
         self.rows: dict[str, list[list[float]]] = {m: [] for m in MODALITIES}
         self.seen: dict[str, list[float]] = {m: [] for m in MODALITIES}
         self.test_clips: list[int] = []
-        self.amp_dtype = autocast_dtype(settings.amp, self.dist.device)
+        self.amp_dtype = precision.autocast_dtype(settings.amp, self.dist.device)
         self.augment = Augment(self.spec) if settings.augment else None
 
     # ----------------------------------------------------------------------------------- inputs
