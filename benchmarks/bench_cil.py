@@ -22,7 +22,7 @@ import torch
 
 from cign_train.checkpoint import last_finished_task
 from cign_train.data.definitions import get_definition
-from cign_train.settings import preset_settings
+from cign_train.settings import REHEARSAL_SAMPLING, preset_settings
 from cign_train.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "results"
@@ -48,7 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=["cign", "finetune"])
-    ap.add_argument("--rehearsal-sampling", choices=["balanced", "uniform"], default="balanced")
+    ap.add_argument("--rehearsal-sampling", choices=REHEARSAL_SAMPLING, default="balanced")
     ap.add_argument("--runs", type=Path, default=Path("runs/bench-cil"))
     ap.add_argument("--data-dir", default="data")
     args = ap.parse_args()

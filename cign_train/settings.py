@@ -9,6 +9,9 @@ from cign_runtime.records import known_fields
 from cign_train.config import CIGNConfig
 from cign_train.precision import AMP_CHOICES
 
+#: How training batches draw from a task's clips plus the buffer (see ``Trainer.class_balance``).
+REHEARSAL_SAMPLING = ("balanced", "uniform")
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -39,8 +42,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if self.class_order not in ("definition", "seeded"):
             raise ValueError(f"class_order must be 'definition' or 'seeded', got {self.class_order!r}")
-        if self.rehearsal_sampling not in ("balanced", "uniform"):
-            raise ValueError(f"rehearsal_sampling must be 'balanced' or 'uniform', got {self.rehearsal_sampling!r}")
+        if self.rehearsal_sampling not in REHEARSAL_SAMPLING:
+            raise ValueError(f"rehearsal_sampling must be one of {REHEARSAL_SAMPLING}, got {self.rehearsal_sampling!r}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.first_task_epochs is not None and self.first_task_epochs < 1:
@@ -79,8 +82,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset_settings(preset: str, **overrides: Any) -> TrainSettings:
-    """A preset with ``overrides`` (None values are ignored, so CLI defaults pass straight through)."""
+    """A preset with ``overrides`` (None values are ignored, so CLI defaults pass straight through).
+
+    An explicit ``epochs`` without ``first_task_epochs`` applies to every task.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown training preset {preset!r}; choose from {sorted(PRESETS)}")
-    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "epochs" in given:
+        given.setdefault("first_task_epochs", given["epochs"])
+    values = {**PRESETS[preset], **given}
     return TrainSettings(**values)

@@ -111,14 +111,15 @@ class Trainer:
         """A loader batch on the device, normalised; ``augment`` applies the run's augmentation."""
         dev = self.dist.device
         cuda = dev.type == "cuda"
+        aug = self.augment if augment else None
         frames = batch.frames.to(dev, non_blocking=cuda)
-        if augment and self.augment is not None:
-            frames = self.augment.frames(frames)
+        if aug is not None:
+            frames = aug.frames(frames)
         frames = normalize_frames(self.spec, frames)
         frames = frames.contiguous(memory_format=torch.channels_last)  # faster convolutions on CUDA and CPU
         spectrograms = normalize_spectrogram(self.spec, batch.spectrograms.to(dev, non_blocking=cuda))
-        if augment and self.augment is not None:
-            spectrograms = self.augment.spectrograms(spectrograms)
+        if aug is not None:
+            spectrograms = aug.spectrograms(spectrograms)
         labels = torch.from_numpy(self.plan.label_map[batch.labels.numpy()]).to(dev)
         return Inputs(spectrograms, frames, labels)
 

@@ -11,7 +11,7 @@ from cign_train.data.definitions import DATASETS, get_definition
 from cign_train.methods import available
 from cign_train.precision import AMP_CHOICES
 from cign_train.reporting import results_table
-from cign_train.settings import PRESETS, preset_settings
+from cign_train.settings import PRESETS, REHEARSAL_SAMPLING, preset_settings
 from cign_train.trainer import NonFiniteLoss, Trainer
 
 
@@ -29,12 +29,12 @@ from cign_train.trainer import NonFiniteLoss, Trainer
 @click.option("--max-per-class", type=int, help="Cap on training clips per class.")
 @click.option("--buffer-per-class", type=int, help="Rehearsal exemplars per old class.")
 @click.option("--buffer-select", type=click.Choice(["random", "herding"]))
-@click.option("--rehearsal-sampling", type=click.Choice(["balanced", "uniform"]), help="How batches draw from task clips + buffer [default: balanced].")
+@click.option("--rehearsal-sampling", type=click.Choice(REHEARSAL_SAMPLING), help="How batches draw from task clips + buffer [default: balanced].")
 @click.option("--augment/--no-augment", default=None, help="Training augmentation [default: the preset's; on in cpu].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda (torchrun: one process per GPU).")
 @click.option("--amp", type=click.Choice(AMP_CHOICES), help="Mixed precision: auto = bf16 on CUDA and on CPUs with native bf16.")
-@click.option("--threads", type=int, help="CPU threads for torch (e.g. 1 when other jobs share the cores) [default: torch's].")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (e.g. 1 when other jobs share the cores) [default: torch's].")
 @click.option("--workers", type=int, help="Loader processes.")
 @click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), help="Local ResNet18 checkpoint for both encoders.")
 @click.option("--dim", type=int, help="Embedding width D of features and class tokens.")
@@ -51,11 +51,7 @@ def main(dataset, data_dir, preset, method, epochs, first_task_epochs, batch_siz
          no_avctd, no_avcg, out, resume, no_progress):
     """Train CIGN (or another --method) task by task, evaluate, and print the results table."""
     if threads is not None:
-        if threads < 1:
-            raise click.BadParameter("must be >= 1", param_hint="--threads")
         torch.set_num_threads(threads)
-    if epochs is not None and first_task_epochs is None:
-        first_task_epochs = epochs  # an explicit --epochs applies to every task
     preset = preset or get_definition(dataset).preset
     settings = preset_settings(
         preset, dataset=dataset, data_dir=str(data_dir), method=method, epochs=epochs, first_task_epochs=first_task_epochs, batch_size=batch_size,
