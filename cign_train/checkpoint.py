@@ -1,18 +1,85 @@
-"""Self-describing checkpoints (``task_{t}.pt``) and the mid-task resume state (``last.pt``).
+"""The checkpoint contract: ``task_{t}.pt`` (what the trainer writes and export reads) and ``last.pt``.
 
-Contents are plain dicts, lists, numbers, strings and tensors, so ``torch.load(weights_only=True)``
-reads them: weights, the model config, the preprocessing spec, class names in task order, classes
-per task, the token table, the run settings, the buffer and the evaluation so far.
+A task checkpoint is self-describing (``../DESIGN.md``): the weights, the :class:`CIGNConfig` that
+built the model, the preprocessing spec, the class names in task order, the classes per task, the
+token table, the run settings, the buffer and the evaluation so far. :class:`TaskCheckpoint` is
+its one definition; on disk it is a dict of plain values and tensors, so
+``torch.load(weights_only=True)`` reads it, and :meth:`TaskCheckpoint.build_model` rebuilds the
+model without the trainer (as nanoGPT's ``model_args``).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from cign_runtime.spec import PreprocessSpec
+from cign_train.config import CIGNConfig
+
 FORMAT = "cign-checkpoint"
 VERSION = 1
+
+
+@dataclass
+class TaskCheckpoint:
+    """The model after task ``task`` (0-based) and everything needed to use or continue it."""
+
+    task: int
+    model: dict[str, torch.Tensor]  # state dict of cign_train.model.CIGN
+    config: CIGNConfig
+    spec: PreprocessSpec
+    classes: list[str]  # model class k's name, in task order (K = len(classes))
+    classes_per_task: list[int]  # len == task + 1, sums to K
+    tokens: torch.Tensor  # (K, D) the class-token table (also in ``model``; kept for readers without torch models)
+    method: str
+    settings: dict[str, Any]  # cign_train.settings.TrainSettings.to_dict()
+    buffer: dict[str, Any]  # cign_train.buffer.RehearsalBuffer.state_dict()
+    evaluation: dict[str, Any]  # rows, seen, test_clips so far (cign_train.reporting)
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        k = len(self.classes)
+        if len(self.classes_per_task) != self.task + 1 or sum(self.classes_per_task) != k:
+            raise ValueError(f"classes_per_task {self.classes_per_task} does not fit task {self.task} with {k} classes")
+        if tuple(self.tokens.shape) != (k, self.config.dim):
+            raise ValueError(f"token table {tuple(self.tokens.shape)} does not fit {k} classes x D {self.config.dim}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"format": FORMAT, "version": VERSION, **d, "config": self.config.to_dict(), "spec": self.spec.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TaskCheckpoint":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(names - set(d) - {"world_size"})
+        if missing:
+            raise ValueError(f"task checkpoint lacks {missing}")
+        values = {k: d[k] for k in names if k in d}
+        values["config"] = CIGNConfig.from_dict(d["config"])
+        values["spec"] = PreprocessSpec.from_dict(d["spec"])
+        return cls(**values)
+
+    def save(self, path: Path) -> None:
+        save_atomic(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: Path) -> "TaskCheckpoint":
+        try:
+            return cls.from_dict(load(path))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    def build_model(self):
+        """A ``CIGN`` in eval mode with this checkpoint's config, K classes and weights."""
+        from cign_train.model import CIGN
+
+        model = CIGN(self.config, len(self.classes))
+        model.load_state_dict(self.model)
+        return model.eval()
 
 
 def save_atomic(obj: dict, path: Path) -> None:
@@ -22,8 +89,9 @@ def save_atomic(obj: dict, path: Path) -> None:
 
 
 def load(path: Path) -> dict:
+    """A checkpoint file's dict (task or ``last.pt``), checked for format and version."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt.get("format") != FORMAT or ckpt.get("version") != VERSION:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("version") != VERSION:
         raise ValueError(f"{path}: not a {FORMAT} v{VERSION} file")
     return ckpt
 
@@ -32,9 +100,9 @@ def task_path(run_dir: Path, task: int) -> Path:
     return run_dir / f"task_{task}.pt"
 
 
-def last_finished_task(run_dir: Path, tasks: int) -> int:
+def last_finished_task(run_dir: Path, tasks: int | None = None) -> int:
     """Index of the last task with a checkpoint (tasks are finished in order), -1 if none."""
     done = -1
-    while done + 1 < tasks and task_path(run_dir, done + 1).is_file():
+    while (tasks is None or done + 1 < tasks) and task_path(run_dir, done + 1).is_file():
         done += 1
     return done

@@ -153,11 +153,11 @@ class Trainer:
         done = ck.last_finished_task(self.run_dir, n_tasks) if resume else -1
         method_cls = get_method(s.method)
         if done >= 0:
-            saved = ck.load(ck.task_path(self.run_dir, done))
-            model = self.build_model(len(saved["classes"]))
-            model.load_state_dict(saved["model"])
-            self.buffer.load_state_dict(saved["buffer"])
-            ev = saved["evaluation"]
+            saved = ck.TaskCheckpoint.load(ck.task_path(self.run_dir, done))
+            model = self.build_model(len(saved.classes))
+            model.load_state_dict(saved.model)
+            self.buffer.load_state_dict(saved.buffer)
+            ev = saved.evaluation
             self.rows, self.seen, self.test_clips = ev["rows"], ev["seen"], ev["test_clips"]
         else:
             model = self.build_model(len(plan.task_classes[0]))
@@ -281,26 +281,20 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- checkpoints
     def save_task(self, t: int, model: CIGN) -> None:
-        classes = self.plan.class_names[: model.n_classes]
-        ck.save_atomic(
-            {
-                "format": ck.FORMAT,
-                "version": ck.VERSION,
-                "task": t,
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "config": self.s.model.to_dict(),
-                "spec": self.spec.to_dict(),
-                "classes": classes,
-                "classes_per_task": [len(c) for c in self.plan.task_classes[: t + 1]],
-                "tokens": model.tokens.detach().cpu().clone(),
-                "method": self.s.method,
-                "settings": self.s.to_dict(),
-                "buffer": self.buffer.state_dict(),
-                "evaluation": {"rows": self.rows, "seen": self.seen, "test_clips": self.test_clips},
-                "world_size": self.dist.world,
-            },
-            ck.task_path(self.run_dir, t),
-        )
+        ck.TaskCheckpoint(
+            task=t,
+            model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            config=self.s.model,
+            spec=self.spec,
+            classes=self.plan.class_names[: model.n_classes],
+            classes_per_task=[len(c) for c in self.plan.task_classes[: t + 1]],
+            tokens=model.tokens.detach().cpu().clone(),
+            method=self.s.method,
+            settings=self.s.to_dict(),
+            buffer=self.buffer.state_dict(),
+            evaluation={"rows": self.rows, "seen": self.seen, "test_clips": self.test_clips},
+            world_size=self.dist.world,
+        ).save(ck.task_path(self.run_dir, t))
 
     def save_last(self, t: int, epochs_done: int, model, optimizer, scaler) -> None:
         if not self.dist.main:
