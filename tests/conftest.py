@@ -23,3 +23,17 @@ def tiny_avdigits(tmp_path_factory) -> Path:
     prepare_store(store_dir(data_dir, "avdigits", "cpu"), "avdigits", get_preset("cpu"), defs.AVDIGITS_CLASSES,
                   candidates, rejected, workers=2, progress=False)
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_avdigits, tmp_path_factory) -> Path:
+    """A finished 2-task CIGN run (5 + 5 classes, D 32) trained on ``tiny_avdigits``: task_0.pt, task_1.pt."""
+    from cign_train.config import CIGNConfig
+    from cign_train.settings import TrainSettings
+    from cign_train.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("runs") / "avdigits-cign-seed0"
+    settings = TrainSettings(dataset="avdigits", data_dir=str(tiny_avdigits), spec="cpu", tasks=2, epochs=2, batch_size=8,
+                             lr=1e-3, buffer_per_class=2, workers=0, model=CIGNConfig(dim=32, depth=1, heads=4))
+    Trainer(settings, run, progress=False).run()
+    return run

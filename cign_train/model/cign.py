@@ -90,11 +90,14 @@ class CIGN(nn.Module):
         """FC(c_i) for every token, (K, K); softmax over the last dim gives e_i (Sec. 3.2)."""
         return self.token_cls(self.tokens)
 
-    def forward(self, spectrograms: torch.Tensor, frames: torch.Tensor) -> CIGNOutput:
-        """spectrograms (B, F, T) and frames (B, 3, H, W), both normalised -> CIGNOutput."""
+    def forward(self, spectrograms: torch.Tensor, frames: torch.Tensor, tokens: torch.Tensor | None = None) -> CIGNOutput:
+        """spectrograms (B, F, T) and frames (B, 3, H, W), both normalised -> CIGNOutput.
+
+        ``tokens`` (K', D) replaces the model's table (exports with the table as a graph input).
+        """
         f_a = self.audio_encoder(spectrograms).unsqueeze(1)  # (B, 1, D)
         f_v = self.visual_encoder(frames)  # (B, P, D)
-        tokens = self.tokens.expand(f_a.shape[0], -1, -1)  # (B, K, D)
+        tokens = (self.tokens if tokens is None else tokens).expand(f_a.shape[0], -1, -1)  # (B, K, D)
         f_a_hat, c_a_hat = self.phi_a(f_a, tokens)  # eq 1: (B, 1, D), (B, K, D)
         f_v_hat, c_v_hat = self.phi_v(f_v, tokens)  # eq 2: (B, P, D), (B, K, D)
         g_a, _ = self.group_a(f_a_hat, c_a_hat)  # eqs 5-7: (B, K, D)

@@ -1,0 +1,1 @@
+"""Export of trained CIGN task models to ONNX and TensorRT engines with their manifest (``cign-export``)."""

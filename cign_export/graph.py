@@ -1,0 +1,60 @@
+"""The exported computation: raw inputs in, p_audio / p_visual / p_av out (Sec. 3.3, inference).
+
+Normalisation lives in the graph (``cign_runtime.manifest.NORMALIZATION``): the runtime feeds
+resized RGB frames and raw log spectrograms, so the spec's constants exist once, inside the
+artefact whose hash the manifest holds, and a runtime can never pair a graph with other
+statistics. In the graph it is one Sub + Div per input (constant-folded by TensorRT into the first
+convolution's scale where it can); ``benchmarks/bench_export.py`` measures it against numpy.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from cign_runtime import manifest as mf
+from cign_runtime.spec import PreprocessSpec
+from cign_train.model import CIGN, predict
+
+
+class ExportGraph(nn.Module):
+    """``(frame, spectrogram[, tokens]) -> (p_audio, p_visual, p_av)`` for one trained CIGN.
+
+    frame (N, 3, H, W) float RGB in [0, 255]; spectrogram (N, 1, F, T) float log power; tokens
+    (K, D) when ``tokens_as_input`` (one graph serves every task's table), else the model's table
+    is a constant of the graph.
+    """
+
+    def __init__(self, model: CIGN, spec: PreprocessSpec, tokens_as_input: bool = False):
+        super().__init__()
+        self.model = model.eval()
+        self.spec = spec
+        self.tokens_as_input = tokens_as_input
+        mean = torch.tensor(spec.frame_mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(spec.frame_std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.register_buffer("frame_mean", mean)  # (1, 3, 1, 1) on the 0-255 scale
+        self.register_buffer("frame_std", std)
+        self.spec_mean, self.spec_std = float(spec.spec_mean), float(spec.spec_std)
+
+    def forward(self, frame: torch.Tensor, spectrogram: torch.Tensor, tokens: torch.Tensor | None = None):
+        frames = (frame - self.frame_mean) / self.frame_std  # (N, 3, H, W) normalised
+        spectrograms = (spectrogram - self.spec_mean) / self.spec_std  # (N, 1, F, T)
+        p = predict(self.model(spectrograms, frames, tokens if self.tokens_as_input else None))
+        return p.p_a, p.p_v, p.p_av  # each (N, K)
+
+
+def input_infos(spec: PreprocessSpec, dim: int, tokens_as_input: bool) -> list[mf.TensorInfo]:
+    size = spec.frame_size
+    infos = [
+        mf.TensorInfo(mf.FRAME, ["batch", 3, size, size], "float32", "RGB in [0, 255], resized to the spec's frame size"),
+        mf.TensorInfo(mf.SPECTROGRAM, ["batch", 1, spec.n_freq, spec.n_time], "float32",
+                      "ln(|STFT|^2 + spec.log_eps) of the spec's analysis window, not normalised"),
+    ]
+    if tokens_as_input:
+        infos.append(mf.TensorInfo(mf.TOKENS, ["classes", dim], "float32", "one task's class-token table (tokens_*.npy)"))
+    return infos
+
+
+def output_infos() -> list[mf.TensorInfo]:
+    what = {"p_audio": "sigmoid(FC(g_a,i))", "p_visual": "sigmoid(FC(g_v,i))", "p_av": "p_audio * p_visual"}
+    return [mf.TensorInfo(name, ["batch", "classes"], "float32", what[name]) for name in mf.OUTPUTS]
+

@@ -1,0 +1,180 @@
+"""cign-export on a CIGN run trained by the tests on real avdigits clips: every mode, parity, manifest, TensorRT."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from cign_export import trt_ops
+from cign_export.exporter import Exporter, ExportOptions
+from cign_export.parity import load_samples, open_store
+from cign_runtime import manifest as mf
+from cign_train.checkpoint import TaskCheckpoint
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def eager(ckpt: TaskCheckpoint, feeds, tokens=None):
+    """The trained model run the way training evaluates it (torch preprocessing), independent of the export graph."""
+    from cign_train.model import predict
+    from cign_train.preprocess import normalize_frames, normalize_spectrogram
+
+    model = ckpt.build_model()
+    frames = normalize_frames(ckpt.spec, torch.from_numpy(feeds[mf.FRAME]).permute(0, 2, 3, 1).to(torch.uint8))
+    specs = normalize_spectrogram(ckpt.spec, torch.from_numpy(feeds[mf.SPECTROGRAM])[:, 0])
+    with torch.no_grad():
+        p = predict(model(specs, frames, None if tokens is None else torch.from_numpy(tokens)))
+    return p.p_a.numpy(), p.p_v.numpy(), p.p_av.numpy()
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_run, tmp_path_factory):
+    """fp32 exports of both tasks, and a tokens-as-input export of the last task."""
+    root = tmp_path_factory.mktemp("exports")
+    out = {t: Exporter(tiny_run, t, root / f"task{t}", ExportOptions())() for t in (0, 1)}
+    out["tokens"] = Exporter(tiny_run, 1, root / "tokens", ExportOptions(tokens_as_input=True))()
+    return out
+
+
+@pytest.mark.parametrize("task", [0, 1])
+def test_each_task_exports_a_checked_onnx_matching_the_trained_model(exports, tiny_run, task):
+    result = exports[task]
+    ckpt = TaskCheckpoint.load(tiny_run / f"task_{task}.pt")
+    manifest = mf.Manifest.load(result.out_dir)
+    assert manifest.task == task and manifest.classes == ckpt.classes and manifest.n_classes() == len(ckpt.classes)
+    assert manifest.checkpoint["sha256"] == mf.sha256(tiny_run / f"task_{task}.pt")
+    path = result.out_dir / manifest.artefact("onnx", "fp32").path
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert trt_ops.unsupported(model) == {}
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["cign.classes"]) == ckpt.classes
+    assert json.loads(props["cign.spec"]) == ckpt.spec.to_dict()
+    assert props["cign.checkpoint_sha256"] == manifest.checkpoint["sha256"]
+    assert [i.name for i in model.graph.input] == [mf.FRAME, mf.SPECTROGRAM]
+    assert [o.name for o in model.graph.output] == list(mf.OUTPUTS)
+
+    # real test-split clips through onnxruntime against the model evaluated as in training
+    samples = load_samples(open_store(ckpt.settings), ckpt.classes, "test")
+    got = session(path).run(list(mf.OUTPUTS), samples.feeds)
+    for g, r in zip(got, eager(ckpt, samples.feeds)):
+        assert g.shape == (len(samples), len(ckpt.classes))
+        assert np.abs(g - r).max() <= 1e-4
+        assert (g.argmax(1) == r.argmax(1)).all()
+    np.testing.assert_allclose(got[2], got[0] * got[1], rtol=1e-6)
+    # dynamic batch: one clip at a time gives the same answers
+    one = session(path).run(["p_av"], {k: v[:1] for k, v in samples.feeds.items()})[0]
+    np.testing.assert_allclose(one, got[2][:1], atol=1e-6)
+    assert result.report["parity"]["fp32_vs_eager"]["p_av"]["max_abs_diff"] <= 1e-4
+
+
+def test_tokens_as_input_swaps_task_tables_in_one_graph(exports, tiny_run):
+    result = exports["tokens"]
+    manifest = mf.Manifest.load(result.out_dir)
+    assert manifest.tokens_as_input and [i.name for i in manifest.inputs] == [mf.FRAME, mf.SPECTROGRAM, mf.TOKENS]
+    graph = session(result.out_dir / manifest.artefact("onnx", "fp32").path)
+    baked = session(exports[1].out_dir / "model_fp32.onnx")
+    ckpt = TaskCheckpoint.load(tiny_run / "task_1.pt")
+    samples = load_samples(open_store(ckpt.settings), ckpt.classes, "test")
+    for t, k in ((0, 5), (1, 10)):
+        table = np.load(result.out_dir / manifest.artefact("tokens", task=t).path)
+        assert table.shape == (k, 32)
+        got = graph.run(list(mf.OUTPUTS), {**samples.feeds, mf.TOKENS: table})
+        assert all(g.shape == (len(samples), k) for g in got)
+        for g, r in zip(got, eager(ckpt, samples.feeds, tokens=table)):
+            assert np.abs(g - r).max() <= 1e-4 and (g.argmax(1) == r.argmax(1)).all()
+        if t == 1:  # the last task's table reproduces the baked graph of that task
+            for g, b in zip(got, baked.run(list(mf.OUTPUTS), samples.feeds)):
+                assert np.abs(g - b).max() <= 1e-5
+
+
+def test_tampered_or_swapped_artefacts_are_refused(exports, tmp_path):
+    src = exports["tokens"].out_dir
+    copy = shutil.copytree(src, tmp_path / "copy")
+    mf.Manifest.load(copy)  # intact: loads
+    table = copy / "tokens_task0.npy"
+    np.save(table, np.load(table) + 1e-3)  # a token table edited after export
+    with pytest.raises(ValueError, match="tokens_task0.npy: sha256 differs"):
+        mf.Manifest.load(copy)
+    shutil.copy(src / "tokens_task0.npy", table)
+    shutil.copy(exports[1].out_dir / "model_fp32.onnx", copy / "model_fp32.onnx")  # another export's graph
+    with pytest.raises(ValueError, match="model_fp32.onnx: sha256 differs"):
+        mf.Manifest.load(copy)
+    (copy / "model_fp32.onnx").unlink()
+    with pytest.raises(ValueError, match="model_fp32.onnx: missing"):
+        mf.Manifest.load(copy)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "cign_export.cli", *args], capture_output=True, text=True,
+                          timeout=600, cwd=cwd, env={**os.environ, "PYTHONPATH": os.getcwd()})
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed: the clean-failure path is for machines without it")
+def test_trt_without_tensorrt_fails_cleanly_and_writes_onnx_manifest_and_trtexec_lines(tiny_run, tmp_path):
+    out = tmp_path / "trt"
+    proc = _cli("--run", str(tiny_run), "--task", "1", "--trt", "--fp16", "--out", str(out))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "TensorRT is not installed" in proc.stderr and "trtexec.sh" in proc.stderr + proc.stdout
+    manifest = mf.Manifest.load(out)
+    assert set(manifest.precisions()) == {"fp32", "fp16"} and manifest.precisions("engine") == []
+    script = (out / "trtexec.sh").read_text()
+    ten, eleven = script.split('-ge 11')
+    assert "--onnx=model_fp32.onnx --saveEngine=model_fp16.plan --fp16" in ten
+    assert "--onnx=model_fp16.onnx --saveEngine=model_fp16.plan --minShapes" in eleven  # precision from the ONNX
+    assert "--fp16" not in eleven and "--int8" not in eleven
+    assert "--minShapes=frame:1x3x64x64,spectrogram:1x1x129x101" in ten
+    assert "--maxShapes=frame:8x3x64x64,spectrogram:8x1x129x101" in ten
+
+
+@pytest.mark.skipif(not HAS_TRT, reason="tensorrt is not installed (TensorRT needs NVIDIA's index and a GPU)")
+def test_trt_builds_an_engine_that_matches_onnxruntime(tiny_run, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU: TensorRT cannot build an engine")
+    import tensorrt as trt
+
+    out = tmp_path / "trt"
+    result = Exporter(tiny_run, 1, out, ExportOptions(trt=True, precisions=("fp32", "fp16")))()
+    assert result.engine_error is None, result.engine_error
+    manifest = mf.Manifest.load(out)
+    plan = (out / manifest.artefact("engine", "fp32").path).read_bytes()
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    assert names[:2] == [mf.FRAME, mf.SPECTROGRAM] and set(mf.OUTPUTS) <= set(names)
+
+
+def test_cli_defaults_pick_the_newest_run_and_its_last_task(tiny_run, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    os.symlink(tiny_run, runs / "mine")
+    proc = _cli("--parity-samples", "6", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = mf.Manifest.load(tmp_path / "exports" / "mine-task1")
+    assert manifest.task == 1 and "onnx fp32" in proc.stderr  # each step logged with its time
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--int8"], "--int8 needs --target"),
+    (["--target", "cpu"], "--target applies to --int8 only"),
+    (["--task", "7"], "finished tasks are [0, 1]"),
+    (["--task", "0", "--all-tasks"], "contradict"),
+    (["--precision", "fp16"], "No such option"),
+    (["--int8", "--target", "gpu"], "'gpu' is not one of 'trt', 'cpu'"),
+])
+def test_cli_refuses_bad_options_naming_the_valid_ones(tiny_run, tmp_path, args, message):
+    proc = _cli("--run", str(tiny_run), "--out", str(tmp_path / "x"), *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "x").exists()
