@@ -12,6 +12,9 @@ from cign_train.precision import AMP_CHOICES
 #: How training batches draw from a task's clips plus the buffer (see ``Trainer.class_balance``).
 REHEARSAL_SAMPLING = ("balanced", "uniform")
 
+#: Settings that do not change a run's results (a resume may give them other values).
+OPERATIONAL = ("workers",)
+
 
 @dataclass(frozen=True)
 class TrainSettings:
@@ -54,6 +57,11 @@ class TrainSettings:
     def epochs_of(self, task: int) -> int:
         """Training epochs of task ``task`` (0-based)."""
         return self.first_task_epochs if task == 0 and self.first_task_epochs is not None else self.epochs
+
+    def results_settings(self) -> "TrainSettings":
+        """These settings with the :data:`OPERATIONAL` ones at their defaults: equal for runs with equal results."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in OPERATIONAL}
+        return dataclasses.replace(self, **defaults)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -135,6 +135,12 @@ class Trainer:
         return model.to(self.dist.device, memory_format=torch.channels_last)
 
     def run(self, resume: bool = False) -> dict:
+        """Train every task, or with ``resume`` the ones the run in ``run_dir`` has not finished.
+
+        A resume continues from the last finished task and the epochs of the next one saved in
+        ``last.pt``; the settings must be the run's (``config.json``, up to the operational ones).
+        Without ``resume`` the folder must not hold a run: no ``task_*.pt`` and no ``last.pt``.
+        """
         s, plan = self.s, self.plan
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config_path = self.run_dir / "config.json"
@@ -142,12 +148,13 @@ class Trainer:
             if not config_path.is_file():
                 raise FileNotFoundError(f"{config_path}: nothing to resume in {self.run_dir}")
             saved = TrainSettings.from_dict(json.loads(config_path.read_text()))
-            if saved != s:
+            if saved.results_settings() != s.results_settings():
                 raise ValueError(f"{config_path}: the run was started with other settings; resume it with those")
-        elif any(self.run_dir.glob("task_*.pt")):
-            raise FileExistsError(f"{self.run_dir} holds a run already; pass --resume or pick another --out")
-        if self.dist.main:
-            config_path.write_text(json.dumps(s.to_dict(), indent=1))
+        else:
+            if any(self.run_dir.glob("task_*.pt")) or (self.run_dir / "last.pt").exists():
+                raise FileExistsError(f"{self.run_dir} holds a run already; pass --resume or pick another --out")
+            if self.dist.main:
+                config_path.write_text(json.dumps(s.to_dict(), indent=1))
 
         n_tasks = len(plan.task_classes)
         done = ck.last_finished_task(self.run_dir, n_tasks) if resume else -1
@@ -162,8 +169,10 @@ class Trainer:
         else:
             model = self.build_model(len(plan.task_classes[0]))
         method: Method = method_cls(model, s.model)
+        if resume and done == n_tasks - 1 and self.dist.main:
+            tqdm.write(f"resuming {self.run_dir}: all {n_tasks} tasks are done already")
         for t in range(done + 1, n_tasks):
-            self.train_task(method, model, t)
+            self.train_task(method, model, t, resume=resume and t == done + 1)
         D.barrier(self.dist)
         summary = write_metrics(self.run_dir, self.rows, self.seen, self.test_clips) if self.dist.main else {}
         D.teardown(self.dist)
@@ -173,7 +182,8 @@ class Trainer:
         old = tuple(k for tc in self.plan.task_classes[:t] for k in tc)
         return Task(t, old, tuple(self.plan.task_classes[t]))
 
-    def train_task(self, method: Method, model: CIGN, t: int) -> None:
+    def train_task(self, method: Method, model: CIGN, t: int, resume: bool = False) -> None:
+        """Train, evaluate and checkpoint task ``t``; ``resume`` first restores its epochs done from ``last.pt``."""
         s, task, started = self.s, self.task(t), time.perf_counter()
         torch.manual_seed(s.seed * 1_000_003 + t)  # each task's randomness is independent of resumes
         method.task = task
@@ -192,7 +202,9 @@ class Trainer:
         new_idx = train_indices(self.plan, task.new_classes, s.max_per_class, s.seed)
         idx = np.union1d(new_idx, self.buffer.indices) if method.NEEDS_BUFFER else new_idx
         weights = self.class_balance(idx) if len(idx) > len(new_idx) else None
-        start_epoch = self.restore_last(t, model, optimizer, scaler)
+        start_epoch = self.restore_last(t, model, optimizer, scaler) if resume else 0
+        if resume and self.dist.main:
+            tqdm.write(self.resume_point(t, start_epoch))
         last = {}
         for epoch in range(start_epoch, s.epochs_of(t)):
             last = self.train_epoch(method, model, optimizer, scaler, idx, t, epoch, weights)
@@ -314,7 +326,8 @@ class Trainer:
         )
 
     def restore_last(self, t: int, model, optimizer, scaler) -> int:
-        """Epochs of task ``t`` already done according to ``last.pt`` (0 when there is none)."""
+        """Epochs of task ``t`` already done according to ``last.pt`` (0 when there is none or it is of
+        another task); the model, optimizer, scaler and RNG continue from there. Only a resume calls it."""
         path = self.run_dir / "last.pt"
         if not path.is_file():
             return 0
@@ -326,3 +339,12 @@ class Trainer:
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         return int(state["epochs_done"])
+
+    def resume_point(self, t: int, epochs_done: int) -> str:
+        """The line a resume prints: where it continues and what it skips."""
+        epochs = self.s.epochs_of(t)
+        done = [f"task {t}" if t == 1 else f"tasks 1-{t}"] if t else []
+        if epochs_done:
+            done.append(f"{epochs_done} epoch(s) of task {t + 1}")
+        where = f"epoch {epochs_done + 1}/{epochs}" if epochs_done < epochs else "its evaluation (all epochs done)"
+        return f"resuming {self.run_dir} at task {t + 1}, {where} ({' and '.join(done) or 'nothing'} done)"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,8 +11,10 @@ import time
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from cign_train import checkpoint as ck
+from cign_train.cli.train import main as train_main
 from cign_train.config import CIGNConfig
 from cign_train.methods import available, get_method
 from cign_train.settings import TrainSettings
@@ -88,6 +91,76 @@ def test_existing_run_needs_resume(tiny_avdigits, tmp_path):
         Trainer(other, tmp_path / "r", progress=False).run(resume=True)
 
 
+def test_fresh_run_into_a_run_killed_in_its_first_task_is_refused(tiny_avdigits, tmp_path, monkeypatch):
+    """A killed first task leaves only config.json and last.pt; a new run there must not pick last.pt up."""
+    s = tiny_settings(tiny_avdigits, epochs=3)
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(s.to_dict(), indent=1))
+    killed = Trainer(s, run, progress=False)
+    model = killed.build_model(len(killed.plan.task_classes[0]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
+    killed.save_last(0, 1, model, optimizer, torch.amp.GradScaler("cuda", enabled=False))  # after epoch 1 of 3
+    state = (run / "last.pt").read_bytes()
+    config = (run / "config.json").read_text()
+
+    def no_restore(*args, **kwargs):
+        raise AssertionError("a fresh run restored last.pt")
+
+    monkeypatch.setattr(Trainer, "restore_last", no_restore)
+    with pytest.raises(FileExistsError, match="holds a run already; pass --resume or pick another --out"):
+        Trainer(tiny_settings(tiny_avdigits, epochs=3, lr=2e-3), run, progress=False).run()
+    assert (run / "last.pt").read_bytes() == state and (run / "config.json").read_text() == config
+    assert not any(run.glob("task_*.pt"))
+
+
+#: A run started with many options away from their defaults (avdigits's default preset is cpu).
+CLI_RUN = ("--tasks", "2", "--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--max-per-class", "4",
+           "--buffer-per-class", "2", "--workers", "0", "--dim", "32", "--depth", "1", "--heads", "4", "--seed", "3",
+           "--class-order", "seeded", "--rehearsal-sampling", "uniform", "--no-augment", "--no-avcg", "--no-progress")
+
+
+@pytest.fixture(scope="module")
+def cli_run(tiny_avdigits, tmp_path_factory):
+    """A finished two-task cign-train run with the options of ``CLI_RUN``."""
+    run = tmp_path_factory.mktemp("cli") / "run"
+    done = CliRunner().invoke(train_main, ["--data-dir", str(tiny_avdigits), *CLI_RUN, "--out", str(run)])
+    assert done.exit_code == 0, done.output
+    return run
+
+
+def test_resume_takes_the_settings_of_config_json(cli_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(cli_run, run)
+    (run / "task_1.pt").unlink()  # as if killed after the first task
+    resumed = CliRunner().invoke(train_main, ["--out", str(run), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming {run} at task 2, epoch 1/1 (task 1 done)" in resumed.output
+    assert "task 1/2 classes" not in resumed.output and "task 2/2 classes" in resumed.output
+    assert json.loads((run / "metrics.json").read_text()) == json.loads((cli_run / "metrics.json").read_text())
+    assert json.loads((run / "config.json").read_text()) == json.loads((cli_run / "config.json").read_text())
+
+
+def test_resume_refuses_an_option_that_contradicts_config_json(cli_run):
+    before = {p.name: p.stat().st_mtime_ns for p in cli_run.iterdir()}
+    refused = CliRunner().invoke(train_main, ["--out", str(cli_run), "--resume", "--lr", "2e-3"])
+    assert refused.exit_code == 2
+    assert "--lr contradicts the run" in refused.output and "lr = 0.001" in refused.output and "gives 0.002" in refused.output
+    refused = CliRunner().invoke(train_main, ["--out", str(cli_run), "--resume", "--augment"])
+    assert refused.exit_code == 2 and "--augment contradicts the run" in refused.output
+    assert {p.name: p.stat().st_mtime_ns for p in cli_run.iterdir()} == before
+
+
+def test_resume_accepts_options_that_repeat_config_json(cli_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(cli_run, run)
+    same = ["--lr", "0.001", "--tasks", "2", "--seed", "3", "--no-augment", "--no-avcg", "--dim", "32", "--preset", "cpu"]
+    resumed = CliRunner().invoke(train_main, ["--out", str(run), "--resume", *same, "--workers", "1", "--no-progress"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming {run}: all 2 tasks are done already" in resumed.output
+    assert json.loads((run / "metrics.json").read_text()) == json.loads((cli_run / "metrics.json").read_text())
+
+
 def _cli(data_dir, out, *extra):
     return [sys.executable, "-m", "cign_train.cli.train", "--data-dir", str(data_dir), "--tasks", "2",
             "--epochs", "3", "--batch-size", "8", "--max-per-class", "4", "--buffer-per-class", "2",
@@ -116,9 +189,19 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tiny_avdigits, tmp_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "task_1.pt").exists()
+    on_disk = ck.load(run / "last.pt")
+    assert on_disk["task"] == 1
+    epochs_done = on_disk["epochs_done"]
+    first = run / "task_0.pt"
+    first_bytes, first_mtime = first.read_bytes(), first.stat().st_mtime_ns
 
     resumed = subprocess.run(_cli(tiny_avdigits, run, "--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # It continued where the killed run stopped: the first task and the saved epochs are not trained again.
+    assert f"resuming {run} at task 2, " in resumed.stdout
+    assert f"(task 1 and {epochs_done} epoch(s) of task 2 done)" in resumed.stdout
+    assert "task 1/2 classes" not in resumed.stdout and "task 2/2 classes" in resumed.stdout
+    assert first.read_bytes() == first_bytes and first.stat().st_mtime_ns == first_mtime
     assert json.loads((run / "metrics.json").read_text()) == json.loads((tmp_path / "whole" / "metrics.json").read_text())
     a = torch.load(run / "task_1.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "whole" / "task_1.pt", weights_only=True)["model"]

@@ -2,17 +2,66 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import click
 import torch
+from click.core import ParameterSource
 
 from cign_train.data.definitions import DATASETS, get_definition
 from cign_train.methods import available
 from cign_train.precision import AMP_CHOICES
 from cign_train.reporting import results_table
-from cign_train.settings import PRESETS, REHEARSAL_SAMPLING, preset_settings
+from cign_train.settings import PRESETS, REHEARSAL_SAMPLING, TrainSettings, preset_settings
 from cign_train.trainer import NonFiniteLoss, Trainer
+
+#: Options that do not change a run's results: a resume may give them other values.
+OPERATIONAL_OPTIONS = {"threads", "workers", "out", "resume", "no_progress"}
+#: Options that set a field of the model config.
+MODEL_OPTIONS = {"dim", "depth", "heads", "assign"}
+
+
+def as_setting(name: str, value, saved: TrainSettings) -> tuple[str, object, object]:
+    """(setting, its saved value, the value option ``name`` = ``value`` gives it), for comparing."""
+    if name == "preset":  # a preset reads the prepared store of its own spec
+        return "spec", saved.spec, PRESETS[value]["spec"]
+    if name in MODEL_OPTIONS:
+        return f"model.{name}", getattr(saved.model, name), value
+    if name in ("no_avctd", "no_avcg"):
+        field = "use_" + name[3:]
+        return f"model.{field}", getattr(saved.model, field), not value
+    if name == "tasks":  # None in config.json: the data set's default number
+        return name, saved.tasks or get_definition(saved.dataset).tasks, value
+    if name in ("data_dir", "encoder_weights"):
+        return name, None if getattr(saved, name) is None else Path(getattr(saved, name)), Path(value)
+    return name, getattr(saved, name), value
+
+
+def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
+    """The settings of the run in ``out`` (its ``config.json``); a click error names any option given on
+    the command line that contradicts them. Options in :data:`OPERATIONAL_OPTIONS` may differ."""
+    config_path = out / "config.json"
+    if not config_path.is_file():
+        raise click.ClickException(f"{config_path}: nothing to resume in {out}")
+    try:
+        saved = TrainSettings.from_dict(json.loads(config_path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise click.ClickException(f"{config_path}: {e}") from e
+    for param in ctx.command.params:
+        name, value = param.name, ctx.params[param.name]
+        if name in OPERATIONAL_OPTIONS or ctx.get_parameter_source(name) not in (ParameterSource.COMMANDLINE,
+                                                                                  ParameterSource.ENVIRONMENT):
+            continue
+        setting, was, given = as_setting(name, value, saved)
+        if was != given:
+            flag = param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0]
+            was, given = (str(v) if isinstance(v, Path) else repr(v) for v in (was, given))
+            raise click.UsageError(
+                f"{flag} contradicts the run in {out}: its {config_path.name} has {setting} = {was}, the command line "
+                f"gives {given}. A resume takes the run's settings; leave {flag} out, or pick another --out.")
+    workers = ctx.params["workers"]
+    return saved if workers is None else dataclasses.replace(saved, workers=workers)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,7 +93,9 @@ from cign_train.trainer import NonFiniteLoss, Trainer
 @click.option("--no-avctd", is_flag=True, help="Drop token distillation + token CE (Table 4).")
 @click.option("--no-avcg", is_flag=True, help="Drop the continual-grouping loss (Table 4).")
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder [default: runs/DATASET-METHOD-seedSEED].")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished task and epoch.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished task and epoch, with "
+              "the settings of its config.json (other options may only repeat them; --threads, --workers, "
+              "--no-progress may differ).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (one line per task still prints).")
 def main(dataset, data_dir, preset, method, epochs, first_task_epochs, batch_size, lr, tasks, class_order, max_per_class,
          buffer_per_class, buffer_select, rehearsal_sampling, augment, seed, device, amp, threads, workers, encoder_weights, dim, depth, heads, assign,
@@ -52,21 +103,24 @@ def main(dataset, data_dir, preset, method, epochs, first_task_epochs, batch_siz
     """Train CIGN (or another --method) task by task, evaluate, and print the results table."""
     if threads is not None:
         torch.set_num_threads(threads)
-    preset = preset or get_definition(dataset).preset
-    settings = preset_settings(
-        preset, dataset=dataset, data_dir=str(data_dir), method=method, epochs=epochs, first_task_epochs=first_task_epochs, batch_size=batch_size,
-        lr=lr, tasks=tasks, class_order=class_order, max_per_class=max_per_class,
-        buffer_per_class=buffer_per_class, buffer_select=buffer_select, rehearsal_sampling=rehearsal_sampling, augment=augment, seed=seed, device=device, amp=amp,
-        workers=workers, encoder_weights=encoder_weights,
-    )
-    model_overrides = {k: v for k, v in dict(dim=dim, depth=depth, heads=heads, assign=assign).items() if v is not None}
-    if no_avctd:
-        model_overrides["use_avctd"] = False
-    if no_avcg:
-        model_overrides["use_avcg"] = False
-    if model_overrides:
-        settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, **model_overrides))
     out = out or Path("runs") / f"{dataset}-{method}-seed{seed}"
+    if resume:
+        settings = resume_settings(click.get_current_context(), out)
+    else:
+        preset = preset or get_definition(dataset).preset
+        settings = preset_settings(
+            preset, dataset=dataset, data_dir=str(data_dir), method=method, epochs=epochs, first_task_epochs=first_task_epochs, batch_size=batch_size,
+            lr=lr, tasks=tasks, class_order=class_order, max_per_class=max_per_class,
+            buffer_per_class=buffer_per_class, buffer_select=buffer_select, rehearsal_sampling=rehearsal_sampling, augment=augment, seed=seed, device=device, amp=amp,
+            workers=workers, encoder_weights=encoder_weights,
+        )
+        model_overrides = {k: v for k, v in dict(dim=dim, depth=depth, heads=heads, assign=assign).items() if v is not None}
+        if no_avctd:
+            model_overrides["use_avctd"] = False
+        if no_avcg:
+            model_overrides["use_avcg"] = False
+        if model_overrides:
+            settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, **model_overrides))
     try:
         trainer = Trainer(settings, out, progress=not no_progress)
         metrics = trainer.run(resume=resume)
