@@ -175,6 +175,8 @@ class Exporter:
                 sessions[precision] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                 outputs[precision] = parity.run_session(sessions[precision], test.feeds, tokens=table)
                 report["parity"][f"{precision}_vs_fp32"] = parity.compare(outputs[precision], outputs["fp32"])
+                if precision == "fp16":
+                    parity.check_fp16(outputs[precision], outputs["fp32"], str(path))
             artefacts.append(mf.Artefact.of(self.out, path, "onnx", precision=precision))
 
         report["accuracy"] = self.accuracy_report(outputs, test.labels)

@@ -16,6 +16,22 @@ from cign_runtime.spec import PreprocessSpec
 from cign_train.model import CIGN, predict
 
 
+class Normalize(nn.Module):
+    """The spec's normalisation (``cign_runtime.spec.normalize_frames`` / ``normalize_spectrogram``) as graph ops."""
+
+    def __init__(self, spec: PreprocessSpec):
+        super().__init__()
+        mean = torch.tensor(spec.frame_mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(spec.frame_std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.register_buffer("frame_mean", mean)  # (1, 3, 1, 1) on the 0-255 scale
+        self.register_buffer("frame_std", std)
+        self.spec_mean, self.spec_std = float(spec.spec_mean), float(spec.spec_std)
+
+    def forward(self, frame: torch.Tensor, spectrogram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) RGB 0-255 and (N, 1, F, T) log power -> the model's normalised inputs."""
+        return (frame - self.frame_mean) / self.frame_std, (spectrogram - self.spec_mean) / self.spec_std
+
+
 class ExportGraph(nn.Module):
     """``(frame, spectrogram[, tokens]) -> (p_audio, p_visual, p_av)`` for one trained CIGN.
 
@@ -29,15 +45,10 @@ class ExportGraph(nn.Module):
         self.model = model.eval()
         self.spec = spec
         self.tokens_as_input = tokens_as_input
-        mean = torch.tensor(spec.frame_mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        std = torch.tensor(spec.frame_std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        self.register_buffer("frame_mean", mean)  # (1, 3, 1, 1) on the 0-255 scale
-        self.register_buffer("frame_std", std)
-        self.spec_mean, self.spec_std = float(spec.spec_mean), float(spec.spec_std)
+        self.normalize = Normalize(spec)
 
     def forward(self, frame: torch.Tensor, spectrogram: torch.Tensor, tokens: torch.Tensor | None = None):
-        frames = (frame - self.frame_mean) / self.frame_std  # (N, 3, H, W) normalised
-        spectrograms = (spectrogram - self.spec_mean) / self.spec_std  # (N, 1, F, T)
+        frames, spectrograms = self.normalize(frame, spectrogram)
         p = predict(self.model(spectrograms, frames, tokens if self.tokens_as_input else None))
         return p.p_a, p.p_v, p.p_av  # each (N, K)
 

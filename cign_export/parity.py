@@ -99,6 +99,15 @@ def check_fp32(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], where: st
     return result
 
 
+def check_fp16(got: dict[str, np.ndarray], ref: dict[str, np.ndarray], where: str) -> None:
+    """Raise ParityError when an FP16 graph's outputs leave ``calibration.fp16.TOLERANCE`` of fp32's."""
+    from calibration.fp16 import TOLERANCE
+
+    worst = {k: v["max_abs_diff"] for k, v in compare(got, ref).items()}
+    if max(worst.values()) > TOLERANCE:
+        raise ParityError(f"{where}: fp16 outputs differ from fp32 by more than {TOLERANCE}: {worst}")
+
+
 def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, float]:
     """Top-1 accuracy (%) per modality (argmax of p_audio, p_visual, p_av over the K classes)."""
     return {m: float(100 * (outputs[o].argmax(1) == labels).mean()) for m, o in MODALITY_OUTPUTS.items()}

@@ -178,3 +178,35 @@ def test_cli_refuses_bad_options_naming_the_valid_ones(tiny_run, tmp_path, args,
     proc = _cli("--run", str(tiny_run), "--out", str(tmp_path / "x"), *args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_every_precision_with_tokens_as_input_is_checked_and_swaps_tables(tiny_run, tmp_path):
+    from calibration.fp16 import TOLERANCE
+
+    out = tmp_path / "all"
+    options = ExportOptions(precisions=("fp32", "fp16", "int8-trt", "int8-cpu"), tokens_as_input=True, calibration_per_class=2)
+    result = Exporter(tiny_run, 1, out, options)()
+    manifest = mf.Manifest.load(out)
+    assert manifest.precisions() == ["fp32", "fp16", "int8-trt", "int8-cpu"]
+    ckpt = TaskCheckpoint.load(tiny_run / "task_1.pt")
+    samples = load_samples(open_store(ckpt.settings), ckpt.classes, "test")
+    for precision in manifest.precisions():
+        model = onnx.load(str(out / manifest.artefact("onnx", precision).path))
+        onnx.checker.check_model(model, full_check=True)
+        if precision != "int8-cpu":  # u8 activations are onnxruntime's CPU recipe, not TensorRT's
+            trt_ops.check(model, precision)
+        props = {p.key: p.value for p in model.metadata_props}
+        assert props["cign.precision"] == precision and props["cign.checkpoint_sha256"] == manifest.checkpoint["sha256"]
+        s = session(out / manifest.artefact("onnx", precision).path)
+        assert [i.type for i in s.get_inputs()] == ["tensor(float)"] * 3
+        for t, k in ((0, 5), (1, 10)):
+            table = np.load(out / manifest.artefact("tokens", task=t).path)
+            p_av = s.run(["p_av"], {**samples.feeds, mf.TOKENS: table})[0]
+            assert p_av.shape == (len(samples), k) and np.isfinite(p_av).all()
+    fp16 = result.report["parity"]["fp16_vs_fp32"]
+    assert max(v["max_abs_diff"] for v in fp16.values()) <= TOLERANCE
+    acc = result.report["accuracy"]
+    assert set(acc["test"]) == {"fp32", "fp16", "int8-trt", "int8-cpu"}
+    assert set(acc["drop_vs_fp32"]["int8-cpu"]) == {"audio", "visual", "audio_visual"}
+    conf = manifest.confidence
+    assert conf.fitted_on in ("val", "none") and "ece_before" in conf.metrics
