@@ -1,15 +1,16 @@
 PYTHON ?= python3
 
-.PHONY: setup demo test bench bench-cil
+.PHONY: setup demo test bench bench-cil bench-export
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 
 # Main job on the embedded default data: generate + prepare avdigits, train CIGN on all tasks,
-# print the results table.
+# print the results table, export the last task (fp32 + INT8 for onnxruntime CPU, parity-checked).
 demo: setup
 	cign-prepare --dataset avdigits
 	cign-train
+	cign-export --int8 --target cpu
 
 test: setup
 	$(PYTHON) -m pytest -q
@@ -17,6 +18,11 @@ test: setup
 bench: setup
 	$(PYTHON) benchmarks/bench_data.py
 	$(PYTHON) benchmarks/bench_train.py
+
+# Export time, sizes, batch-1 latency per precision (cpu + paper shapes), accuracy of the default run's
+# export (train it first: cign-train)
+bench-export: setup
+	$(PYTHON) benchmarks/bench_export.py
 
 # CIGN against fine-tuning on avdigits, 3 seeds (about 35 min on 2 cores)
 bench-cil: setup

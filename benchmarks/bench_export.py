@@ -103,7 +103,7 @@ def speed(preset: str, data_dir: Path, iters: int, warmup: int, work: Path) -> d
     numpy_norm = timed(lambda: (npspec.normalize_frames(spec, frames_u8), npspec.normalize_spectrogram(spec, log_spec)),
                        iters, warmup)
     norm_path = work / f"{preset}_normalize.onnx"
-    torch.onnx.export(Normalize(spec), tuple(tensors), str(norm_path), dynamo=True, input_names=[mf.FRAME, mf.SPECTROGRAM],
+    torch.onnx.export(Normalize(spec).eval(), tuple(tensors), str(norm_path), dynamo=True, input_names=[mf.FRAME, mf.SPECTROGRAM],
                       verbose=False)
     norm = ort.InferenceSession(str(norm_path), providers=["CPUExecutionProvider"])
     graph_norm = timed(lambda: norm.run(None, feeds), iters, warmup)
