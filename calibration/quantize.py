@@ -7,7 +7,7 @@ class-balanced calibration set (``calibration.dataset``), and the same quantized
 - ``trt``: int8 activations, symmetric, so every zero point is 0 as TensorRT requires; weights in
   [-127, 127]; biases stay float (TensorRT dequantizes INT8 / FP8 only, not int32 biases); the
   QuantizeLinear / DequantizeLinear ops stay in the default ONNX domain and the result is checked
-  against TensorRT 10's operator list (``cign_export.trt_ops``).
+  against TensorRT 10's operator list (``cign_runtime.trt_ops``).
 - ``cpu``: uint8 activations (asymmetric), the activation type onnxruntime's x86 integer kernels
   run fastest (below); onnxruntime fuses the Q/DQ pairs into QLinearConv / integer MatMul kernels.
 
@@ -77,7 +77,7 @@ from pathlib import Path
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from cign_export import trt_ops
+from cign_runtime import trt_ops
 
 TARGETS = ("trt", "cpu")
 #: The ops whose inputs (weights and activations) are quantized; every other op runs in float.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cign_export import trt_ops
+from cign_runtime import trt_ops
 from cign_export.graph import ExportGraph
 from cign_runtime import manifest as mf
 

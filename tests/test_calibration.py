@@ -17,7 +17,7 @@ from calibration.confidence import ece, evaluate, fit_confidence, nll
 from calibration.dataset import StoreReader, calibration_indices
 from calibration.fp16 import TOLERANCE, to_fp16
 from calibration.quantize import quantize_int8
-from cign_export import trt_ops
+from cign_runtime import trt_ops
 from cign_runtime.confidence import known, top_confidence
 from cign_runtime.manifest import OUTPUTS, Confidence
 from cign_train.data.ingest import store_dir

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from cign_export import trt_ops
+from cign_runtime import trt_ops
 from cign_export.exporter import Exporter, ExportOptions
 from cign_export.parity import load_samples, open_store
 from cign_runtime import manifest as mf
