@@ -187,30 +187,13 @@ class Exporter:
                                 **confidence.metrics}
 
         engines = [p for p in self.opt.precisions if p in ENGINE_PRECISIONS]
-        profile = self.profile()
-        onnx_files = {p: self.onnx_path(p).name for p in self.opt.precisions}
-        script = self.out / "trtexec.sh"
-        script.write_text(trt_engine.trtexec_script(onnx_files, engines, profile))
-        script.chmod(0o755)
-        report["trtexec"] = {v: [trt_engine.trtexec_command(onnx_files, p, v, profile, trt_engine.engine_name(p))
-                                 for p in engines if trt_engine.onnx_source(p, v) in onnx_files] for v in (10, 11)}
-        artefacts.append(mf.Artefact.of(self.out, script, "trtexec"))
-
+        artefacts.append(self.write_trtexec(engines, report))
         engine_error = None
         if self.opt.trt:
             try:
-                for p in engines:
-                    path = self.out / trt_engine.engine_name(p)
-                    with step(f"tensorrt {p}", report, path):
-                        _, version = trt_engine.import_tensorrt()
-                        source = self.onnx_path(trt_engine.onnx_source(p, version))
-                        if not source.is_file():
-                            raise ExportError(f"TensorRT {version} builds {p} from {source.name}: export it too (--fp16)")
-                        trt_engine.build_engine(source, path, p, profile, self.out / "timing.cache")
-                    artefacts.append(mf.Artefact.of(self.out, path, "engine", precision=p))
+                artefacts += self.build_engines(engines, report)
             except (trt_engine.TensorRTUnavailable, ExportError) as e:
-                engine_error = str(e)
-                report["tensorrt_error"] = engine_error
+                engine_error = report["tensorrt_error"] = str(e)
 
         report_path = self.out / "report.json"
         report_path.write_text(json.dumps(report, indent=1, default=str))
@@ -224,6 +207,29 @@ class Exporter:
         )
         manifest.save(self.out)
         return ExportResult(self.out, manifest, report, engine_error)
+
+    def write_trtexec(self, engines: list[str], report: dict) -> mf.Artefact:
+        """``trtexec.sh``: the trtexec line of every engine for TensorRT 10 and 11 (also in the report)."""
+        profile = self.profile()
+        onnx_files = {p: self.onnx_path(p).name for p in self.opt.precisions}
+        script = self.out / "trtexec.sh"
+        script.write_text(trt_engine.trtexec_script(onnx_files, engines, profile))
+        script.chmod(0o755)
+        report["trtexec"] = {v: [trt_engine.trtexec_command(onnx_files, p, v, profile, trt_engine.engine_name(p))
+                                 for p in engines] for v in (10, 11)}
+        return mf.Artefact.of(self.out, script, "trtexec")
+
+    def build_engines(self, engines: list[str], report: dict) -> list[mf.Artefact]:
+        """One serialized TensorRT engine per precision, each from the ONNX its TensorRT version needs."""
+        built = []
+        for p in engines:
+            path = self.out / trt_engine.engine_name(p)
+            with step(f"tensorrt {p}", report, path):
+                _, version = trt_engine.import_tensorrt()
+                source = self.onnx_path(trt_engine.onnx_source(p, version))
+                trt_engine.build_engine(source, path, p, self.profile(), self.out / "timing.cache")
+            built.append(mf.Artefact.of(self.out, path, "engine", precision=p))
+        return built
 
     def profile(self) -> trt_engine.Profile:
         k = len(self.ckpt.classes)

@@ -210,3 +210,22 @@ def test_every_precision_with_tokens_as_input_is_checked_and_swaps_tables(tiny_r
     assert set(acc["drop_vs_fp32"]["int8-cpu"]) == {"audio", "visual", "audio_visual"}
     conf = manifest.confidence
     assert conf.fitted_on in ("val", "none") and "ece_before" in conf.metrics
+
+
+def test_a_failing_step_is_named_and_the_checkpoint_contract_is_checked(tiny_run, tmp_path):
+    from cign_export.exporter import ExportError
+
+    with pytest.raises(ExportError, match=r"export step 'load samples' failed: FileNotFoundError: .*--data-dir"):
+        Exporter(tiny_run, 1, tmp_path / "x", ExportOptions(data_dir=str(tmp_path / "nowhere")))()
+    assert (tmp_path / "x" / "model_fp32.onnx").is_file() and not (tmp_path / "x" / "manifest.json").exists()
+
+    broken = torch.load(tiny_run / "task_1.pt", weights_only=True)
+    del broken["classes_per_task"]
+    torch.save(broken, tmp_path / "task_1.pt")
+    with pytest.raises(ValueError, match=r"task_1.pt: task checkpoint lacks \['classes_per_task'\]"):
+        TaskCheckpoint.load(tmp_path / "task_1.pt")
+    broken = torch.load(tiny_run / "task_1.pt", weights_only=True)
+    broken["classes"] = broken["classes"][:9]
+    torch.save(broken, tmp_path / "task_1.pt")
+    with pytest.raises(ValueError, match="does not fit task 1 with 9 classes"):
+        Exporter(tmp_path, 1, tmp_path / "y", ExportOptions())
