@@ -1,0 +1,110 @@
+"""``cign-live``: classify a live camera + microphone (or files / streams) with an exported CIGN, without torch."""
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from cign_runtime import latency
+from cign_runtime.audio import AudioSourceError, list_inputs, open_audio
+from cign_runtime.backends import BACKENDS, BackendUnavailable, open_model
+from cign_runtime.live import Live, LiveOptions, Recorder, json_lines, overlay
+from cign_runtime.video import VideoSource, VideoSourceError, list_cameras
+
+
+def display(window: str = "cign-live"):
+    """Sink: the annotated frame in an OpenCV window (q or Esc stops)."""
+    import cv2
+
+    def show(result: dict, rgb) -> None:
+        if rgb is not None:
+            cv2.imshow(window, overlay(rgb, result, fps=0.0))
+        if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+            raise KeyboardInterrupt
+
+    return show
+
+
+def devices() -> str:
+    cams = list_cameras()
+    lines = ["cameras: " + (", ".join(cams) if cams else "none (a video file or stream URL works as --camera)"),
+             "audio inputs:"]
+    try:
+        lines += [f"  {i}: {name} ({ch} ch, {rate:.0f} Hz)" for i, name, ch, rate in list_inputs()] or ["  none"]
+    except AudioSourceError as e:
+        lines.append(f"  none ({e})")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Export folder of cign-export (manifest.json).")
+@click.option("--camera", default="0", show_default=True, help="Device index or path, video file, or stream URL.")
+@click.option("--mic", default="default", show_default=True, help="'default', a PortAudio device name or index, or an audio/video file.")
+@click.option("--task", type=click.IntRange(min=0), help="Token table of this task (tokens-as-input exports) [default: the export's].")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
+@click.option("--precision", help="A precision the export has [default: the backend's best].")
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@click.option("--hop", type=click.FloatRange(min=0.01), default=0.25, show_default=True, help="Seconds between predictions.")
+@click.option("--topk", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--smooth", type=click.IntRange(min=1), default=1, show_default=True, help="Average the last N predictions (1: off).")
+@click.option("--headless", is_flag=True, help="No window: one JSON line per prediction on stdout.")
+@click.option("--record", type=click.Path(dir_okay=False, path_type=Path), help="Write the annotated video (H.264 mp4).")
+@click.option("--latency-log", type=click.Path(dir_okay=False, path_type=Path), help="Per-prediction stage latencies (JSONL).")
+@click.option("--max-seconds", type=click.FloatRange(min=0), help="Stop after this many seconds.")
+@click.option("--max-predictions", type=click.IntRange(min=1), help="Stop after this many predictions.")
+@click.option("--no-realtime", is_flag=True, help="File inputs: step through them as fast as possible instead of at 1x.")
+@click.option("--list-devices", is_flag=True, help="List cameras and audio inputs, then exit.")
+@click.option("--summarize", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Print the summary of a latency log and write its histogram PNG, then exit.")
+def main(model_dir, camera, mic, task, backend, precision, threads, hop, topk, smooth, headless, record, latency_log,
+         max_seconds, max_predictions, no_realtime, list_devices, summarize):
+    """Live audio-visual classification: p_av = p_audio * p_visual every --hop seconds, with per-stage latency."""
+    if list_devices:
+        click.echo(devices())
+        return
+    if summarize:
+        click.echo(latency.summarize(summarize))
+        return
+    if model_dir is None:
+        raise click.UsageError("--model EXPORT_DIR is required (or --list-devices / --summarize)")
+    if no_realtime and not (Path(camera).is_file() and Path(mic).is_file()):
+        raise click.UsageError("--no-realtime steps through files: give a video file as --camera and a file as --mic")
+    try:
+        model = open_model(model_dir, backend, precision, task, threads)
+    except (BackendUnavailable, ValueError, KeyError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"model: {model}", err=True)
+    spec = model.spec
+    options = LiveOptions(hop, topk, smooth, not no_realtime, max_seconds, max_predictions)
+    try:
+        audio = open_audio(mic, spec.sample_rate, spec.clip_seconds, realtime=options.realtime)
+        video = VideoSource(camera, realtime=options.realtime)
+        audio.start()
+        video.start()
+    except (AudioSourceError, VideoSourceError) as e:
+        raise click.ClickException(str(e)) from e
+    sinks = [json_lines(sys.stdout)] if headless else [display()]
+    recorder = Recorder(str(record), hop) if record else None
+    if recorder:
+        sinks.append(recorder)
+    with latency.LatencyLog(latency_log) as log:
+        live = Live(model, video, audio, options, log, sinks)
+        signal.signal(signal.SIGTERM, lambda *_: live.stop())
+        try:
+            live.run()
+        except KeyboardInterrupt:
+            live.stop()
+        finally:
+            video.stop()
+            audio.stop()
+            if recorder:
+                recorder.close()
+            model.close()
+    click.echo(latency.summary_table(log), err=True)
+
+
+if __name__ == "__main__":
+    main()
