@@ -38,12 +38,12 @@ class VideoSourceError(RuntimeError):
 @dataclass(frozen=True)
 class Frame:
     rgb: np.ndarray  # (H, W, 3) uint8
-    arrived: float  # time.monotonic() when the capture thread got it
+    arrived: float  # time.perf_counter() (the latency log's clock) when the capture thread got it
     seq: int  # frames delivered so far, 1-based
     media_time: float  # seconds into a file (files), else seconds since start
 
     def age(self, now: float | None = None) -> float:
-        return (time.monotonic() if now is None else now) - self.arrived
+        return (time.perf_counter() if now is None else now) - self.arrived
 
 
 @dataclass
@@ -109,7 +109,7 @@ class VideoSource:
 
     def start(self) -> "VideoSource":
         self._cap = self._open()
-        self._t0 = time.monotonic()
+        self._t0 = time.perf_counter()
         if self.realtime or self.kind != "file":
             self._thread = threading.Thread(target=self._run, name=f"video {self.source}", daemon=True)
             self._thread.start()
@@ -157,39 +157,39 @@ class VideoSource:
         if self._latest is not None and self._latest.seq != self._read_seq and self.realtime:
             self.stats.dropped += 1
         self.stats.frames += 1
-        frame = Frame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), time.monotonic(), self.stats.frames, media_time)
+        frame = Frame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), time.perf_counter(), self.stats.frames, media_time)
         self._latest = frame  # one reference swap: readers see the old or the new frame, never a torn one
         return frame
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            asked = time.monotonic()
+            asked = time.perf_counter()
             ok, bgr = self._cap.read()
-            if ok and self.kind == "stream" and time.monotonic() - asked >= 0.95 * READ_TIMEOUT_MS / 1000:
+            if ok and self.kind == "stream" and time.perf_counter() - asked >= 0.95 * READ_TIMEOUT_MS / 1000:
                 ok = False  # FFmpeg's read timeout fired: it hands back its last frame again, not a new one
             if ok:
                 if self.kind == "file":
                     pos = self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
-                    wait = self._t0 + pos - time.monotonic()  # real-time pace: show frame at its media time
+                    wait = self._t0 + pos - time.perf_counter()  # real-time pace: show frame at its media time
                     if wait > 0 and self._stop.wait(wait):
                         break
                     self._publish(bgr, pos)
                 else:
-                    self._publish(bgr, time.monotonic() - self._t0)
+                    self._publish(bgr, time.perf_counter() - self._t0)
             elif self.kind == "file":
                 if not self.loop:
                     self.ended = True
                     break
                 self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
-                self._t0 = time.monotonic()
+                self._t0 = time.perf_counter()
             else:
                 self._reconnect()
 
     def _reconnect(self) -> None:
         """Reopen a device or stream that stopped delivering, with exponential backoff; record the gap."""
-        gap_start = self._latest.arrived if self._latest is not None else time.monotonic()
+        gap_start = self._latest.arrived if self._latest is not None else time.perf_counter()
         wait = BACKOFF[0]
-        log.warning("camera %s: no frame since %.1f s; reconnecting", self.source, time.monotonic() - gap_start)
+        log.warning("camera %s: no frame since %.1f s; reconnecting", self.source, time.perf_counter() - gap_start)
         self._cap.release()
         while not self._stop.wait(wait):
             cap = open_capture(self.source)
@@ -198,9 +198,9 @@ class VideoSource:
                 if ok:
                     self._cap = cap
                     self.stats.reconnects += 1
-                    self.stats.gaps.append((gap_start, time.monotonic() - gap_start))
+                    self.stats.gaps.append((gap_start, time.perf_counter() - gap_start))
                     log.warning("camera %s: back after a %.1f s gap", self.source, self.stats.gaps[-1][1])
-                    self._publish(bgr, time.monotonic() - self._t0)
+                    self._publish(bgr, time.perf_counter() - self._t0)
                     return
             cap.release()
             wait = min(2 * wait, BACKOFF[1])

@@ -101,8 +101,8 @@ class Streamer:
 
 
 def wait_for(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
         if condition():
             return True
         time.sleep(0.02)
