@@ -1,0 +1,320 @@
+"""Inference backends of the live runtime: onnxruntime (CPU, CUDA or TensorRT execution provider)
+and native TensorRT engines, behind one :class:`Model` opened from an export folder.
+
+``open_model(dir, backend="auto")`` loads the manifest (every artefact's sha256 verified), picks a
+backend (auto: a built TensorRT engine > ort-trt > ort-cuda > ort-cpu, falling back when one
+cannot start here and recording why in ``Model.reason``), a precision and, for tokens-as-input
+exports, one task's token table. Torch-free; ``tensorrt`` and ``cuda-python`` are imported only
+by the ``trt`` backend.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from cign_runtime import manifest as mf
+from cign_runtime.spec import PreprocessSpec
+
+#: The ``--backend`` choices.
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt")
+#: Preference of ``auto``, best first.
+AUTO_ORDER = ("trt", "ort-trt", "ort-cuda", "ort-cpu")
+#: The onnxruntime execution provider each ``ort-*`` backend needs.
+PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
+             "ort-trt": "TensorrtExecutionProvider"}
+#: Default precision per backend: the first of these the export has.
+DEFAULT_PRECISIONS = {"ort-cpu": ("int8-cpu", "fp32"), "ort-cuda": ("fp16", "fp32"),
+                      "ort-trt": ("fp16", "fp32"), "trt": ("fp16", "fp32")}
+
+
+class BackendUnavailable(ValueError):
+    """A backend cannot run here; the message names it and lists the backends that can."""
+
+
+def role(backend: str) -> str:
+    """The artefact role a backend runs: ``engine`` for native TensorRT, else ``onnx``."""
+    return "engine" if backend == "trt" else "onnx"
+
+
+def cache_root() -> Path:
+    """Where onnxruntime's TensorRT engine and timing caches go (outside the hashed export folder)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cign" / "ort-trt"
+
+
+def _cudart():
+    """cuda-python's runtime module (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        try:
+            from cuda import cudart as runtime
+        except ImportError as e:
+            raise BackendUnavailable(f"trt: cuda-python is not installed ({e}); pip install cuda-python") from e
+    return runtime
+
+
+def _gpu_count() -> int:
+    """CUDA devices visible through cuda-python (0 without cuda-python, driver or GPU)."""
+    try:
+        cudart = _cudart()
+    except BackendUnavailable:
+        return 0
+    err, n = cudart.cudaGetDeviceCount()
+    return n if err == cudart.cudaError_t.cudaSuccess else 0
+
+
+def available(manifest: mf.Manifest) -> list[str]:
+    """Backends that can run this export here, best first.
+
+    ``ort-*``: onnxruntime lists the provider (onnxruntime-gpu lists CUDA/TensorRT even without a
+    GPU; opening such a backend then fails with the reason). ``trt``: ``tensorrt`` importable, a
+    built engine in the manifest and a CUDA GPU.
+    """
+    providers = set(ort.get_available_providers())
+    here = [b for b in AUTO_ORDER if b in PROVIDERS and PROVIDERS[b] in providers]
+    if manifest.precisions("engine") and importlib.util.find_spec("tensorrt") is not None and _gpu_count() > 0:
+        here.insert(0, "trt")
+    return here
+
+
+def pick_precision(manifest: mf.Manifest, backend: str, precision: str | None) -> str:
+    """``precision`` if this export has it for ``backend`` (else ValueError listing what it has), or the default."""
+    have = manifest.precisions(role(backend))
+    if precision is not None:
+        if precision not in have:
+            raise ValueError(f"precision {precision!r} is not in this export for {backend} "
+                             f"({role(backend)} precisions exported: {have})")
+        return precision
+    for p in DEFAULT_PRECISIONS[backend]:
+        if p in have:
+            return p
+    raise ValueError(f"{backend}: this export has none of {DEFAULT_PRECISIONS[backend]} "
+                     f"({role(backend)} precisions exported: {have}); pass a precision")
+
+
+class OrtRunner:
+    """One onnxruntime session on the execution provider of an ``ort-*`` backend."""
+
+    def __init__(self, path: Path, backend: str, precision: str, threads: int | None, cache_dir: Path):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        cuda = ("CUDAExecutionProvider", {"device_id": 0})
+        providers = {
+            "ort-cpu": ["CPUExecutionProvider"],
+            "ort-cuda": [cuda, "CPUExecutionProvider"],
+            "ort-trt": [("TensorrtExecutionProvider", {
+                "device_id": 0,
+                "trt_fp16_enable": precision == "fp16",
+                "trt_int8_enable": precision == "int8-trt",  # explicit Q/DQ scales, no calibration table
+                "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir),
+            }), cuda, "CPUExecutionProvider"],
+        }[backend]
+        if backend == "ort-trt":
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        wanted = PROVIDERS[backend]
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:  # onnxruntime's own exception types differ between releases
+            if backend == "ort-cpu":
+                raise
+            raise BackendUnavailable(f"{backend}: onnxruntime could not start {wanted}: {e}") from e
+        if self.session.get_providers()[0] != wanted:  # onnxruntime falls back to CPU with a warning only
+            raise BackendUnavailable(f"{backend}: onnxruntime could not start {wanted} (session runs on "
+                                     f"{self.session.get_providers()}); check the CUDA / TensorRT libraries")
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(mf.OUTPUTS, self.session.run(list(mf.OUTPUTS), feeds)))
+
+    def close(self) -> None:
+        self.session = None
+
+
+class TensorRTRunner:
+    """A serialized TensorRT 10/11 engine run with ``execute_async_v3`` on its own CUDA stream.
+
+    Device buffers (cuda-python) grow to the largest batch seen; batches beyond the engine's
+    optimisation profile are split into chunks of its maximum batch.
+    """
+
+    def __init__(self, plan: Path):
+        try:
+            import tensorrt as trt
+        except ImportError as e:
+            raise BackendUnavailable(f"trt: TensorRT is not installed ({e})") from e
+        self.trt, self.cudart = trt, _cudart()
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            raise BackendUnavailable(f"trt: TensorRT {trt.__version__} could not deserialize {plan} (engines are "
+                                     "specific to GPU and TensorRT version: rebuild it here with trtexec.sh)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        missing = sorted({mf.FRAME, mf.SPECTROGRAM, *mf.OUTPUTS} - set(names))
+        if missing:
+            raise ValueError(f"{plan}: engine lacks tensors {missing} (has {names})")
+        self.max_batch = int(self.engine.get_tensor_profile_shape(mf.FRAME, 0)[2][0])
+        self.stream = self._check(self.cudart.cudaStreamCreate())
+        self.buffers: dict[str, tuple[int, int]] = {}  # tensor name -> (device pointer, bytes)
+
+    def _check(self, result: tuple):
+        """cuda-python returns (error, *values): raise on an error, else the value (if any)."""
+        err, *values = result
+        if err != self.cudart.cudaError_t.cudaSuccess:
+            raise RuntimeError(f"CUDA error {self.cudart.cudaGetErrorName(err)[1]!r}")
+        return values[0] if values else None
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, size = self.buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                self._check(self.cudart.cudaFree(ptr))
+            ptr, size = int(self._check(self.cudart.cudaMalloc(nbytes))), nbytes
+            self.buffers[name] = (ptr, size)
+            self.context.set_tensor_address(name, ptr)
+        return ptr
+
+    def _run_batch(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        h2d, d2h = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for name in self.inputs:
+            host = feeds[name]
+            if not self.context.set_input_shape(name, host.shape):
+                raise ValueError(f"trt: input {name} of shape {host.shape} is outside the engine's profile")
+            ptr = self._buffer(name, host.nbytes)
+            self._check(self.cudart.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, h2d, self.stream))
+        outputs = {name: np.empty(tuple(self.context.get_tensor_shape(name)),
+                                  dtype=self.trt.nptype(self.engine.get_tensor_dtype(name))) for name in mf.OUTPUTS}
+        for name, host in outputs.items():
+            self._buffer(name, host.nbytes)
+        if not self.context.execute_async_v3(int(self.stream)):
+            raise RuntimeError("trt: execute_async_v3 failed")
+        for name, host in outputs.items():
+            ptr = self.buffers[name][0]
+            self._check(self.cudart.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, d2h, self.stream))
+        self._check(self.cudart.cudaStreamSynchronize(self.stream))
+        return outputs
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(feeds[mf.FRAME])
+        parts = [self._run_batch({k: v if k == mf.TOKENS else v[s : s + self.max_batch] for k, v in feeds.items()})
+                 for s in range(0, n, self.max_batch)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in mf.OUTPUTS}
+
+    def close(self) -> None:
+        for ptr, _ in self.buffers.values():
+            self._check(self.cudart.cudaFree(ptr))
+        self.buffers = {}
+        self._check(self.cudart.cudaStreamDestroy(self.stream))
+
+
+class Model:
+    """An opened export: ``predict(frame, spectrogram)`` -> {p_audio, p_visual, p_av} (N, K) on one backend."""
+
+    def __init__(self, root: Path, manifest: mf.Manifest, backend: str, precision: str, task: int,
+                 tokens: np.ndarray | None, runner: OrtRunner | TensorRTRunner, reason: str):
+        self.root, self.manifest, self.backend, self.precision, self.task = root, manifest, backend, precision, task
+        self.tokens, self.runner, self.reason = tokens, runner, reason
+        self.classes = manifest.classes[: manifest.n_classes(task)]
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return self.manifest.spec
+
+    @property
+    def confidence(self) -> mf.Confidence:
+        return self.manifest.confidence
+
+    def predict(self, frame: np.ndarray, spectrogram: np.ndarray) -> dict[str, np.ndarray]:
+        """frame (N, 3, H, W) and spectrogram (N, 1, F, T) as ``manifest.feed`` makes them -> outputs (N, K)."""
+        feeds = {mf.FRAME: np.ascontiguousarray(frame, dtype=np.float32),
+                 mf.SPECTROGRAM: np.ascontiguousarray(spectrogram, dtype=np.float32)}
+        if self.tokens is not None:
+            feeds[mf.TOKENS] = self.tokens
+        return self.runner.run(feeds)
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __str__(self) -> str:
+        return (f"{self.root}: {self.backend} {self.precision}, task {self.task} ({len(self.classes)} classes); "
+                f"{self.reason}")
+
+
+def _tokens(root: Path, manifest: mf.Manifest, task: int | None) -> tuple[int, np.ndarray | None]:
+    """The task and, for tokens-as-input exports, its token table (ValueError listing the tables there are)."""
+    if not manifest.tokens_as_input:
+        if task not in (None, manifest.task):
+            raise ValueError(f"{root}: the classes of task {manifest.task} are baked into this export's graph; "
+                             f"task {task} needs a tokens-as-input export (cign-export --tokens-as-input)")
+        return manifest.task, None
+    task = manifest.task if task is None else task
+    tables = sorted(a.task for a in manifest.artefacts if a.role == "tokens")
+    if task not in tables:
+        raise ValueError(f"{root}: no token table of task {task}; this export has tables of tasks {tables}")
+    table = np.load(root / manifest.artefact("tokens", task=task).path)
+    return task, np.ascontiguousarray(table, dtype=np.float32)
+
+
+def _runner(root: Path, manifest: mf.Manifest, backend: str, precision: str, threads: int | None,
+            cache_dir: Path | None) -> OrtRunner | TensorRTRunner:
+    artefact = manifest.artefact(role(backend), precision)
+    if backend == "trt":
+        return TensorRTRunner(root / artefact.path)
+    cache = Path(cache_dir or cache_root()) / artefact.sha256[:16]
+    return OrtRunner(root / artefact.path, backend, precision, threads, cache)
+
+
+def open_model(export_dir: str | os.PathLike, backend: str = "auto", precision: str | None = None,
+               task: int | None = None, threads: int | None = None,
+               cache_dir: str | os.PathLike | None = None) -> Model:
+    """Open an export folder on ``backend`` (one of BACKENDS).
+
+    ``precision``: one the export has (default per backend: int8-cpu else fp32 on ort-cpu; fp16
+    else fp32 on GPUs). ``task``: whose token table a tokens-as-input export runs (default: the
+    manifest's). ``threads``: onnxruntime intra-op threads. ``cache_dir``: root of onnxruntime's
+    TensorRT engine cache (default ``cache_root()``). A tampered export raises the manifest's
+    ValueError; a backend that cannot run here raises BackendUnavailable.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
+    root = Path(export_dir)
+    manifest = mf.Manifest.load(root)
+    here = available(manifest)
+    if precision is not None and precision not in manifest.precisions("onnx") + manifest.precisions("engine"):
+        raise ValueError(f"precision {precision!r} is not in this export (onnx: {manifest.precisions('onnx')}, "
+                         f"engines: {manifest.precisions('engine')})")
+    if backend != "auto" and backend not in here:
+        raise BackendUnavailable(f"backend {backend!r} is not available here; available: {here}")
+    task, tokens = _tokens(root, manifest, task)
+    skipped: list[str] = []
+    for b in here if backend == "auto" else [backend]:
+        if backend == "auto" and precision is not None and precision not in manifest.precisions(role(b)):
+            skipped.append(f"{b}: no {precision} {role(b)}")
+            continue
+        p = pick_precision(manifest, b, precision)
+        try:
+            runner = _runner(root, manifest, b, p, threads, cache_dir)
+        except BackendUnavailable as e:
+            if backend != "auto":
+                raise
+            skipped.append(str(e))
+            continue
+        if backend == "auto":
+            reason = f"auto picked {b}, the best backend that runs here (available: {here}"
+            reason += f"; skipped {'; '.join(skipped)})" if skipped else ")"
+        else:
+            reason = f"{b} as requested"
+        return Model(root, manifest, b, p, task, tokens, runner, reason)
+    raise BackendUnavailable(f"auto: no backend could run {root} here (available: {here}; tried: {'; '.join(skipped)})")

@@ -1,0 +1,165 @@
+"""Runtime backends on real exports of the tiny trained run: backend and precision choice, parity with
+plain onnxruntime, task tables, refusals, a torch-free import, and native TensorRT where a GPU is."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from cign_export.exporter import Exporter, ExportOptions
+from cign_export.parity import load_samples, open_store
+from cign_runtime import backends
+from cign_runtime import manifest as mf
+from cign_runtime.backends import BackendUnavailable, open_model
+from cign_train.checkpoint import TaskCheckpoint
+
+GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers())
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_run, tmp_path_factory):
+    """Task 1 exported as fp32 + int8-cpu (baked tokens), and as fp32 tokens-as-input."""
+    root = tmp_path_factory.mktemp("backend-exports")
+    quick = dict(parity_samples=10, calibration_per_class=2)
+    Exporter(tiny_run, 1, root / "int8", ExportOptions(precisions=("fp32", "int8-cpu"), **quick))()
+    Exporter(tiny_run, 1, root / "tokens", ExportOptions(tokens_as_input=True, **quick))()
+    return {"int8": root / "int8", "tokens": root / "tokens"}
+
+
+@pytest.fixture(scope="module")
+def samples(tiny_run):
+    ckpt = TaskCheckpoint.load(tiny_run / "task_1.pt")
+    return load_samples(open_store(ckpt.settings), ckpt.classes, "test")
+
+
+def plain(path, feeds):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip(mf.OUTPUTS, session.run(list(mf.OUTPUTS), feeds)))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8-cpu"])
+def test_ort_cpu_matches_a_plain_onnxruntime_session_on_store_samples(exports, samples, precision):
+    model = open_model(exports["int8"], "ort-cpu", precision=precision, threads=2)
+    got = model.predict(samples.feeds[mf.FRAME], samples.feeds[mf.SPECTROGRAM])
+    ref = plain(exports["int8"] / f"model_{precision}.onnx", samples.feeds)
+    assert list(got) == list(mf.OUTPUTS)
+    for name in mf.OUTPUTS:
+        assert got[name].shape == (len(samples), 10)
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["p_av"], got["p_audio"] * got["p_visual"], rtol=1e-5, atol=1e-7)
+    assert model.classes == model.manifest.classes and model.spec == model.manifest.spec
+    assert model.confidence == model.manifest.confidence
+
+
+@pytest.mark.skipif(bool(GPU_PROVIDERS), reason=f"onnxruntime here has {GPU_PROVIDERS}: auto may pick them")
+def test_auto_picks_ort_cpu_here_and_says_why(exports):
+    assert backends.available(mf.Manifest.load(exports["int8"])) == ["ort-cpu"]
+    model = open_model(exports["int8"])
+    assert (model.backend, model.precision) == ("ort-cpu", "int8-cpu")
+    assert "auto picked ort-cpu" in model.reason and "available: ['ort-cpu']" in str(model)
+    assert "ort-cpu as requested" in str(open_model(exports["int8"], "ort-cpu"))
+
+
+def test_precision_defaults_explicit_choice_and_missing_one(exports):
+    assert open_model(exports["int8"], "ort-cpu").precision == "int8-cpu"  # int8-cpu exported: the CPU default
+    assert open_model(exports["tokens"], "ort-cpu").precision == "fp32"  # fp32 only
+    assert open_model(exports["int8"], "ort-cpu", precision="fp32").precision == "fp32"
+    with pytest.raises(ValueError, match=r"'fp16' is not in this export \(onnx: \['fp32', 'int8-cpu'\]"):
+        open_model(exports["int8"], precision="fp16")
+    with pytest.raises(ValueError, match=r"'fp16' is not in this export"):
+        open_model(exports["int8"], "ort-cpu", precision="fp16")
+
+
+@pytest.mark.skipif(bool(GPU_PROVIDERS), reason=f"onnxruntime here has {GPU_PROVIDERS}")
+@pytest.mark.parametrize("backend", ["ort-cuda", "ort-trt", "trt"])
+def test_a_backend_unavailable_here_errors_listing_the_available_ones(exports, backend):
+    message = rf"backend '{backend}' is not available here; available: \['ort-cpu'\]"
+    with pytest.raises(BackendUnavailable, match=message):
+        open_model(exports["int8"], backend)
+
+
+@pytest.mark.skipif(bool(GPU_PROVIDERS), reason=f"onnxruntime here has {GPU_PROVIDERS}")
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+def test_a_listed_provider_that_cannot_start_is_an_error_or_an_auto_fallback(exports, monkeypatch):
+    """onnxruntime-gpu lists CUDA without a GPU and its sessions then run on CPU: that is refused, not hidden."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(BackendUnavailable, match=r"ort-cuda: onnxruntime could not start CUDAExecutionProvider"):
+        open_model(exports["int8"], "ort-cuda")
+    model = open_model(exports["int8"])
+    assert model.backend == "ort-cpu"
+    assert "available: ['ort-cuda', 'ort-cpu']; skipped ort-cuda: onnxruntime could not start" in model.reason
+
+
+def test_an_unknown_backend_lists_the_choices(exports):
+    with pytest.raises(ValueError, match=r"'cuda' is not one of \('auto', 'ort-cpu', 'ort-cuda', 'ort-trt', 'trt'\)"):
+        open_model(exports["int8"], "cuda")
+
+
+def test_tokens_as_input_runs_each_task_table(exports, samples):
+    manifest = mf.Manifest.load(exports["tokens"])
+    for task, k in ((0, 5), (1, 10)):
+        model = open_model(exports["tokens"], "ort-cpu", task=task)
+        assert model.task == task and model.classes == manifest.classes[:k]
+        got = model.predict(samples.feeds[mf.FRAME], samples.feeds[mf.SPECTROGRAM])
+        table = np.load(exports["tokens"] / f"tokens_task{task}.npy")
+        ref = plain(exports["tokens"] / "model_fp32.onnx", {**samples.feeds, mf.TOKENS: table})
+        for name in mf.OUTPUTS:
+            assert got[name].shape == (len(samples), k)
+            np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-6)
+    assert open_model(exports["tokens"]).task == 1  # default: the manifest's task
+    with pytest.raises(ValueError, match=r"no token table of task 7; this export has tables of tasks \[0, 1\]"):
+        open_model(exports["tokens"], task=7)
+    with pytest.raises(ValueError, match="task 0 needs a tokens-as-input export"):
+        open_model(exports["int8"], task=0)
+
+
+def test_a_tampered_artefact_is_refused_at_open(exports, tmp_path):
+    copy = shutil.copytree(exports["tokens"], tmp_path / "copy")
+    table = copy / "tokens_task0.npy"
+    np.save(table, np.load(table) * 1.01)
+    with pytest.raises(ValueError, match="tokens_task0.npy: sha256 differs"):
+        open_model(copy)
+
+
+def test_imports_and_runs_without_torch(exports, samples, tmp_path):
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch is blocked for this test')\n")
+    np.savez(tmp_path / "feeds.npz", **samples.feeds)
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from cign_runtime.backends import open_model
+        feeds = np.load({str(tmp_path / 'feeds.npz')!r})
+        model = open_model({str(exports['int8'])!r}, "ort-cpu", precision="fp32")
+        out = model.predict(feeds["frame"], feeds["spectrogram"])
+        print(model.backend, out["p_av"].shape)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), os.getcwd()])}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["ort-cpu", f"({len(samples)},", "10)"]
+    blocked = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env)
+    assert "torch is blocked" in blocked.stderr  # the fake really shadows torch
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
+                    reason="tensorrt is not installed (it needs NVIDIA's index and a GPU): native engines untested")
+def test_native_tensorrt_engine_matches_onnxruntime(tiny_run, samples, tmp_path):
+    if backends._gpu_count() == 0:
+        pytest.skip("no CUDA GPU visible to cuda-python: TensorRT engines cannot run")
+    out = tmp_path / "trt"
+    result = Exporter(tiny_run, 1, out, ExportOptions(trt=True, parity_samples=10))()
+    assert result.engine_error is None, result.engine_error
+    with open_model(out) as model:
+        assert (model.backend, model.precision) == ("trt", "fp32") and "auto picked trt" in model.reason
+        got = model.predict(samples.feeds[mf.FRAME], samples.feeds[mf.SPECTROGRAM])
+    ref = plain(out / "model_fp32.onnx", samples.feeds)
+    for name in mf.OUTPUTS:
+        np.testing.assert_allclose(got[name], ref[name], atol=1e-3)
