@@ -6,11 +6,15 @@ setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 
 # Main job on the embedded default data: generate + prepare avdigits, train CIGN on all tasks,
-# print the results table, export the last task (fp32 + INT8 for onnxruntime CPU, parity-checked).
+# print the results table, export the last task (fp32 + INT8 for onnxruntime CPU, parity-checked), then
+# cign-live headless on three test clips (JSON lines and the latency summary of each).
 demo: setup
 	cign-prepare --dataset avdigits
 	cign-train
 	cign-export --int8 --target cpu
+	for clip in $$($(PYTHON) scripts/test_clips.py data/avdigits 3); do \
+		cign-live --model exports/avdigits-cign-seed0-task4 --camera $$clip --mic $$clip --headless --no-realtime || exit 1; \
+	done
 
 test: setup
 	$(PYTHON) -m pytest -q
