@@ -108,10 +108,11 @@ class Live:
         if self.video is not None and self.video.stats.dropped > self._dropped:
             self.log.count("dropped_frame", self.video.stats.dropped - self._dropped)
             self._dropped = self.video.stats.dropped
-        stats = getattr(self.audio, "stats", None)
-        if callable(stats) and stats().overflows > self._overflows:
-            self.log.count("overflow", stats().overflows - self._overflows)
-            self._overflows = stats().overflows
+        if hasattr(self.audio, "stats"):  # a microphone; files cannot overflow
+            overflows = self.audio.stats().overflows
+            if overflows > self._overflows:
+                self.log.count("overflow", overflows - self._overflows)
+                self._overflows = overflows
 
     def step(self, media_t: float) -> dict:
         frame, frame_at, audio, audio_at = self._inputs(media_t)
