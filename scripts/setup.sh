@@ -19,4 +19,4 @@ fi
 
 # torch/torchvision pinned to the releases these machines serve from disk (see README).
 "$PYTHON" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-"$PYTHON" -m pip install -q --disable-pip-version-check -e ".[test]"
+"$PYTHON" -m pip install -q --disable-pip-version-check -e ".[train,test]"

@@ -96,3 +96,24 @@ def test_bad_inputs_are_clear_errors(export, clips, tmp_path):
     assert proc.returncode == 1 and "available: ['ort-cpu']" in proc.stderr
     proc = run_live("--model", export, "--camera", "0", "--mic", "default", "--no-realtime", tmp_path=tmp_path)
     assert proc.returncode == 2 and "--no-realtime steps through files" in proc.stderr
+
+
+def test_runtime_installs_into_a_fresh_venv_without_torch_and_runs(export, clips, tmp_path):
+    """The base install is the runtime: a virtual environment with only it runs cign-live."""
+    import venv
+
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    install = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", root],
+                             capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stderr[-3000:]
+    probe = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "None"
+    proc = subprocess.run([str(env_dir / "bin" / "cign-live"), "--model", str(export), "--camera", str(clips[0]),
+                           "--mic", str(clips[0]), "--headless", "--no-realtime", "--max-predictions", "3"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(proc.stdout.splitlines()) == 3 and "end_to_end" in proc.stderr
