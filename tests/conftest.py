@@ -37,3 +37,14 @@ def tiny_run(tiny_avdigits, tmp_path_factory) -> Path:
                              lr=1e-3, buffer_per_class=2, workers=0, model=CIGNConfig(dim=32, depth=1, heads=4))
     Trainer(settings, run, progress=False).run()
     return run
+
+
+@pytest.fixture
+def torchless_env(tmp_path) -> dict:
+    """Environment for a subprocess in which ``import torch`` fails ("torch is blocked") and the checkout imports."""
+    import os
+
+    fake = tmp_path / "torchless"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked: the runtime must not need it')\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(Path(__file__).parents[1])])}

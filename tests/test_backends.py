@@ -3,7 +3,6 @@ plain onnxruntime, task tables, refusals, a torch-free import, and native Tensor
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -128,10 +127,7 @@ def test_a_tampered_artefact_is_refused_at_open(exports, tmp_path):
         open_model(copy)
 
 
-def test_imports_and_runs_without_torch(exports, samples, tmp_path):
-    fake = tmp_path / "fake" / "torch"
-    fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('torch is blocked for this test')\n")
+def test_imports_and_runs_without_torch(exports, samples, tmp_path, torchless_env):
     np.savez(tmp_path / "feeds.npz", **samples.feeds)
     script = textwrap.dedent(f"""
         import numpy as np
@@ -141,7 +137,7 @@ def test_imports_and_runs_without_torch(exports, samples, tmp_path):
         out = model.predict(feeds["frame"], feeds["spectrogram"])
         print(model.backend, out["p_av"].shape)
     """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), os.getcwd()])}
+    env = torchless_env
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["ort-cpu", f"({len(samples)},", "10)"]

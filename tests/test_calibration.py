@@ -2,10 +2,8 @@
 graph (on a real exported CIGN and its prepared store) and the confidence fit."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,7 +21,6 @@ from cign_runtime.manifest import OUTPUTS, Confidence
 from cign_train.data.ingest import store_dir
 from cign_train.data.store import PreparedStore
 
-REPO = Path(__file__).resolve().parents[1]
 PER_CLASS = 2  # calibration samples per class in the INT8 tests (the tiny store has 6 train clips a class)
 
 
@@ -266,9 +263,7 @@ def test_fit_refuses_what_it_cannot_fit():
 
 
 # ------------------------------------------------------------------------------------ no torch
-def test_package_imports_without_torch(tmp_path):
-    (tmp_path / "torch").mkdir()
-    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked in this test')\n")
+def test_package_imports_without_torch(tmp_path, torchless_env):
     code = """
 import calibration, calibration.confidence, calibration.dataset, calibration.fp16, calibration.quantize
 try:
@@ -279,6 +274,5 @@ else:
     raise SystemExit("the fake torch was not first on the path")
 print("imported without torch")
 """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code], env=torchless_env, cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "imported without torch", done.stderr[-2000:]

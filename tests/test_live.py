@@ -34,21 +34,17 @@ def clips(tiny_avdigits):
     return [tiny_avdigits / "avdigits" / "clips" / f"{r[0]}_{int(r[1]):06d}.mp4" for r in rows if r[3] == "test"][:3]
 
 
-def run_live(*args, tmp_path):
-    """cign-live in a subprocess whose torch import fails."""
-    blocked = tmp_path / "blocked"
-    (blocked / "torch").mkdir(parents=True, exist_ok=True)
-    (blocked / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked: the runtime must not need it')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), os.getcwd()])}
+def run_live(*args, env):
+    """cign-live in a subprocess (``torchless_env``: its torch import fails)."""
     return subprocess.run([sys.executable, "-m", "cign_runtime.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=300, env=env)
 
 
-def test_headless_file_run_without_torch_predicts_every_hop_and_logs_every_stage(export, clips, tmp_path):
+def test_headless_file_run_without_torch_predicts_every_hop_and_logs_every_stage(export, clips, tmp_path, torchless_env):
     clip = clips[0]
     log_path, rec = tmp_path / "lat.jsonl", tmp_path / "annotated.mp4"
     proc = run_live("--model", export, "--camera", clip, "--mic", clip, "--headless", "--no-realtime", "--hop", "0.5",
-                    "--latency-log", log_path, "--record", rec, tmp_path=tmp_path)
+                    "--latency-log", log_path, "--record", rec, env=torchless_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in proc.stdout.splitlines()]
     assert len(lines) == 8  # a 4 s clip, one prediction every 0.5 s of media time
@@ -69,7 +65,7 @@ def test_headless_file_run_without_torch_predicts_every_hop_and_logs_every_stage
         stream = f.streams.video[0]
         assert stream.codec_context.name == "h264" and sum(1 for _ in f.decode(stream)) == 8
 
-    summary = run_live("--summarize", log_path, tmp_path=tmp_path)
+    summary = run_live("--summarize", log_path, env=torchless_env)
     assert summary.returncode == 0 and "preprocess" in summary.stdout
     png = log_path.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -89,12 +85,12 @@ def test_live_preprocessing_matches_the_training_side_torch_implementation(clips
     np.testing.assert_allclose(got_spec, spectrogram.numpy(), atol=2e-3)
 
 
-def test_bad_inputs_are_clear_errors(export, clips, tmp_path):
-    proc = run_live("--model", export, "--camera", "/dev/video97", "--mic", clips[0], "--headless", tmp_path=tmp_path)
+def test_bad_inputs_are_clear_errors(export, clips, torchless_env):
+    proc = run_live("--model", export, "--camera", "/dev/video97", "--mic", clips[0], "--headless", env=torchless_env)
     assert proc.returncode == 1 and "camera '/dev/video97' cannot be opened" in proc.stderr
-    proc = run_live("--model", export, "--backend", "ort-cuda", "--camera", clips[0], "--mic", clips[0], tmp_path=tmp_path)
+    proc = run_live("--model", export, "--backend", "ort-cuda", "--camera", clips[0], "--mic", clips[0], env=torchless_env)
     assert proc.returncode == 1 and "available: ['ort-cpu']" in proc.stderr
-    proc = run_live("--model", export, "--camera", "0", "--mic", "default", "--no-realtime", tmp_path=tmp_path)
+    proc = run_live("--model", export, "--camera", "0", "--mic", "default", "--no-realtime", env=torchless_env)
     assert proc.returncode == 2 and "--no-realtime steps through files" in proc.stderr
 
 
