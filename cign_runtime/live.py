@@ -19,8 +19,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable
 
+import av
 import cv2
 import numpy as np
 
@@ -182,9 +184,6 @@ class Recorder:
     """Sink: the annotated frames as an H.264 mp4 (``--record``), one frame per prediction at 1 / hop fps."""
 
     def __init__(self, path: str, hop: float):
-        import av
-        from fractions import Fraction
-
         self.container = av.open(path, "w")
         self.stream = self.container.add_stream("libx264", rate=Fraction(1, 1) / Fraction(hop).limit_denominator(1000))
         self.stream.pix_fmt = "yuv420p"
@@ -192,8 +191,6 @@ class Recorder:
         self.size: tuple[int, int] | None = None
 
     def __call__(self, result: dict, rgb) -> None:
-        import av
-
         if rgb is None:
             return
         img = overlay(rgb, result, fps=result["index"] / max(1e-9, time.perf_counter() - self.started))
