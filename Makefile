@@ -1,20 +1,18 @@
 PYTHON ?= python3
 
-.PHONY: setup demo test bench bench-cil bench-export
+.PHONY: setup demo test bench bench-cil bench-export bench-live
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
 
 # Main job on the embedded default data: generate + prepare avdigits, train CIGN on all tasks,
 # print the results table, export the last task (fp32 + INT8 for onnxruntime CPU, parity-checked), then
-# cign-live headless on three test clips (JSON lines and the latency summary of each).
+# cign-live headless on 20 test clips (2 per class): the clip table, live accuracy and the latency summary.
 demo: setup
 	cign-prepare --dataset avdigits
 	cign-train
 	cign-export --int8 --target cpu
-	for clip in $$($(PYTHON) scripts/test_clips.py data/avdigits 3); do \
-		cign-live --model exports/avdigits-cign-seed0-task4 --camera $$clip --mic $$clip --headless --no-realtime || exit 1; \
-	done
+	$(PYTHON) scripts/demo_live.py exports/avdigits-cign-seed0-task4 data
 
 test: setup
 	$(PYTHON) -m pytest -q
@@ -31,3 +29,9 @@ bench-export: setup
 # CIGN against fine-tuning on avdigits, 3 seeds (about 35 min on 2 cores)
 bench-cil: setup
 	$(PYTHON) benchmarks/bench_cil.py
+
+# cign-live pipeline vs model-only latency on a UDP stream camera + PulseAudio microphone (60 s), then the
+# 600 s soak (needs the demo's export: make demo)
+bench-live: setup
+	$(PYTHON) benchmarks/bench_live.py
+	$(PYTHON) benchmarks/bench_live.py --soak 600

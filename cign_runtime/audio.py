@@ -192,6 +192,7 @@ class MicSource:
                 stream = self._open(self.channels)
             except sd.PortAudioError:
                 stream = self._open(min(2, sd.query_devices(self.device)["max_input_channels"]))
+            self._last_arrival = time.perf_counter()  # before the first callback, ages count from the start
             stream.start()
         except sd.PortAudioError as e:
             raise AudioSourceError(f"cannot open audio input {self.device}: {self.device_name!r} at "
@@ -212,7 +213,10 @@ class MicSource:
         self.stop()
 
     def window(self) -> tuple[np.ndarray, float]:
-        """(newest ``window_seconds`` at the model rate, seconds since its newest sample arrived)."""
+        """(newest ``window_seconds`` at the model rate, seconds since its newest sample arrived).
+
+        Before the first callback the window is silence and its age counts from ``start()``.
+        """
         raw, _ = self.ring.newest(self._n_device)
         age = time.perf_counter() - self._last_arrival
         if self.device_rate != self.sample_rate:
@@ -328,8 +332,9 @@ class FileAudioSource:
 
 
 def open_audio(arg: str | int, sample_rate: int, window_seconds: float,
-               realtime: bool = True) -> MicSource | FileAudioSource:
-    """``--mic``: an existing audio/video file, else ``"default"``, a device index or a name substring."""
+               realtime: bool = True, loop: bool = False) -> MicSource | FileAudioSource:
+    """``--mic``: an existing audio/video file (``loop``: restart at its end), else ``"default"``, a device
+    index or a name substring."""
     if isinstance(arg, str) and os.path.isfile(arg):
-        return FileAudioSource(arg, sample_rate, window_seconds, realtime=realtime)
+        return FileAudioSource(arg, sample_rate, window_seconds, realtime=realtime, loop=loop)
     return MicSource(arg, sample_rate, window_seconds)

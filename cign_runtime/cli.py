@@ -1,6 +1,7 @@
 """``cign-live``: classify a live camera + microphone (or files / streams) with an exported CIGN, without torch."""
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -9,7 +10,8 @@ import click
 
 from cign_runtime import latency
 from cign_runtime.audio import AudioSourceError, list_inputs, open_audio
-from cign_runtime.backends import BACKENDS, BackendUnavailable, open_model
+from cign_runtime import manifest as mf
+from cign_runtime.backends import BACKENDS, BackendUnavailable, TensorRTRunner, open_model
 from cign_runtime.live import Live, LiveOptions, Recorder, json_lines, overlay
 from cign_runtime.video import VideoSource, VideoSourceError, list_cameras
 
@@ -38,6 +40,19 @@ def devices() -> str:
     return "\n".join(lines)
 
 
+def register(model_dir: Path, plan: Path, precision: str | None) -> str:
+    """``--register-engine``: check that TensorRT loads ``plan`` with the graph's tensors, then list it in the manifest."""
+    if precision not in mf.PRECISIONS:
+        raise click.UsageError(f"--register-engine needs --precision, one of {mf.PRECISIONS}")
+    try:
+        manifest = mf.Manifest.load(model_dir)
+        TensorRTRunner(plan).close()
+        manifest.with_engine(model_dir, plan, precision).save(model_dir)
+    except (BackendUnavailable, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    return f"registered {plan} as the {precision} engine of {model_dir / mf.FILENAME}"
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Export folder of cign-export (manifest.json).")
@@ -56,11 +71,15 @@ def devices() -> str:
 @click.option("--max-seconds", type=click.FloatRange(min=0), help="Stop after this many seconds.")
 @click.option("--max-predictions", type=click.IntRange(min=1), help="Stop after this many predictions.")
 @click.option("--no-realtime", is_flag=True, help="File inputs: step through them as fast as possible instead of at 1x.")
+@click.option("--loop", is_flag=True, help="File inputs: start again at the end (a soak test; stop with --max-seconds).")
 @click.option("--list-devices", is_flag=True, help="List cameras and audio inputs, then exit.")
 @click.option("--summarize", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Print the summary of a latency log and write its histogram PNG, then exit.")
+@click.option("--register-engine", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Add a TensorRT engine built on this device (trtexec.sh) to --model's manifest as --precision, "
+                   "after loading it with TensorRT; then exit.")
 def main(model_dir, camera, mic, task, backend, precision, threads, hop, topk, smooth, headless, record, latency_log,
-         max_seconds, max_predictions, no_realtime, list_devices, summarize):
+         max_seconds, max_predictions, no_realtime, loop, list_devices, summarize, register_engine):
     """Live audio-visual classification: p_av = p_audio * p_visual every --hop seconds, with per-stage latency."""
     if list_devices:
         click.echo(devices())
@@ -70,8 +89,14 @@ def main(model_dir, camera, mic, task, backend, precision, threads, hop, topk, s
         return
     if model_dir is None:
         raise click.UsageError("--model EXPORT_DIR is required (or --list-devices / --summarize)")
+    if register_engine:
+        click.echo(register(model_dir, register_engine, precision))
+        return
     if no_realtime and not (Path(camera).is_file() and Path(mic).is_file()):
         raise click.UsageError("--no-realtime steps through files: give a video file as --camera and a file as --mic")
+    if loop and no_realtime:
+        raise click.UsageError("--loop plays files at 1x forever; it cannot be combined with --no-realtime")
+    logging.basicConfig(level=logging.WARNING, format="cign-live: %(message)s", stream=sys.stderr)
     try:
         model = open_model(model_dir, backend, precision, task, threads)
     except (BackendUnavailable, ValueError, KeyError, FileNotFoundError) as e:
@@ -80,8 +105,8 @@ def main(model_dir, camera, mic, task, backend, precision, threads, hop, topk, s
     spec = model.spec
     options = LiveOptions(hop, topk, smooth, not no_realtime, max_seconds, max_predictions)
     try:
-        audio = open_audio(mic, spec.sample_rate, spec.clip_seconds, realtime=options.realtime)
-        video = VideoSource(camera, realtime=options.realtime)
+        audio = open_audio(mic, spec.sample_rate, spec.clip_seconds, realtime=options.realtime, loop=loop)
+        video = VideoSource(camera, realtime=options.realtime, loop=loop)
         audio.start()
         video.start()
     except (AudioSourceError, VideoSourceError) as e:

@@ -33,7 +33,7 @@ import numpy as np
 
 STAGES = ("frame_age", "audio_age", "preprocess", "inference", "postprocess", "output", "end_to_end")
 AGES = ("frame_age", "audio_age")
-COUNTERS = ("overflow", "dropped_frame", "stale_frame")  # always in the summary, 0 when never counted
+COUNTERS = ("overflow", "dropped_frame", "stale_frame", "camera_gap", "audio_only")  # always in the summary, 0 when never counted
 PERCENTILES = (50, 90, 99)
 RESERVED = frozenset(("t", "index", "counts", *STAGES))
 CHUNK = 4096  # rows per preallocated block

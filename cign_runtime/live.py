@@ -11,6 +11,12 @@ disappeared and is being reconnected), predictions use p_audio alone and say ``"
 "audio"``; the audio keeps flowing. File inputs without ``realtime`` are stepped on a media clock
 (prediction i sees media time (i + 1) * hop), so a recorded clip is classified deterministically
 and as fast as the machine allows.
+
+Frame-triggered timing: in real time, a prediction that is due waits up to ``frame_wait`` (0.1 s)
+for a frame newer than the one it used last and starts as soon as it arrives, so the frame it
+classifies is fresh (its age is the capture thread's wake-up, not up to one frame interval: at
+25 fps that is 0-40 ms saved from every answer's end-to-end latency; ``benchmarks/bench_live.py``
+measures it). The schedule stays on the hop grid: the wait delays one prediction, not the next.
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ class LiveOptions:
     max_seconds: float | None = None
     max_predictions: int | None = None
     stale_after: float = 1.0  # a frame older than this (s) makes the prediction audio-only
+    frame_wait: float = 0.1  # realtime: wait up to this (s) for a frame newer than the last one used
 
 
 def preprocess(spec, rgb: np.ndarray | None, audio: np.ndarray) -> dict[str, np.ndarray]:
@@ -86,21 +93,27 @@ class Live:
         self.predictions = 0
         self._last_seq = -1
         self._dropped = 0
+        self._reconnects = 0
         self._overflows = 0
 
     def stop(self) -> None:
         self.stopped.set()
 
-    def _inputs(self, media_t: float):
-        """(frame or None, its perf_counter arrival, audio window, perf_counter of its newest sample)."""
-        now = time.perf_counter()
+    def _frame(self, media_t: float):
+        """The frame this prediction classifies (None without a camera or before its first frame)."""
+        if self.video is None:
+            return None
         if self.opt.realtime:
-            frame = self.video.latest() if self.video is not None else None
-            audio, age = self.audio.window()
-        else:
-            frame = self.video.frame_at(media_t) if self.video is not None else None
-            audio, age = self.audio.window_at(media_t), 0.0
-        return frame, (frame.arrived if frame is not None else now), audio, now - age
+            return self.video.wait_newer(self._last_seq, self.opt.frame_wait)
+        return self.video.frame_at(media_t)
+
+    def _audio(self, media_t: float, start: float) -> tuple[np.ndarray, float]:
+        """(the newest window at the model rate, perf_counter of its newest sample, at most ``start``)."""
+        if not self.opt.realtime:
+            return self.audio.window_at(media_t), start
+        asked = time.perf_counter()
+        audio, age = self.audio.window()  # a microphone resamples here: timed as preprocessing
+        return audio, min(start, asked - age)
 
     def _count_events(self, frame) -> None:
         if frame is not None:
@@ -110,6 +123,9 @@ class Live:
         if self.video is not None and self.video.stats.dropped > self._dropped:
             self.log.count("dropped_frame", self.video.stats.dropped - self._dropped)
             self._dropped = self.video.stats.dropped
+        if self.video is not None and self.video.stats.reconnects > self._reconnects:
+            self.log.count("camera_gap", self.video.stats.reconnects - self._reconnects)
+            self._reconnects = self.video.stats.reconnects
         if hasattr(self.audio, "stats"):  # a microphone; files cannot overflow
             overflows = self.audio.stats().overflows
             if overflows > self._overflows:
@@ -117,14 +133,17 @@ class Live:
                 self._overflows = overflows
 
     def step(self, media_t: float) -> dict:
-        frame, frame_at, audio, audio_at = self._inputs(media_t)
-        sw = Stopwatch()  # the prediction starts with its inputs in hand: ages are >= 0
-        sw.age("frame_age", frame_at)
-        sw.age("audio_age", audio_at)
+        frame = self._frame(media_t)
+        sw = Stopwatch()  # the prediction starts with its frame in hand: ages are >= 0
+        sw.age("frame_age", frame.arrived if frame is not None and self.opt.realtime else sw.start)
         self._count_events(frame)
         visual = frame is not None and sw.ms["frame_age"] <= 1e3 * self.opt.stale_after
+        if not visual:
+            self.log.count("audio_only")
         with sw.stage("preprocess"):
+            audio, audio_at = self._audio(media_t, sw.start)
             feed = preprocess(self.model.spec, frame.rgb if frame is not None else None, audio)
+        sw.age("audio_age", audio_at)
         with sw.stage("inference"):
             out = self.model.predict(feed[mf.FRAME], feed[mf.SPECTROGRAM])
         with sw.stage("postprocess"):

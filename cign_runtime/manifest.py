@@ -145,6 +145,21 @@ class Manifest:
         """K after ``task`` (default: the manifest's task)."""
         return sum(self.classes_per_task[: (self.task if task is None else task) + 1])
 
+    def with_engine(self, root: str | os.PathLike, plan: str | os.PathLike, precision: str) -> "Manifest":
+        """This manifest plus an engine built on the device (e.g. by ``trtexec.sh``) with its sha256.
+
+        An engine already listed at the same path or for the same precision is replaced; ``plan`` must lie
+        inside ``root``. The caller checks that the engine loads (``cign-live --register-engine``) and saves.
+        """
+        root, plan = Path(root).resolve(), Path(plan).resolve()
+        if not plan.is_file():
+            raise FileNotFoundError(f"{plan}: no such engine file")
+        if root not in plan.parents:
+            raise ValueError(f"{plan}: an engine must lie inside the export folder {root}")
+        engine = Artefact.of(root, plan, "engine", precision=precision)
+        kept = [a for a in self.artefacts if a.path != engine.path and not (a.role == "engine" and a.precision == precision)]
+        return dataclasses.replace(self, artefacts=kept + [engine])
+
     # ------------------------------------------------------------------------------ files
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -89,6 +89,7 @@ class VideoSource:
         self._read_seq = 0
         self._ahead: tuple[np.ndarray, float] | None = None  # frame_at's next frame and its media time
         self._stop = threading.Event()
+        self._fresh = threading.Condition()  # notified by the capture thread on every new frame
         self._thread: threading.Thread | None = None
         self.ended = False  # a file played to its end (and does not loop)
 
@@ -136,6 +137,12 @@ class VideoSource:
             self._read_seq = frame.seq
         return frame
 
+    def wait_newer(self, seq: int, timeout: float) -> Frame | None:
+        """The newest frame as soon as one newer than ``seq`` arrived, else after ``timeout`` s the newest there is."""
+        with self._fresh:
+            self._fresh.wait_for(lambda: self._latest is not None and self._latest.seq > seq, timeout)
+        return self.latest()
+
     def frame_at(self, t: float) -> Frame | None:
         """Files with ``realtime=False``: the frame shown at media time ``t`` (reads forward only)."""
         if self.kind != "file" or self.realtime:
@@ -159,6 +166,8 @@ class VideoSource:
         self.stats.frames += 1
         frame = Frame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), time.perf_counter(), self.stats.frames, media_time)
         self._latest = frame  # one reference swap: readers see the old or the new frame, never a torn one
+        with self._fresh:
+            self._fresh.notify_all()
         return frame
 
     def _run(self) -> None:

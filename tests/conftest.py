@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -48,3 +49,20 @@ def torchless_env(tmp_path) -> dict:
     (fake / "torch").mkdir(parents=True)
     (fake / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked: the runtime must not need it')\n")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(Path(__file__).parents[1])])}
+
+
+@pytest.fixture(scope="session")
+def pulse(tmp_path_factory):
+    """A private PulseAudio daemon whose null sink's monitor is the default capture device (``tests/pulse.py``).
+
+    Fails in CI (set-up installs PulseAudio), skips elsewhere when PulseAudio cannot run.
+    """
+    from pulse import PulseUnavailable, null_sink
+
+    try:
+        with null_sink(tmp_path_factory.mktemp("pulse")) as server:
+            yield server
+    except PulseUnavailable as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"PulseAudio is required in CI: {e}")
+        pytest.skip(str(e))

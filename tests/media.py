@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 from fractions import Fraction
+import socket
+import threading
+import time
 from pathlib import Path
 
 import av
@@ -69,3 +72,52 @@ def write_clip(
             for packet in a.encode():
                 out.mux(packet)
     return path
+
+
+def index_frame(width: int, height: int, t: int) -> np.ndarray:
+    """Frame t is a flat grey of level 10 * t: its content says which frame it is."""
+    return np.full((height, width, 3), (10 * t) % 256, dtype=np.uint8)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Streamer:
+    """MPEG-TS over UDP on 127.0.0.1 written with PyAV at ``fps`` until stopped (a context manager).
+
+    Frame t is ``frames[t % len(frames)]`` (RGB arrays of one size), by default a 64x48 grey of level
+    10 * t (``index_frame``, cycling over 25 levels), starting at t = ``first``.
+    """
+
+    def __init__(self, port: int, first: int = 0, fps: int = 25, frames: list[np.ndarray] | None = None):
+        self.port, self.next, self.fps = port, first, fps
+        self.frames = frames if frames is not None else [index_frame(64, 48, t) for t in range(25)]
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        height, width = self.frames[0].shape[:2]
+        with av.open(f"udp://127.0.0.1:{self.port}?pkt_size=1316", "w", format="mpegts") as out:
+            stream = out.add_stream("mpeg1video", rate=self.fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.gop_size = 5
+            start = time.perf_counter()
+            sent = 0
+            while not self.stop_event.is_set():
+                frame = av.VideoFrame.from_ndarray(self.frames[self.next % len(self.frames)], format="rgb24")
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+                self.next += 1
+                sent += 1
+                self.stop_event.wait(max(0.0, start + sent / self.fps - time.perf_counter()))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_event.set()
+        self.thread.join(timeout=5)

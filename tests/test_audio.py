@@ -1,8 +1,6 @@
 """Audio sources: ring buffer, a real PortAudio capture through a PulseAudio null sink, media files."""
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,8 +15,7 @@ import sounddevice as sd
 
 from cign_runtime.audio import AudioSourceError, FileAudioSource, MicSource, RingBuffer, list_inputs, open_audio
 from media import write_clip
-
-SINK = "cign_test"
+from pulse import play
 
 
 def dominant_hz(x: np.ndarray, rate: int) -> float:
@@ -28,75 +25,6 @@ def dominant_hz(x: np.ndarray, rate: int) -> float:
 
 def rms_db(x: np.ndarray) -> float:
     return float(20 * np.log10(np.sqrt(np.mean(np.square(x, dtype=np.float64)))))
-
-
-def unavailable(reason: str):
-    """Fail in CI (set-up installs PulseAudio), skip elsewhere."""
-    if os.environ.get("CI"):
-        pytest.fail(f"PulseAudio is required in CI: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def pulse(tmp_path_factory):
-    """A private PulseAudio daemon with a 48 kHz null sink whose monitor is the default source.
-
-    PortAudio reaches it through ALSA's ``pulse`` plugin (device "pulse"); PULSE_SERVER points
-    every client of this process (and children) at the daemon's socket.
-    """
-    for tool in ("pulseaudio", "pactl", "pacat"):
-        if shutil.which(tool) is None:
-            unavailable(f"{tool} is not installed (Debian packages pulseaudio, pulseaudio-utils, libasound2-plugins)")
-    runtime = tmp_path_factory.mktemp("pulse")
-    runtime.chmod(0o700)
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime), HOME=str(runtime))
-    # -n: no default.pa (no hardware, dbus or X11 modules); anonymous auth: no cookie to share.
-    # As root pulseaudio only warns ("not intended to be run as root") without --system.
-    log = runtime / "pulseaudio.log"
-    daemon = subprocess.Popen(
-        ["pulseaudio", "--daemonize=no", "-n", "--use-pid-file=no", "--exit-idle-time=-1", "--disallow-exit",
-         "--load=module-native-protocol-unix auth-anonymous=1",
-         f"--load=module-null-sink sink_name={SINK} rate=48000 channels=2",
-         "--log-target=stderr", "--log-level=error"],
-        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
-    server = f"unix:{runtime}/pulse/native"
-    saved = {k: os.environ.get(k) for k in ("PULSE_SERVER", "PULSE_SOURCE", "PULSE_SINK")}
-    os.environ.update(PULSE_SERVER=server, PULSE_SOURCE=f"{SINK}.monitor", PULSE_SINK=SINK)
-    try:
-        for _ in range(100):
-            if daemon.poll() is not None:
-                tail = log.read_text(errors="replace")[-2000:]
-                unavailable(f"pulseaudio exited with {daemon.returncode}: {tail}")
-            if subprocess.run(["pactl", "info"], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
-        else:
-            unavailable("pulseaudio did not answer pactl within 10 s")
-        subprocess.run(["pactl", "set-default-source", f"{SINK}.monitor"], check=True)
-        # PortAudio enumerated devices when sounddevice was imported, before the daemon ran.
-        sd._terminate()
-        sd._initialize()
-        if "pulse" not in [name for _, name, *_ in list_inputs()]:
-            unavailable(f"PortAudio sees no 'pulse' input (is libasound2-plugins installed?): {list_inputs()}")
-        yield server
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        daemon.terminate()
-        daemon.wait(10)
-        sd._terminate()
-        sd._initialize()
-
-
-def play(signal: np.ndarray, rate: int) -> subprocess.Popen:
-    """Play mono float32 into the null sink (pacat reads raw samples from stdin)."""
-    proc = subprocess.Popen(["pacat", "--playback", f"--device={SINK}", "--format=float32le", f"--rate={rate}",
-                             "--channels=1", "--raw", "--latency-msec=50"], stdin=subprocess.PIPE)
-    threading.Thread(target=proc.communicate, args=(signal.astype("<f4").tobytes(),), daemon=True).start()
-    return proc
 
 
 @pytest.mark.parametrize("model_rate,channels", [(8000, 1), (22050, 2)])

@@ -159,3 +159,34 @@ def test_native_tensorrt_engine_matches_onnxruntime(tiny_run, samples, tmp_path)
     ref = plain(out / "model_fp32.onnx", samples.feeds)
     for name in mf.OUTPUTS:
         np.testing.assert_allclose(got[name], ref[name], atol=1e-3)
+
+
+def test_an_engine_built_on_the_device_is_registered_with_its_hash(exports, tmp_path):
+    """``Manifest.with_engine``: what ``cign-live --register-engine`` saves after TensorRT loaded the plan. The
+    bytes here are not an engine (no TensorRT here); the manifest side is what is checked."""
+    copy = shutil.copytree(exports["int8"], tmp_path / "copy")
+    plan = copy / "model_fp16.plan"
+    plan.write_bytes(b"engine bytes built by trtexec.sh")
+    manifest = mf.Manifest.load(copy).with_engine(copy, plan, "fp16")
+    manifest.save(copy)
+    loaded = mf.Manifest.load(copy)
+    assert loaded.precisions("engine") == ["fp16"] and loaded.artefact("engine", "fp16").sha256 == mf.sha256(plan)
+    rebuilt = loaded.with_engine(copy, plan, "fp16")  # registering again replaces, never duplicates
+    assert [a.path for a in rebuilt.artefacts].count("model_fp16.plan") == 1
+    plan.write_bytes(b"another build")
+    with pytest.raises(ValueError, match="model_fp16.plan: sha256 differs"):
+        mf.Manifest.load(copy)
+    with pytest.raises(ValueError, match="must lie inside the export folder"):
+        loaded.with_engine(copy, shutil.copy(plan, tmp_path / "outside.plan"), "fp16")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_register_engine_without_tensorrt_is_a_clear_error_and_leaves_the_manifest(exports, tmp_path, torchless_env):
+    copy = shutil.copytree(exports["int8"], tmp_path / "copy")
+    (copy / "model_fp16.plan").write_bytes(b"not checked without TensorRT")
+    before = (copy / mf.FILENAME).read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "cign_runtime.cli", "--model", str(copy), "--register-engine",
+                           str(copy / "model_fp16.plan"), "--precision", "fp16"],
+                          capture_output=True, text=True, timeout=120, env=torchless_env)
+    assert proc.returncode == 1 and "trt: TensorRT is not installed" in proc.stderr
+    assert (copy / mf.FILENAME).read_bytes() == before

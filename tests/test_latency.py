@@ -95,7 +95,7 @@ def test_counters_reach_the_summary_the_table_and_the_file(tmp_path):
         log.count("dropped_frame")
         log.count("model_reload")
         log.record(stages(2.0))
-    want = {"overflow": 3, "dropped_frame": 1, "stale_frame": 0, "model_reload": 1}
+    want = {"overflow": 3, "dropped_frame": 1, "stale_frame": 0, "camera_gap": 0, "audio_only": 0, "model_reload": 1}
     assert summary(log)["counts"] == want
     assert summary(read_log(path))["counts"] == want  # cumulative counts in each record; the last one wins
     assert len(read_log(path)) == 2  # no counter line: nothing was counted after the last prediction

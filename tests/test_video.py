@@ -2,23 +2,15 @@
 that stops and comes back, a missing camera."""
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
-import av
 import numpy as np
 import pytest
 
 from cign_runtime.video import VideoSource, VideoSourceError, kind_of
-from media import write_clip
+from media import Streamer, free_udp_port, index_frame, write_clip
 
 FPS = 10
-
-
-def index_frame(width: int, height: int, t: int) -> np.ndarray:
-    """Frame t is a flat grey of level 10 * t: its content says which frame it is."""
-    return np.full((height, width, 3), (10 * t) % 256, dtype=np.uint8)
 
 
 def frame_index(rgb: np.ndarray) -> int:
@@ -63,41 +55,6 @@ def test_missing_camera_names_it_and_lists_cameras():
         VideoSource("/dev/video97").start()
     with pytest.raises(VideoSourceError, match="camera 'nothing.mp4': no such device or file"):
         VideoSource("nothing.mp4").start()
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Streamer:
-    """MPEG-TS over UDP on 127.0.0.1 written with PyAV, frame t a grey of level 10 * t, 25 fps, until stopped."""
-
-    def __init__(self, port: int, first: int = 0):
-        self.port, self.next = port, first
-        self.stop_event = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        with av.open(f"udp://127.0.0.1:{self.port}?pkt_size=1316", "w", format="mpegts") as out:
-            stream = out.add_stream("mpeg1video", rate=25)
-            stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-            stream.gop_size = 5
-            while not self.stop_event.is_set():
-                frame = av.VideoFrame.from_ndarray(index_frame(64, 48, self.next), format="rgb24")
-                for packet in stream.encode(frame):
-                    out.mux(packet)
-                self.next = (self.next + 1) % 25
-                time.sleep(0.04)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop_event.set()
-        self.thread.join(timeout=5)
 
 
 def wait_for(condition, seconds: float) -> bool:
