@@ -118,21 +118,28 @@ class MicStats:
     underflows: int
     callback_max_s: float
     callback_p99_s: float
+    slow_callbacks: int = 0  # callbacks that took longer than SLOW_CALLBACK_S
 
 
 class MicSource:
     """A PortAudio input stream at the device's rate, mono, read as model-rate windows.
 
     ``device``: ``"default"``, an index or a name substring. ``device_rate`` defaults to the
-    device's default rate; ``blocksize`` 0 lets PortAudio choose; ``channels`` > 1 are down-mixed
-    (their mean) in the callback. The ring holds ``ring_seconds`` (at least twice the window).
+    device's default rate; ``blocksize`` 0 lets PortAudio choose; ``latency`` is PortAudio's
+    suggested input latency (``"low"``: the device's low-latency setting; through PulseAudio it cut
+    the newest sample's age at p99 from 17 to 4 ms, ``benchmarks/bench_live.py``); ``channels`` > 1
+    are down-mixed (their mean) in the callback. The ring holds ``ring_seconds`` (at least twice the
+    window).
     """
 
     #: Callback durations kept for the p99 (the newest this many callbacks).
     DURATION_HISTORY = 8192
+    #: A callback longer than this is counted as slow (the runtime's budget for it).
+    SLOW_CALLBACK_S = 1e-3
 
     def __init__(self, device: str | int, sample_rate_model: int, window_seconds: float,
-                 device_rate: int | None = None, blocksize: int = 0, channels: int = 1, ring_seconds: float = 10.0):
+                 device_rate: int | None = None, blocksize: int = 0, channels: int = 1, ring_seconds: float = 10.0,
+                 latency: str | float = "low"):
         self.device = resolve_input(device)
         info = sd.query_devices(self.device)
         self.device_name = info["name"]
@@ -141,6 +148,7 @@ class MicSource:
         self.window_seconds = float(window_seconds)
         self.n_samples = int(round(self.window_seconds * self.sample_rate))
         self.blocksize = int(blocksize)
+        self.latency = latency
         # Device-rate samples per window, plus 50 ms of resampler run-in at the old end.
         self._n_device = int(math.ceil(self.window_seconds * self.device_rate)) + self.device_rate // 20
         capacity = max(int(ring_seconds * self.device_rate), 2 * self._n_device)
@@ -153,6 +161,7 @@ class MicSource:
         self._overflows = 0
         self._underflows = 0
         self._max_duration = 0.0
+        self._slow = 0
         self._last_arrival = -math.inf
         self._stream: sd.InputStream | None = None
 
@@ -175,13 +184,15 @@ class MicSource:
         self._callbacks += 1
         if duration > self._max_duration:
             self._max_duration = duration
+        if duration > self.SLOW_CALLBACK_S:
+            self._slow += 1
 
     def _open(self, channels: int) -> sd.InputStream:
         self._channels = channels
         if channels > 1:  # down-mix scratch, sized for the largest block the ring takes
             self._mix = np.zeros(self.ring.capacity, dtype=np.float32)
         return sd.InputStream(device=self.device, samplerate=self.device_rate, channels=channels, dtype="float32",
-                              blocksize=self.blocksize, callback=self._callback)
+                              blocksize=self.blocksize, latency=self.latency, callback=self._callback)
 
     def start(self) -> "MicSource":
         """Open and start the stream; a device that refuses ``channels`` is opened with its first two."""
@@ -229,7 +240,7 @@ class MicSource:
     def stats(self) -> MicStats:
         n = min(self._callbacks, self.DURATION_HISTORY)
         p99 = float(np.percentile(self._durations[:n], 99)) if n else 0.0
-        return MicStats(self._callbacks, self._overflows, self._underflows, self._max_duration, p99)
+        return MicStats(self._callbacks, self._overflows, self._underflows, self._max_duration, p99, self._slow)
 
 
 def decode_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:

@@ -99,11 +99,14 @@ def pick_precision(manifest: mf.Manifest, backend: str, precision: str | None) -
 class OrtRunner:
     """One onnxruntime session on the execution provider of an ``ort-*`` backend."""
 
-    def __init__(self, path: Path, backend: str, precision: str, threads: int | None, cache_dir: Path):
+    def __init__(self, path: Path, backend: str, precision: str, threads: int | None, cache_dir: Path,
+                 spinning: bool = True):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             options.intra_op_num_threads = threads
+        if not spinning:  # idle pool threads sleep instead of spinning after each parallel section
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         cuda = ("CUDAExecutionProvider", {"device_id": 0})
         providers = {
             "ort-cpu": ["CPUExecutionProvider"],
@@ -268,23 +271,24 @@ def _tokens(root: Path, manifest: mf.Manifest, task: int | None) -> tuple[int, n
 
 
 def _runner(root: Path, manifest: mf.Manifest, backend: str, precision: str, threads: int | None,
-            cache_dir: Path | None) -> OrtRunner | TensorRTRunner:
+            cache_dir: Path | None, spinning: bool) -> OrtRunner | TensorRTRunner:
     artefact = manifest.artefact(role(backend), precision)
     if backend == "trt":
         return TensorRTRunner(root / artefact.path)
     cache = Path(cache_dir or cache_root()) / artefact.sha256[:16]
-    return OrtRunner(root / artefact.path, backend, precision, threads, cache)
+    return OrtRunner(root / artefact.path, backend, precision, threads, cache, spinning)
 
 
 def open_model(export_dir: str | os.PathLike, backend: str = "auto", precision: str | None = None,
                task: int | None = None, threads: int | None = None,
-               cache_dir: str | os.PathLike | None = None) -> Model:
+               cache_dir: str | os.PathLike | None = None, spinning: bool = True) -> Model:
     """Open an export folder on ``backend`` (one of BACKENDS).
 
     ``precision``: one the export has (default per backend: int8-cpu else fp32 on ort-cpu; fp16
     else fp32 on GPUs). ``task``: whose token table a tokens-as-input export runs (default: the
-    manifest's). ``threads``: onnxruntime intra-op threads. ``cache_dir``: root of onnxruntime's
-    TensorRT engine cache (default ``cache_root()``). A tampered export raises the manifest's
+    manifest's). ``threads``: onnxruntime intra-op threads. ``spinning=False``: its idle threads sleep
+    rather than spin (``cign-live`` runs one inference per hop; see ``cign_runtime.live``).
+    ``cache_dir``: root of onnxruntime's TensorRT engine cache (default ``cache_root()``). A tampered export raises the manifest's
     ValueError; a backend that cannot run here raises BackendUnavailable.
     """
     if backend not in BACKENDS:
@@ -305,7 +309,7 @@ def open_model(export_dir: str | os.PathLike, backend: str = "auto", precision: 
             continue
         p = pick_precision(manifest, b, precision)
         try:
-            runner = _runner(root, manifest, b, p, threads, cache_dir)
+            runner = _runner(root, manifest, b, p, threads, cache_dir, spinning)
         except BackendUnavailable as e:
             if backend != "auto":
                 raise

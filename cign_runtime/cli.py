@@ -98,7 +98,7 @@ def main(model_dir, camera, mic, task, backend, precision, threads, hop, topk, s
         raise click.UsageError("--loop plays files at 1x forever; it cannot be combined with --no-realtime")
     logging.basicConfig(level=logging.WARNING, format="cign-live: %(message)s", stream=sys.stderr)
     try:
-        model = open_model(model_dir, backend, precision, task, threads)
+        model = open_model(model_dir, backend, precision, task, threads, spinning=False)
     except (BackendUnavailable, ValueError, KeyError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"model: {model}", err=True)

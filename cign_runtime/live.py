@@ -13,10 +13,10 @@ disappeared and is being reconnected), predictions use p_audio alone and say ``"
 and as fast as the machine allows.
 
 Frame-triggered timing: in real time, a prediction that is due waits up to ``frame_wait`` (0.1 s)
-for a frame newer than the one it used last and starts as soon as it arrives, so the frame it
-classifies is fresh (its age is the capture thread's wake-up, not up to one frame interval: at
-25 fps that is 0-40 ms saved from every answer's end-to-end latency; ``benchmarks/bench_live.py``
-measures it). The schedule stays on the hop grid: the wait delays one prediction, not the next.
+for the next frame to arrive and starts as soon as it does, so the frame it classifies is fresh (its
+age is the capture thread's wake-up, not up to one frame interval: at 25 fps that takes 0-40 ms
+out of every answer's end-to-end latency; ``benchmarks/bench_live.py`` measures it). The schedule
+stays on the hop grid: the wait delays one prediction, not the next.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import json
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
@@ -58,6 +59,32 @@ def preprocess(spec, rgb: np.ndarray | None, audio: np.ndarray) -> dict[str, np.
     return mf.feed(frame[None], log_spectrogram(spec, audio)[None])
 
 
+class Preprocessor:
+    """:func:`preprocess` with the frame resize on a helper thread, overlapping the audio work.
+
+    ``__call__(rgb, audio_fn)`` starts resizing the frame, then calls ``audio_fn()`` (the source's
+    newest window: a microphone resamples it here) and computes its log spectrogram, then joins.
+    OpenCV's resize, soxr and numpy's FFT release the GIL, so on two cores the resize (1.0 ms for a
+    640x480 frame at the paper preset) hides behind the audio work (resampling 0.7 ms + spectrogram
+    1.3 ms): ``benchmarks/bench_live.py`` measures both. The feed equals :func:`preprocess`'s.
+    """
+
+    def __init__(self, spec):
+        self.spec = spec
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="resize")
+
+    def __call__(self, rgb: np.ndarray | None, audio_fn: Callable[[], tuple[np.ndarray, float]]):
+        """(the batch-1 feed, whatever ``audio_fn`` returned with the window)."""
+        resized = self._pool.submit(resize_frame, self.spec, rgb) if rgb is not None else None
+        audio, info = audio_fn()
+        spectrogram = log_spectrogram(self.spec, audio)
+        frame = np.zeros(self.spec.frame_shape, np.uint8) if resized is None else resized.result()
+        return mf.feed(frame[None], spectrogram[None]), info
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
 def top_k(scores: dict[str, np.ndarray], key: str, classes: list[str], k: int) -> list[dict]:
     """The k best classes by ``scores[key]`` (K,), each with p_av, p_audio and p_visual."""
     order = np.argsort(-scores[key])[:k]
@@ -89,6 +116,7 @@ class Live:
                  sinks: list[Callable[[dict, np.ndarray | None], None]]):
         self.model, self.video, self.audio, self.opt, self.log, self.sinks = model, video, audio, options, log, sinks
         self.history: deque[dict[str, np.ndarray]] = deque(maxlen=max(1, options.smooth))
+        self.preprocess = Preprocessor(model.spec)
         self.stopped = threading.Event()
         self.predictions = 0
         self._last_seq = -1
@@ -104,7 +132,7 @@ class Live:
         if self.video is None:
             return None
         if self.opt.realtime:
-            return self.video.wait_newer(self._last_seq, self.opt.frame_wait)
+            return self.video.wait_newer(self.video.seq, self.opt.frame_wait)  # the next frame to arrive
         return self.video.frame_at(media_t)
 
     def _audio(self, media_t: float, start: float) -> tuple[np.ndarray, float]:
@@ -141,8 +169,8 @@ class Live:
         if not visual:
             self.log.count("audio_only")
         with sw.stage("preprocess"):
-            audio, audio_at = self._audio(media_t, sw.start)
-            feed = preprocess(self.model.spec, frame.rgb if frame is not None else None, audio)
+            feed, audio_at = self.preprocess(frame.rgb if frame is not None else None,
+                                             lambda: self._audio(media_t, sw.start))
         sw.age("audio_age", audio_at)
         with sw.stage("inference"):
             out = self.model.predict(feed[mf.FRAME], feed[mf.SPECTROGRAM])
@@ -178,14 +206,19 @@ class Live:
         return getattr(self.audio, "finished", False) and (self.video is None or self.video.ended)
 
     def run(self) -> int:
-        """Predict every ``hop`` seconds (wall clock, or media clock without realtime); returns the count."""
+        """Predict every ``hop`` seconds (wall clock, or media clock without realtime); returns the count.
+
+        Once per Live: it ends by stopping the preprocessing helper thread."""
         started = time.perf_counter()
-        while not self._done(started):
-            if self.opt.realtime:
-                wait = started + (self.predictions + 1) * self.opt.hop - time.perf_counter()
-                if wait > 0 and self.stopped.wait(wait):
-                    break
-            self.step((self.predictions + 1) * self.opt.hop)
+        try:
+            while not self._done(started):
+                if self.opt.realtime:
+                    wait = started + (self.predictions + 1) * self.opt.hop - time.perf_counter()
+                    if wait > 0 and self.stopped.wait(wait):
+                        break
+                self.step((self.predictions + 1) * self.opt.hop)
+        finally:
+            self.preprocess.close()
         return self.predictions
 
 

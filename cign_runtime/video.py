@@ -137,10 +137,16 @@ class VideoSource:
             self._read_seq = frame.seq
         return frame
 
+    @property
+    def seq(self) -> int:
+        """Frames delivered so far (the newest frame's ``seq``; 0 before the first)."""
+        frame = self._latest
+        return 0 if frame is None else frame.seq
+
     def wait_newer(self, seq: int, timeout: float) -> Frame | None:
-        """The newest frame as soon as one newer than ``seq`` arrived, else after ``timeout`` s the newest there is."""
+        """The newest frame as soon as one newer than ``seq`` arrived (or the file ended), else after ``timeout`` s."""
         with self._fresh:
-            self._fresh.wait_for(lambda: self._latest is not None and self._latest.seq > seq, timeout)
+            self._fresh.wait_for(lambda: self.ended or (self._latest is not None and self._latest.seq > seq), timeout)
         return self.latest()
 
     def frame_at(self, t: float) -> Frame | None:
@@ -188,6 +194,8 @@ class VideoSource:
             elif self.kind == "file":
                 if not self.loop:
                     self.ended = True
+                    with self._fresh:
+                        self._fresh.notify_all()
                     break
                 self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
                 self._t0 = time.perf_counter()

@@ -69,7 +69,8 @@ def main() -> None:
     for key in ("p_av", "p_audio", "p_visual"):
         right = sum(tops[key] == label for _, label, _, tops in rows)
         print(f"  {key:<9} {right}/{n} = {100 * right / n:.1f} %")
-    print(f"\nlatency of all {len(records)} predictions (files stepped, --no-realtime: ages are 0):")
+    print(f"\nlatency of all {len(records)} predictions ({n} cign-live runs stepping files: ages are 0; wall time and "
+          "predictions/s span the runs and their start-ups):")
     print(latency.summarize(pooled))
 
 

@@ -89,12 +89,15 @@ class Streamer:
     """MPEG-TS over UDP on 127.0.0.1 written with PyAV at ``fps`` until stopped (a context manager).
 
     Frame t is ``frames[t % len(frames)]`` (RGB arrays of one size), by default a 64x48 grey of level
-    10 * t (``index_frame``, cycling over 25 levels), starting at t = ``first``.
+    10 * t (``index_frame``, cycling over 25 levels), starting at t = ``first``. The frames are
+    encoded once (MPEG-1, a keyframe every 5) and the packets re-sent in a loop with advancing
+    timestamps, so the stream costs the machine almost nothing beyond what a camera would.
     """
 
     def __init__(self, port: int, first: int = 0, fps: int = 25, frames: list[np.ndarray] | None = None):
-        self.port, self.next, self.fps = port, first, fps
-        self.frames = frames if frames is not None else [index_frame(64, 48, t) for t in range(25)]
+        frames = frames if frames is not None else [index_frame(64, 48, t) for t in range(25)]
+        self.frames = frames[first % len(frames):] + frames[: first % len(frames)]
+        self.port, self.fps = port, fps
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
@@ -104,13 +107,15 @@ class Streamer:
             stream = out.add_stream("mpeg1video", rate=self.fps)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             stream.gop_size = 5
-            start = time.perf_counter()
-            sent = 0
+            packets = [p for img in self.frames for p in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24"))]
+            packets += stream.encode()
+            stamps = [(p.pts, p.dts, p.time_base) for p in packets]  # in frames (time base 1 / fps)
+            start, sent, n = time.perf_counter(), 0, len(self.frames)
             while not self.stop_event.is_set():
-                frame = av.VideoFrame.from_ndarray(self.frames[self.next % len(self.frames)], format="rgb24")
-                for packet in stream.encode(frame):
-                    out.mux(packet)
-                self.next += 1
+                packet, (pts, dts, time_base) = packets[sent % len(packets)], stamps[sent % len(packets)]
+                loop = sent // len(packets)
+                packet.time_base, packet.pts, packet.dts = time_base, pts + loop * n, dts + loop * n
+                out.mux(packet)
                 sent += 1
                 self.stop_event.wait(max(0.0, start + sent / self.fps - time.perf_counter()))
 

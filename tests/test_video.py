@@ -89,3 +89,22 @@ def test_local_stream_that_stops_is_reconnected_and_the_gap_recorded():
     src.stop()
     (start, seconds), = src.stats.gaps
     assert 1.5 < seconds < 20 and start == pytest.approx(stale.arrived, abs=0.1)
+
+
+def test_wait_newer_returns_a_fresh_frame_as_it_arrives_and_at_once_after_the_end(clip):
+    with VideoSource(str(clip), realtime=True) as src:
+        assert wait_for(lambda: src.latest() is not None, 5)
+        ages, waits = [], []
+        for _ in range(5):
+            seq = src.latest().seq
+            t0 = time.perf_counter()
+            frame = src.wait_newer(seq, timeout=1.0)
+            waits.append(time.perf_counter() - t0)
+            assert frame.seq > seq
+            ages.append(frame.age())
+        # a 10 fps file: each wait ends with the next frame (<= 0.1 s), which is then fresh
+        assert max(waits) < 0.2 and max(ages) < 0.02, (waits, ages)
+        assert wait_for(lambda: src.ended, 5)
+        t0 = time.perf_counter()
+        last = src.wait_newer(src.latest().seq, timeout=2.0)
+        assert time.perf_counter() - t0 < 0.05 and frame_index(last.rgb) == 19
