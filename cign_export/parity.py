@@ -116,8 +116,10 @@ def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, fl
 def open_store(settings: dict, data_dir: str | Path | None = None) -> PreparedStore:
     """The prepared store a run trained on (``data_dir`` overrides the run's ``data_dir``)."""
     from cign_train.data.ingest import store_dir
+    from cign_train.settings import TrainSettings
 
-    root = store_dir(Path(data_dir or settings["data_dir"]), settings["dataset"], settings["spec"])
+    s = TrainSettings.from_dict(settings)
+    root = store_dir(Path(data_dir or s.data_dir), s.store_name, s.spec)
     try:
         return PreparedStore(root)
     except FileNotFoundError as e:

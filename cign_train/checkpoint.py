@@ -38,7 +38,7 @@ class TaskCheckpoint:
     method: str
     settings: dict[str, Any]  # cign_train.settings.TrainSettings.to_dict()
     buffer: dict[str, Any]  # cign_train.buffer.RehearsalBuffer.state_dict()
-    evaluation: dict[str, Any]  # rows, seen, test_clips so far (cign_train.reporting)
+    evaluation: dict[str, Any]  # rows, seen, eval_clips, global_step so far (cign_train.reporting)
     world_size: int = 1
 
     def __post_init__(self) -> None:

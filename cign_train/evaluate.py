@@ -1,4 +1,6 @@
-"""Accuracy of audio, visual and audio-visual predictions on each seen task's test split.
+"""Accuracy of audio, visual and audio-visual predictions on each seen task's evaluation split.
+
+The split is ``val`` while choosing hyperparameters and ``test`` only to report (``--eval-split``).
 
 Prediction is class-incremental (no task id): argmax over all classes seen so far of p_a, of p_v,
 and of p_av = p_a * p_v (Sec. 3.3). Under DDP each rank scores a shard and the counts are summed.
@@ -7,7 +9,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from cign_train import distributed as D
@@ -19,19 +20,20 @@ MODALITIES = ("audio", "visual", "audio_visual")
 
 
 class TaskAccuracy(NamedTuple):
-    per_task: dict[str, list[float]]  # modality -> accuracy (%) on each seen task's test split
-    seen: dict[str, float]  # modality -> accuracy (%) on the union of the seen tasks' test splits
-    test_clips: list[int]  # test clips scored per seen task (all ranks together)
+    per_task: dict[str, list[float]]  # modality -> accuracy (%) on each seen task's evaluation split
+    seen: dict[str, float]  # modality -> accuracy (%) on the union of the seen tasks' evaluation splits
+    eval_clips: list[int]  # clips scored per seen task (all ranks together)
 
 
 @torch.no_grad()
-def evaluate_tasks(model, plan, t: int, to_inputs, autocast, batch_size: int, workers: int, dist: D.Dist) -> TaskAccuracy:
-    """Score the model after task ``t`` on the test split of tasks 0..t."""
+def evaluate_tasks(model, plan, t: int, to_inputs, autocast, batch_size: int, workers: int, dist: D.Dist,
+                   split: str = "test") -> TaskAccuracy:
+    """Score the model after task ``t`` on the ``split`` clips of tasks 0..t."""
     model.eval()
     # correct per modality, then total; kept on the device so scoring a batch needs no host sync
     counts = torch.zeros(t + 1, len(MODALITIES) + 1, dtype=torch.float64, device=dist.device)
     for i in range(t + 1):
-        idx = plan.split_indices("test", plan.task_classes[i])[dist.rank :: dist.world]
+        idx = plan.split_indices(split, plan.task_classes[i])[dist.rank :: dist.world]
         if len(idx) == 0:
             continue
         for batch in batch_loader(plan.store, idx, batch_size, shuffle=False, workers=workers):
@@ -45,7 +47,7 @@ def evaluate_tasks(model, plan, t: int, to_inputs, autocast, batch_size: int, wo
     total = counts[:, -1]
     if (total == 0).any():
         empty = [i for i in range(t + 1) if total[i] == 0]
-        raise ValueError(f"tasks {empty} have no test samples in {plan.store.root}")
+        raise ValueError(f"tasks {empty} have no {split} samples in {plan.store.root}")
     per_task = {m: [float(100 * c) for c in counts[:, j] / total] for j, m in enumerate(MODALITIES)}
     seen = {m: 100 * seen_accuracy(counts[:, j], total) for j, m in enumerate(MODALITIES)}
     return TaskAccuracy(per_task, seen, [int(n) for n in total])

@@ -66,6 +66,12 @@ def final_accuracy(seen) -> float:
     return float(seen[-1])
 
 
+def diagonal(a) -> list[float]:
+    """Accuracy on each task right after learning it, ``a[t][t]`` (plasticity: a task never learned
+    cannot be forgotten, so low forgetting means little beside a low diagonal)."""
+    return [float(x) for x in np.diag(accuracy_matrix(a))]
+
+
 def _drops(a: np.ndarray, t: int) -> np.ndarray:
     """For each old task i < t: best accuracy over steps i..t-1 minus the accuracy at step t."""
     best = np.nanmax(a[:t, :t], axis=0)  # NaN above the diagonal leaves only steps k >= i
@@ -93,7 +99,7 @@ def _json_number(x: float) -> float | None:
 
 
 def summarize(per_modality: dict, seen: dict) -> dict:
-    """Per modality: average and final accuracy and both forgetting measures; JSON-ready (NaN -> None)."""
+    """Per modality: average and final accuracy, the diagonal and both forgetting measures; JSON-ready (NaN -> None)."""
     if set(per_modality) != set(seen):
         raise ValueError(f"modalities differ: matrices for {sorted(per_modality)}, seen accuracy for {sorted(seen)}")
     out = {}
@@ -104,6 +110,7 @@ def summarize(per_modality: dict, seen: dict) -> dict:
         out[name] = {
             "average_accuracy": average_accuracy(seen[name]),
             "final_accuracy": final_accuracy(seen[name]),
+            "diagonal": diagonal(a),
             "forgetting": {"avcil": _json_number(forgetting_avcil(a)),
                            "final": _json_number(forgetting_final(a))},
         }

@@ -10,11 +10,12 @@ from cign_train.metrics import plot_accuracy_matrix, summarize
 
 
 def write_metrics(run_dir: Path, rows: dict[str, list[list[float]]], seen: dict[str, list[float]],
-                  test_clips: list[int]) -> dict:
+                  eval_clips: list[int], split: str) -> dict:
     """Write the result files for the tasks evaluated so far; returns metrics.json's content.
 
     ``accuracy_matrix[m][t][i]`` (%) is modality m's accuracy on task i after task t;
-    ``average_accuracy`` is the mean over steps of the seen-class accuracy; ``forgetting`` holds
+    ``average_accuracy`` is the mean over steps of the seen-class accuracy; ``diagonal`` is each
+    task's accuracy right after it was learned (``a[t][t]``); ``forgetting`` holds
     both definitions, ``avcil`` (AV-CIL: mean over steps) and ``final`` (max minus final at the
     last step); see ``cign_train.metrics``.
     """
@@ -22,9 +23,11 @@ def write_metrics(run_dir: Path, rows: dict[str, list[list[float]]], seen: dict[
     out = {
         "accuracy_matrix": rows,
         "seen_accuracy": seen,
-        "test_clips": test_clips,
+        "eval_split": split,
+        "eval_clips": eval_clips,
         "average_accuracy": {m: v["average_accuracy"] for m, v in summary.items()},
         "final_accuracy": {m: v["final_accuracy"] for m, v in summary.items()},
+        "diagonal": {m: v["diagonal"] for m, v in summary.items()},
         "forgetting": {m: v["forgetting"] for m, v in summary.items()},
     }
     tmp = run_dir / "metrics.json.tmp"
@@ -48,11 +51,13 @@ def _fmt(v) -> str:
 
 
 def results_table(metrics: dict, label: str = "") -> str:
-    """Plain-text table: per modality, average / final accuracy and both forgetting measures (%)."""
-    head = f"{'':<14}{'avg acc':>9}{'final acc':>11}{'forget(AV-CIL)':>16}{'forget(final)':>15}"
+    """Plain-text table: per modality, average / final accuracy, both forgetting measures and the
+    diagonal (each task right after learning it) (%)."""
+    head = f"{'':<14}{'avg acc':>9}{'final acc':>11}{'forget(AV-CIL)':>16}{'forget(final)':>15}  just learned (per task)"
     lines = [label, head] if label else [head]
     for m in metrics["average_accuracy"]:
         f = metrics["forgetting"][m]
+        diag = " ".join(f"{x:.1f}" for x in metrics["diagonal"][m])
         lines.append(f"{m:<14}{_fmt(metrics['average_accuracy'][m]):>9}{_fmt(metrics['final_accuracy'][m]):>11}"
-                     f"{_fmt(f['avcil']):>16}{_fmt(f['final']):>15}")
+                     f"{_fmt(f['avcil']):>16}{_fmt(f['final']):>15}  {diag}")
     return "\n".join(lines)

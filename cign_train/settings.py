@@ -14,6 +14,8 @@ REHEARSAL_SAMPLING = ("balanced", "uniform")
 
 #: Settings that do not change a run's results (a resume may give them other values).
 OPERATIONAL = ("workers",)
+#: Splits a run can be evaluated on: hyperparameters are chosen on val; test is for reporting only.
+EVAL_SPLITS = ("val", "test")
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class TrainSettings:
     """Everything a run depends on; saved as the run's ``config.json``."""
 
     dataset: str = "avdigits"
+    name: str | None = None  # csv: the prepared store's folder name under data_dir (cign-prepare --name)
     data_dir: str = "data"
     spec: str = "cpu"  # preprocessing preset of the prepared store to read
     method: str = "cign"
@@ -40,6 +43,7 @@ class TrainSettings:
     amp: str = "auto"  # cign_train.precision: auto, bf16, fp16 (CUDA) or off
     workers: int = 2  # loader processes
     encoder_weights: str | None = None  # local ResNet18 checkpoint (ImageNet or audio-visual)
+    eval_split: str = "test"  # "val" while choosing hyperparameters, "test" only to report
     model: CIGNConfig = field(default_factory=CIGNConfig)
 
     def __post_init__(self) -> None:
@@ -47,12 +51,22 @@ class TrainSettings:
             raise ValueError(f"class_order must be 'definition' or 'seeded', got {self.class_order!r}")
         if self.rehearsal_sampling not in REHEARSAL_SAMPLING:
             raise ValueError(f"rehearsal_sampling must be one of {REHEARSAL_SAMPLING}, got {self.rehearsal_sampling!r}")
+        if self.dataset == "csv" and (not self.name or not self.tasks):
+            raise ValueError("--dataset csv needs --name (the store cign-prepare wrote under the data folder) and "
+                             "--tasks N (its classes, in the store's order, split into N equal tasks)")
+        if self.eval_split not in EVAL_SPLITS:
+            raise ValueError(f"eval_split must be one of {EVAL_SPLITS}, got {self.eval_split!r}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.first_task_epochs is not None and self.first_task_epochs < 1:
             raise ValueError(f"first_task_epochs must be >= 1, got {self.first_task_epochs}")
         if min(self.epochs, self.batch_size, self.buffer_per_class) < 1 or self.lr <= 0:
             raise ValueError("epochs, batch size and buffer size must be >= 1 and lr > 0")
+
+    @property
+    def store_name(self) -> str:
+        """The prepared store's folder under ``data_dir``: the data set, or a csv store's ``name``."""
+        return self.name if self.dataset == "csv" else self.dataset
 
     def epochs_of(self, task: int) -> int:
         """Training epochs of task ``task`` (0-based)."""

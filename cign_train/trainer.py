@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from cign_train import checkpoint as ck
@@ -20,7 +21,7 @@ from cign_train import distributed as D
 from cign_train import precision
 from cign_train.augment import Augment
 from cign_train.buffer import RehearsalBuffer
-from cign_train.data.definitions import get_definition
+from cign_train.data.definitions import DatasetDefinition, get_definition
 from cign_train.data.ingest import prepare_dataset, store_dir
 from cign_train.data.loader import Batch, batch_loader
 from cign_train.data.store import PreparedStore
@@ -62,7 +63,7 @@ def ensure_avdigits(s: TrainSettings, progress: bool = True) -> None:
 
 def make_plan(s: TrainSettings) -> Plan:
     """Open the prepared store and lay the classes out in tasks."""
-    store = PreparedStore(store_dir(Path(s.data_dir), s.dataset, s.spec))
+    store = PreparedStore(store_dir(Path(s.data_dir), s.store_name, s.spec))
     n = len(store.classes)
     if s.class_order == "seeded":
         order = [int(i) for i in np.random.default_rng(s.seed).permutation(n)]
@@ -70,8 +71,11 @@ def make_plan(s: TrainSettings) -> Plan:
         order = list(range(n))
     label_map = np.full(n, -1, dtype=np.int64)
     label_map[order] = np.arange(n)
-    # Model class k is the k-th of the run's order, so the definition's blocks are the tasks.
-    return Plan(store, order, get_definition(s.dataset).task_classes(s.tasks), label_map)
+    # Model class k is the k-th of the run's order, so the definition's blocks are the tasks. A csv
+    # store is its own definition: its classes in the order cign-prepare stored them (--classes).
+    definition = (DatasetDefinition(s.name, tuple(store.classes), s.tasks, s.spec) if s.dataset == "csv"
+                  else get_definition(s.dataset))
+    return Plan(store, order, definition.task_classes(s.tasks), label_map)
 
 
 def train_indices(plan: Plan, classes, max_per_class: int | None, seed: int) -> np.ndarray:
@@ -102,7 +106,9 @@ class Trainer:
         self.buffer = RehearsalBuffer(settings.buffer_per_class, settings.buffer_select, settings.seed)
         self.rows: dict[str, list[list[float]]] = {m: [] for m in MODALITIES}
         self.seen: dict[str, list[float]] = {m: [] for m in MODALITIES}
-        self.test_clips: list[int] = []
+        self.eval_clips: list[int] = []
+        self.global_step = 0  # optimizer steps over all tasks: the x axis of the TensorBoard losses
+        self.writer: SummaryWriter | None = None
         self.amp_dtype = precision.autocast_dtype(settings.amp, self.dist.device)
         self.augment = Augment(self.spec) if settings.augment else None
 
@@ -165,7 +171,8 @@ class Trainer:
             model.load_state_dict(saved.model)
             self.buffer.load_state_dict(saved.buffer)
             ev = saved.evaluation
-            self.rows, self.seen, self.test_clips = ev["rows"], ev["seen"], ev["test_clips"]
+            self.rows, self.seen, self.eval_clips = ev["rows"], ev["seen"], ev["eval_clips"]
+            self.global_step = int(ev.get("global_step", 0))
         else:
             model = self.build_model(len(plan.task_classes[0]))
         method: Method = method_cls(model, s.model)
@@ -174,9 +181,20 @@ class Trainer:
         for t in range(done + 1, n_tasks):
             self.train_task(method, model, t, resume=resume and t == done + 1)
         D.barrier(self.dist)
-        summary = write_metrics(self.run_dir, self.rows, self.seen, self.test_clips) if self.dist.main else {}
+        summary = write_metrics(self.run_dir, self.rows, self.seen, self.eval_clips, s.eval_split) if self.dist.main else {}
+        if self.writer is not None:
+            self.writer.close()
         D.teardown(self.dist)
         return summary
+
+    def open_writer(self, resume: bool) -> None:
+        """TensorBoard event files in ``run_dir/tensorboard``: every loss term per optimizer step
+        (``loss/*``), and per task t the seen-class accuracy (``accuracy_seen/<modality>``) and each
+        task's (``accuracy_task<i>/<modality>``). Opened when training starts (after a resume has
+        restored the step count), a resume purges what the interrupted run logged past that step,
+        so the curves do not double back."""
+        purge = self.global_step if resume else None
+        self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge)
 
     def task(self, t: int) -> Task:
         old = tuple(k for tc in self.plan.task_classes[:t] for k in tc)
@@ -199,10 +217,13 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=s.lr)
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        new_idx = train_indices(self.plan, task.new_classes, s.max_per_class, s.seed)
+        new_idx = train_indices(self.plan, task.old_classes + task.new_classes if method.TRAINS_ON_SEEN
+                                else task.new_classes, s.max_per_class, s.seed)
         idx = np.union1d(new_idx, self.buffer.indices) if method.NEEDS_BUFFER else new_idx
         weights = self.class_balance(idx) if len(idx) > len(new_idx) else None
         start_epoch = self.restore_last(t, model, optimizer, scaler) if resume else 0
+        if self.dist.main and self.writer is None:
+            self.open_writer(resume)
         if resume and self.dist.main:
             tqdm.write(self.resume_point(t, start_epoch))
         last = {}
@@ -213,18 +234,25 @@ class Trainer:
         method.end_task(task)
         if method.NEEDS_BUFFER:
             self.update_buffer(model, new_idx)
-        acc = evaluate_tasks(model, self.plan, t, self.inputs, self.autocast, s.batch_size, s.workers, self.dist)
+        acc = evaluate_tasks(model, self.plan, t, self.inputs, self.autocast, s.batch_size, s.workers, self.dist,
+                             s.eval_split)
         for m in MODALITIES:
             self.rows[m].append(acc.per_task[m])
             self.seen[m].append(acc.seen[m])
-        self.test_clips = acc.test_clips
+        self.eval_clips = acc.eval_clips
+        if self.writer is not None:
+            for m in MODALITIES:
+                self.writer.add_scalar(f"accuracy_seen/{m}", acc.seen[m], t)
+                for i, a in enumerate(acc.per_task[m]):
+                    self.writer.add_scalar(f"accuracy_task{i}/{m}", a, t)
+            self.writer.flush()
         if self.dist.main:
             self.save_task(t, model)
-            write_metrics(self.run_dir, self.rows, self.seen, self.test_clips)
+            write_metrics(self.run_dir, self.rows, self.seen, self.eval_clips, s.eval_split)
             (self.run_dir / "last.pt").unlink(missing_ok=True)
             loss_txt = " ".join(f"{k} {v:.3f}" for k, v in last.items())
             tqdm.write(
-                f"task {t + 1}/{len(self.plan.task_classes)} classes {list(task.new_classes)}: seen-class accuracy "
+                f"task {t + 1}/{len(self.plan.task_classes)} classes {list(task.new_classes)}: seen-class {s.eval_split} accuracy "
                 f"audio-visual {acc.seen['audio_visual']:.1f}%, audio {acc.seen['audio']:.1f}%, "
                 f"visual {acc.seen['visual']:.1f}% | {loss_txt} | {len(idx)} train clips, "
                 f"{time.perf_counter() - started:.0f} s"
@@ -271,6 +299,9 @@ class Trainer:
             scaler.update()
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
+                if self.writer is not None:
+                    self.writer.add_scalar(f"loss/{k}", v, self.global_step)
+            self.global_step += 1
             bar.set_postfix(loss=f"{values['total']:.3f}")
         return {k: v / max(1, len(loader)) for k, v in sums.items()}
 
@@ -304,7 +335,8 @@ class Trainer:
             method=self.s.method,
             settings=self.s.to_dict(),
             buffer=self.buffer.state_dict(),
-            evaluation={"rows": self.rows, "seen": self.seen, "test_clips": self.test_clips},
+            evaluation={"rows": self.rows, "seen": self.seen, "eval_clips": self.eval_clips,
+                        "global_step": self.global_step},
             world_size=self.dist.world,
         ).save(ck.task_path(self.run_dir, t))
 
@@ -321,6 +353,7 @@ class Trainer:
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "rng": torch.get_rng_state(),
+                "global_step": self.global_step,
             },
             self.run_dir / "last.pt",
         )
@@ -338,6 +371,7 @@ class Trainer:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
+        self.global_step = int(state.get("global_step", self.global_step))
         return int(state["epochs_done"])
 
     def resume_point(self, t: int, epochs_done: int) -> str:

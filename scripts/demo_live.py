@@ -61,7 +61,7 @@ def main() -> None:
     pooled = args.out / "latency.jsonl"
     pooled.write_text("".join(json.dumps(r) + "\n" for r in records))
 
-    print(f"\n| clip | class | answer (calibrated) | top p_av | top p_audio | top p_visual |\n|---|---|---|---|---|---|")
+    print("\n| clip | class | answer (calibrated) | top p_av | top p_audio | top p_visual |\n|---|---|---|---|---|---|")
     for name, label, answer, tops in rows:
         print(f"| {name} | {label} | {answer} | {tops['p_av']} | {tops['p_audio']} | {tops['p_visual']} |")
     n = len(rows)

@@ -22,4 +22,4 @@ def test_torchrun_two_processes_gloo(tiny_avdigits, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     # Each rank scored half of the test split; the summed counts cover every test clip of both tasks.
     assert len(metrics["accuracy_matrix"]["audio_visual"]) == 2
-    assert metrics["test_clips"] == [15, 15]
+    assert metrics["eval_clips"] == [15, 15] and metrics["eval_split"] == "test"

@@ -1,6 +1,8 @@
 """Decoding real mp4 files, including every bad-input case the prepare step must survive."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -95,3 +97,31 @@ def test_truncated_mp4_is_rejected(tmp_path):
 def test_decoded_window_matches_spectrogram_spec(tmp_path):
     clip = decode_clip(write_clip(tmp_path / "c.mp4"), SPEC)
     assert log_spectrogram(SPEC, clip.audio).shape == SPEC.spectrogram_shape
+
+
+def off_centre_clip(path, rate=22050):
+    """A 6 s clip silent except for a 1 kHz tone at 0.2-0.8 s: outside the centred 1.5-4.5 s window."""
+    audio = np.zeros((1, 6 * rate), np.float32)
+    audio[0, int(0.2 * rate) : int(0.8 * rate)] = tone(0.6, rate, freq=1000.0)[0]
+    return write_clip(path, seconds=6.0, audio=audio, sample_rate=rate, fps=10, width=64, height=64)
+
+
+def test_silent_rejection_names_the_window_and_where_the_sound_is(tmp_path):
+    path = off_centre_clip(tmp_path / "early.mp4")
+    with pytest.raises(ClipError) as info:
+        decode_clip(path, SPEC)
+    detail = info.value.detail
+    assert info.value.reason == "silent" and "center audio window 1.5" in detail and "-4.5" in detail
+    assert re.search(r"the clip has sound at 0\.[12]\d-0\.8\d s \(--window loudest", detail), detail
+    silent = write_clip(tmp_path / "silent.mp4", audio=np.zeros((1, 88200), np.float32))
+    with pytest.raises(ClipError, match="the whole clip is silent"):
+        decode_clip(silent, SPEC)
+
+
+def test_loudest_window_takes_the_off_centre_sound_and_its_frame(tmp_path):
+    path = off_centre_clip(tmp_path / "early.mp4")
+    clip = decode_clip(path, SPEC, window="loudest")
+    loud = np.flatnonzero(np.abs(clip.audio) > 0.1)
+    assert loud.size and loud[0] / SPEC.sample_rate < 0.3  # the window starts at the clip start (the tone at 0.2 s)
+    # Its centre is 1.5 s: the frame shown then is frame 15 (gradient_frame's blue channel is 40 * t).
+    assert abs(float(clip.frame[..., 2].mean()) - float(gradient_frame(64, 64, 15)[..., 2].mean())) < 6

@@ -150,27 +150,33 @@ def test_live_on_a_real_microphone_hears_the_clip_played_into_it(learned, pulse)
     # Each fed spectrogram against the file's at every media time (10 ms grid): where it matches, the
     # lag (wall time since playback started - matched media time) must stay constant (continuous audio,
     # neither dropped nor repeated) and the model must answer the captured window as it answers the
-    # file's. The lag itself is mostly pacat's and PulseAudio's buffering (1.3 s here), not the runtime's.
+    # file's. The lag itself is pacat's and PulseAudio's start-up and buffering (0.5-1.4 s here), not the runtime's.
     grid = np.arange(0.5, 4.0 + 1e-9, 0.01)
     reference = [spec_of(spec, file_audio.window_at(t)).ravel() for t in grid]
     black = np.zeros((1, *spec.frame_shape), np.uint8)
 
-    def top_audio(spectrogram):
+    def p_audio(spectrogram):
         feed = mf.feed(black, spectrogram[None])
-        return int(np.argmax(model.model.predict(feed[mf.FRAME], feed[mf.SPECTROGRAM])["p_audio"][0]))
+        return model.model.predict(feed[mf.FRAME], feed[mf.SPECTROGRAM])["p_audio"][0]
 
-    lags, agree = [], 0
+    lags, answers = [], []
     for at, fed in model.fed:
         if fed.std() == 0:  # silence before the clip reached the capture device
             continue
-        corr = np.array([np.corrcoef(fed.ravel(), r)[0, 1] for r in reference])
+        corr = np.array([np.corrcoef(fed.ravel(), r)[0, 1] if r.std() > 0 else 0.0 for r in reference])
         best = int(np.argmax(corr))
         if corr[best] > 0.85 and 1.5 <= grid[best] <= 3.9:  # a window inside the clip, not at its edges
             lags.append(at - started - grid[best])
-            agree += top_audio(fed) == top_audio(spec_of(spec, file_audio.window_at(grid[best])))
+            answers.append((p_audio(fed), p_audio(spec_of(spec, file_audio.window_at(grid[best])))))
     assert len(lags) >= 6, f"only {len(lags)} captured windows matched the clip"
     assert max(lags) - min(lags) < 0.1, f"the capture drifted against playback: lags {np.round(lags, 3)}"
-    assert agree >= len(lags) - 1, f"the model answered {agree} of {len(lags)} captured windows as it does the file's"
+    # The model's p_audio on a captured window is the file window's (measured: max |difference| 0.003-0.073);
+    # where the file's answer is clear (top-2 gap > 0.1) the captured one is the same class.
+    for captured, from_file in answers:
+        assert np.abs(captured - from_file).max() < 0.15, (captured, from_file)
+        top2 = np.sort(from_file)[-2:]
+        if top2[1] - top2[0] > 0.1:
+            assert captured.argmax() == from_file.argmax(), (captured, from_file)
     assert stats.overflows == 0 and stats.callback_p99_s < 1e-3
     assert log.counts.get("overflow", 0) == 0 and len(results) >= 20
     # The idle null sink delivers no callbacks until the player starts streaming into it (~1.3 s of

@@ -62,6 +62,7 @@ def test_seen_accuracy_weights_tasks_by_test_size():
 def test_summarize_is_json_ready():
     out = metrics.summarize({"audio": A, "visual": [[50.0]]}, {"audio": SEEN, "visual": [50.0]})
     assert out["audio"] == {"average_accuracy": pytest.approx(245 / 3), "final_accuracy": 70.0,
+                            "diagonal": [A[0][0], A[1][1], A[2][2]],
                             "forgetting": {"avcil": pytest.approx(11.25), "final": pytest.approx(27.5)}}
     assert out["visual"]["forgetting"] == {"avcil": None, "final": None}
     json.dumps(out, allow_nan=False)

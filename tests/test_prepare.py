@@ -156,3 +156,31 @@ def test_cli_reports_missing_inputs_clearly(tmp_path):
     result = CliRunner().invoke(prepare_cli, ["--dataset", "vggsound100", "--data-dir", str(tmp_path)])
     assert result.exit_code != 0
     assert "--dataset vggsound100 needs --index" in result.output
+
+
+def test_window_loudest_keeps_an_off_centre_clip_that_center_rejects(tmp_path):
+    """cign-prepare --window loudest: a user clip whose sound lies outside the centred 3 s is kept (its
+    loudest 3 s), where the default rejects it as silent naming the window; the choice is part of the plan."""
+    rate = 22050
+    audio = np.zeros((1, 6 * rate), np.float32)
+    audio[0, int(0.2 * rate) : int(0.8 * rate)] = tone(0.6, rate, freq=1000.0)[0]
+    write_clip(tmp_path / "early.mp4", seconds=6.0, audio=audio, sample_rate=rate)
+    write_clip(tmp_path / "steady.mp4", audio=tone(4.0, rate, freq=500.0))
+    index = tmp_path / "own.csv"
+    index.write_text("file,label,split\nearly.mp4,bell,train\nsteady.mp4,hum,train\n")
+    runner = CliRunner()
+    base = ["--dataset", "csv", "--index", str(index), "--preset", "cpu", "--data-dir", str(tmp_path / "data"),
+            "--workers", "1"]
+    centred = runner.invoke(prepare_cli, base)
+    assert centred.exit_code == 0, centred.output
+    rejected = list(csv.DictReader(open(store_dir(tmp_path / "data", "own", "cpu") / "rejected.csv")))
+    assert [(r["id"], r["reason"]) for r in rejected] == [("early", "silent")]
+    assert "center audio window 1.5" in rejected[0]["detail"] and "--window loudest" in rejected[0]["detail"]
+    again = runner.invoke(prepare_cli, base + ["--window", "loudest"])
+    assert again.exit_code == 1 and "--overwrite" in again.output  # another window is another store
+    loudest = runner.invoke(prepare_cli, base + ["--window", "loudest", "--overwrite"])
+    assert loudest.exit_code == 0, loudest.output
+    store = PreparedStore(store_dir(tmp_path / "data", "own", "cpu"))
+    assert sorted(store.ids) == ["early", "steady"]
+    early = store.ids.index("early")
+    assert float(store.spectrograms([early]).max()) > 0  # the tone is in the stored window (silence: ln 1e-7)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -29,7 +30,7 @@ def tiny_settings(data_dir, **kw) -> TrainSettings:
     return TrainSettings(**{**base, **kw})
 
 
-@pytest.mark.parametrize("method", ["cign", "finetune"])
+@pytest.mark.parametrize("method", ["cign", "finetune", "joint"])
 def test_each_method_runs_two_tasks_and_writes_every_output(tiny_avdigits, tmp_path, method):
     run = tmp_path / method
     metrics = Trainer(tiny_settings(tiny_avdigits, method=method), run, progress=False).run()
@@ -57,6 +58,71 @@ def test_each_method_runs_two_tasks_and_writes_every_output(tiny_avdigits, tmp_p
         assert len(buffer["classes"]) == 10 and all(len(ix) == 2 for ix in buffer["indices"])
     else:
         assert buffer["classes"] == []
+
+
+def test_eval_split_scores_val_or_test_and_training_never_sees_either(tiny_avdigits, tmp_path):
+    """Hyperparameters are chosen on val (``--eval-split val``), test is for reporting: each run scores
+    exactly its split's clips (1 val and 3 test clips per class here), and training draws train clips only."""
+    from cign_train.trainer import make_plan, train_indices
+
+
+    for split, per_class in (("val", 1), ("test", 3)):
+        run = tmp_path / split
+        metrics = Trainer(tiny_settings(tiny_avdigits, eval_split=split), run, progress=False).run()
+        assert metrics["eval_split"] == split and metrics["eval_clips"] == [5 * per_class, 5 * per_class]
+        assert torch.load(run / "task_1.pt", weights_only=True)["evaluation"]["eval_clips"] == metrics["eval_clips"]
+    plan = make_plan(tiny_settings(tiny_avdigits))
+    splits = np.asarray(plan.store.splits)
+    for classes in plan.task_classes:
+        assert set(splits[train_indices(plan, classes, None, 0)]) == {"train"}
+    with pytest.raises(ValueError, match="eval_split must be one of"):
+        tiny_settings(tiny_avdigits, eval_split="train")
+
+
+def test_a_users_csv_store_trains_in_its_class_order(tiny_avdigits, tmp_path):
+    """Own data: a CSV of clips with the user's labels, prepared with cign-prepare --dataset csv, trains with
+    cign-train --dataset csv --name NAME --tasks N; the classes file's order is the task order."""
+    rows = [r.split(",") for r in (tiny_avdigits / "avdigits" / "avdigits.csv").read_text().splitlines()]
+    names = {"zero": "dog", "one": "bell", "two": "car", "three": "rain"}  # four of the digits, renamed
+    index = tmp_path / "mine.csv"
+    with open(index, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "label", "split"])
+        for youtube_id, start, label, split in rows:
+            if label in names:
+                w.writerow([f"{youtube_id}_{int(start):06d}.mp4", names[label], split])
+    order = tmp_path / "order.txt"
+    order.write_text("rain\ncar\nbell\ndog\n")
+    data = tmp_path / "data"
+    prep = subprocess.run([sys.executable, "-m", "cign_train.cli.prepare", "--dataset", "csv", "--index", str(index),
+                           "--clips-dir", str(tiny_avdigits / "avdigits" / "clips"), "--classes", str(order),
+                           "--name", "sounds", "--preset", "cpu", "--data-dir", str(data), "--workers", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert prep.returncode == 0, prep.stderr[-2000:]
+    base = [sys.executable, "-m", "cign_train.cli.train", "--dataset", "csv", "--name", "sounds", "--preset", "cpu",
+            "--data-dir", str(data), "--epochs", "1", "--batch-size", "8", "--dim", "32", "--depth", "1", "--heads", "4",
+            "--workers", "0", "--no-progress"]
+    missing = subprocess.run(base, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "--dataset csv needs --name" in missing.stderr and "--tasks N" in missing.stderr
+    run = tmp_path / "run"
+    train = subprocess.run(base + ["--tasks", "2", "--out", str(run)], capture_output=True, text=True, timeout=600)
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert "cign on sounds, 2 tasks, test split" in train.stdout
+    ckpt = torch.load(run / "task_1.pt", weights_only=True)
+    assert ckpt["classes"] == ["rain", "car", "bell", "dog"] and ckpt["classes_per_task"] == [2, 2]
+    assert json.loads((run / "metrics.json").read_text())["eval_clips"] == [6, 6]  # 3 test clips per class
+
+
+def test_joint_trains_each_task_on_every_seen_class(tiny_avdigits, tmp_path, capsys):
+    """The joint upper bound's second task trains on all ten classes' clips (4 each here), fine-tuning's
+    on its own five; neither keeps a buffer."""
+    clips = {}
+    for method in ("joint", "finetune"):
+        Trainer(tiny_settings(tiny_avdigits, method=method), tmp_path / method, progress=False).run()
+        lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("task 2/2")]
+        clips[method] = int(lines[0].split("| ")[-1].split(" train clips")[0])
+        assert torch.load(tmp_path / method / "task_1.pt", weights_only=True)["buffer"]["classes"] == []
+    assert clips == {"joint": 40, "finetune": 20}
 
 
 def test_methods_are_discovered_by_file_name():
@@ -206,3 +272,27 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tiny_avdigits, tmp_pat
     a = torch.load(run / "task_1.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "whole" / "task_1.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # The TensorBoard curves too: what the killed run logged past its last saved epoch is purged.
+    whole_tb, resumed_tb = scalars(tmp_path / "whole"), scalars(run)
+    assert whole_tb.keys() == resumed_tb.keys() and {"loss/total", "loss/bce", "accuracy_seen/audio_visual"} <= whole_tb.keys()
+    for tag in whole_tb:
+        assert resumed_tb[tag] == whole_tb[tag], tag
+
+
+def scalars(run) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of a run's TensorBoard events as (step, value), as TensorBoard shows it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    return {tag: [(e.step, round(e.value, 5)) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_logs_every_loss_per_step_and_accuracy_per_task(tiny_run):
+    tb = scalars(tiny_run)
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    steps = torch.load(tiny_run / "task_1.pt", weights_only=True)["evaluation"]["global_step"]
+    for term in ("total", "bce", "kl", "ce", "ctl"):
+        assert [s for s, _ in tb[f"loss/{term}"]] == list(range(steps)), term
+    for m in ("audio", "visual", "audio_visual"):
+        assert [v for _, v in tb[f"accuracy_seen/{m}"]] == [round(x, 5) for x in metrics["seen_accuracy"][m]]
+        assert [v for _, v in tb[f"accuracy_task0/{m}"]] == [round(r[0], 5) for r in metrics["accuracy_matrix"][m]]

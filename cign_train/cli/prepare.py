@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from cign_runtime.spec import PRESETS
+from cign_train.data.decode import WINDOWS
 from cign_train.data.definitions import DATASETS
 from cign_train.data.ingest import Sources, prepare_dataset
 
@@ -29,13 +30,17 @@ _path = click.Path(path_type=Path)
 @click.option("--workers", type=int, help="Decoding processes [default: all cores].")
 @click.option("--min-audio-seconds", type=float, default=1.0, show_default=True,
               help="Shorter clips are rejected; longer ones shorter than the window are zero-padded.")
+@click.option("--window", type=click.Choice(WINDOWS), default="center", show_default=True,
+              help="Which window of a longer clip is the sample: the centred one (VGGSound clips are centred on "
+                   "their event) or the loudest (own clips whose sound is off-centre).")
 @click.option("--overwrite", is_flag=True, help="Rebuild a store that was prepared from different inputs.")
 def main(dataset, data_dir, preset, index, clips_dir, splits_dir, classes_file, name, seed, workers,
-         min_audio_seconds, overwrite):
+         min_audio_seconds, window, overwrite):
     """Decode every clip of DATASET once (PyAV) into a memory-mapped prepared store."""
     sources = Sources(index=index, clips_dir=clips_dir, splits_dir=splits_dir, classes_file=classes_file, name=name)
     try:
-        report = prepare_dataset(dataset, data_dir, sources, preset, seed, workers, min_audio_seconds, overwrite)
+        report = prepare_dataset(dataset, data_dir, sources, preset, seed, workers, min_audio_seconds, overwrite,
+                                 window=window)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(report.summary())

@@ -13,7 +13,7 @@ from cign_train.data.definitions import DATASETS, get_definition
 from cign_train.methods import available
 from cign_train.precision import AMP_CHOICES
 from cign_train.reporting import results_table
-from cign_train.settings import PRESETS, REHEARSAL_SAMPLING, TrainSettings, preset_settings
+from cign_train.settings import EVAL_SPLITS, PRESETS, REHEARSAL_SAMPLING, TrainSettings, preset_settings
 from cign_train.trainer import NonFiniteLoss, Trainer
 
 #: Options that do not change a run's results: a resume may give them other values.
@@ -65,9 +65,11 @@ def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--dataset", type=click.Choice([d for d in DATASETS if d != "csv"]), default="avdigits", show_default=True)
+@click.option("--dataset", type=click.Choice(DATASETS), default="avdigits", show_default=True)
+@click.option("--name", help="csv: the store's folder name under --data-dir (cign-prepare --name; default there: the CSV's stem).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Training preset [default: the data set's: cpu for avdigits, else paper].")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Training preset [default: the data set's: cpu for "
+              "avdigits, else paper; csv: paper, like cign-prepare].")
 @click.option("--method", type=click.Choice(available()), default="cign", show_default=True)
 @click.option("--epochs", type=int, help="Epochs per task.")
 @click.option("--first-task-epochs", type=int, help="Epochs of the first task [default: --epochs if given, else the preset's (cpu 12)].")
@@ -85,6 +87,8 @@ def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
 @click.option("--amp", type=click.Choice(AMP_CHOICES), help="Mixed precision: auto = bf16 on CUDA and on CPUs with native bf16.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (e.g. 1 when other jobs share the cores) [default: torch's].")
 @click.option("--workers", type=int, help="Loader processes.")
+@click.option("--eval-split", type=click.Choice(EVAL_SPLITS), help="Split every task is scored on: val while "
+              "choosing hyperparameters, test only to report [default: test].")
 @click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), help="Local ResNet18 checkpoint for both encoders.")
 @click.option("--dim", type=int, help="Embedding width D of features and class tokens.")
 @click.option("--depth", type=int, help="Self-attention layers (1/3/6/12).")
@@ -97,23 +101,26 @@ def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
               "the settings of its config.json (other options may only repeat them; --threads, --workers, "
               "--no-progress may differ).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (one line per task still prints).")
-def main(dataset, data_dir, preset, method, epochs, first_task_epochs, batch_size, lr, tasks, class_order, max_per_class,
-         buffer_per_class, buffer_select, rehearsal_sampling, augment, seed, device, amp, threads, workers, encoder_weights, dim, depth, heads, assign,
-         no_avctd, no_avcg, out, resume, no_progress):
+def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, batch_size, lr, tasks, class_order, max_per_class,
+         buffer_per_class, buffer_select, rehearsal_sampling, augment, seed, device, amp, threads, workers, eval_split, encoder_weights, dim, depth, heads,
+         assign, no_avctd, no_avcg, out, resume, no_progress):
     """Train CIGN (or another --method) task by task, evaluate, and print the results table."""
     if threads is not None:
         torch.set_num_threads(threads)
-    out = out or Path("runs") / f"{dataset}-{method}-seed{seed}"
+    out = out or Path("runs") / f"{name if dataset == 'csv' and name else dataset}-{method}-seed{seed}"
     if resume:
         settings = resume_settings(click.get_current_context(), out)
     else:
-        preset = preset or get_definition(dataset).preset
-        settings = preset_settings(
-            preset, dataset=dataset, data_dir=str(data_dir), method=method, epochs=epochs, first_task_epochs=first_task_epochs, batch_size=batch_size,
-            lr=lr, tasks=tasks, class_order=class_order, max_per_class=max_per_class,
-            buffer_per_class=buffer_per_class, buffer_select=buffer_select, rehearsal_sampling=rehearsal_sampling, augment=augment, seed=seed, device=device, amp=amp,
-            workers=workers, encoder_weights=encoder_weights,
-        )
+        preset = preset or ("paper" if dataset == "csv" else get_definition(dataset).preset)
+        try:
+            settings = preset_settings(
+                preset, dataset=dataset, name=name, data_dir=str(data_dir), method=method, epochs=epochs, first_task_epochs=first_task_epochs, batch_size=batch_size,
+                lr=lr, tasks=tasks, class_order=class_order, max_per_class=max_per_class,
+                buffer_per_class=buffer_per_class, buffer_select=buffer_select, rehearsal_sampling=rehearsal_sampling, augment=augment, seed=seed, device=device, amp=amp,
+                workers=workers, encoder_weights=encoder_weights, eval_split=eval_split,
+            )
+        except ValueError as e:
+            raise click.UsageError(str(e)) from e
         model_overrides = {k: v for k, v in dict(dim=dim, depth=depth, heads=heads, assign=assign).items() if v is not None}
         if no_avctd:
             model_overrides["use_avctd"] = False
@@ -127,7 +134,8 @@ def main(dataset, data_dir, preset, method, epochs, first_task_epochs, batch_siz
     except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLoss) as e:
         raise click.ClickException(str(e)) from e
     if trainer.dist.main:
-        click.echo(results_table(metrics, f"{method} on {dataset}, {len(metrics['accuracy_matrix']['audio'])} tasks (%)"))
+        click.echo(results_table(metrics, f"{settings.method} on {settings.store_name}, {len(metrics['accuracy_matrix']['audio'])} "
+                                          f"tasks, {metrics['eval_split']} split (%)"))
         click.echo(f"results in {out}/ (metrics.json, metrics.csv, accuracy_matrix.png, task_*.pt)")
 
 

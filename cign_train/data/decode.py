@@ -24,6 +24,8 @@ from cign_runtime.spec import PreprocessSpec, fit_window, resize_frame
 
 #: Peak amplitude below which a window counts as silent (-80 dBFS).
 SILENCE_PEAK = 1e-4
+#: Which analysis window of a clip longer than it becomes the sample (``cign-prepare --window``).
+WINDOWS = ("center", "loudest")
 
 
 class ClipError(Exception):
@@ -72,8 +74,31 @@ def _frame_at(container: av.container.InputContainer, stream, t: float) -> np.nd
     return None if best is None else best.to_ndarray(format="rgb24")
 
 
-def decode_clip(path: Path | str, spec: PreprocessSpec, min_audio_seconds: float = 1.0) -> DecodedClip:
-    """Decode ``path`` into a resized frame and a ``spec.clip_seconds`` mono window."""
+def window_start(audio: np.ndarray, n: int, window: str, rate: int) -> int:
+    """First sample of the ``n``-sample analysis window in ``audio`` (longer than ``n``).
+
+    ``center``: the centred window (VGGSound clips are cut around their event). ``loudest``: the
+    window with the most energy, searched on a 10 ms grid (user clips whose sound is off-centre).
+    """
+    if window == "center":
+        return (audio.shape[0] - n) // 2
+    if window != "loudest":
+        raise ValueError(f"window must be one of {WINDOWS}, got {window!r}")
+    energy = np.concatenate([[0.0], np.cumsum(np.square(audio, dtype=np.float64))])
+    starts = np.arange(0, audio.shape[0] - n + 1, max(1, rate // 100))
+    return int(starts[np.argmax(energy[starts + n] - energy[starts])])
+
+
+def loud_span(audio: np.ndarray, rate: int, start: float) -> str:
+    """Where ``audio`` (starting at ``start`` s) exceeds the silence threshold, as 'a-b s', or ''."""
+    loud = np.flatnonzero(np.abs(audio) >= SILENCE_PEAK)
+    return "" if loud.size == 0 else f"{start + loud[0] / rate:.2f}-{start + (loud[-1] + 1) / rate:.2f} s"
+
+
+def decode_clip(path: Path | str, spec: PreprocessSpec, min_audio_seconds: float = 1.0,
+                window: str = "center") -> DecodedClip:
+    """Decode ``path`` into a resized frame and a ``spec.clip_seconds`` mono window (``window``: which
+    ``spec.clip_seconds`` of a longer clip, see :func:`window_start`; the frame is the one at its centre)."""
     path = Path(path)
     if not path.is_file():
         raise ClipError(path, "missing file", "no such file")
@@ -99,15 +124,25 @@ def decode_clip(path: Path | str, spec: PreprocessSpec, min_audio_seconds: float
             )
         if audio.shape[0] < spec.n_samples:
             notes.append(f"padded {seconds:.2f} s of audio to {spec.clip_seconds:g} s")
-        centre = start + seconds / 2
-        window = fit_window(audio, spec.n_samples)
-        peak = float(np.abs(window).max())
+        if audio.shape[0] > spec.n_samples:
+            first = window_start(audio, spec.n_samples, window, spec.sample_rate)
+            samples = audio[first : first + spec.n_samples]
+            span = (start + first / spec.sample_rate, start + (first + spec.n_samples) / spec.sample_rate)
+        else:
+            samples = fit_window(audio, spec.n_samples)
+            span = (start, start + seconds)
+        centre = (span[0] + span[1]) / 2
+        peak = float(np.abs(samples).max())
         if peak < SILENCE_PEAK:
-            raise ClipError(path, "silent", f"audio window peak {peak:.1e} is below {SILENCE_PEAK:.0e}")
+            elsewhere = loud_span(audio, spec.sample_rate, start)
+            hint = (f"; the clip has sound at {elsewhere} (--window loudest takes the loudest {spec.clip_seconds:g} s)"
+                    if elsewhere else "; the whole clip is silent")
+            raise ClipError(path, "silent", f"the {window} audio window {span[0]:.2f}-{span[1]:.2f} s peaks at "
+                                            f"{peak:.1e}, below {SILENCE_PEAK:.0e}{hint}")
         try:
             rgb = _frame_at(container, vstream, centre)
         except av.error.FFmpegError as e:
             raise ClipError(path, "corrupt", f"video decoding failed ({e})") from e
         if rgb is None:
             raise ClipError(path, "no video frames", "the video stream decoded to no frames")
-    return DecodedClip(frame=resize_frame(spec, rgb), audio=window, notes=notes)
+    return DecodedClip(frame=resize_frame(spec, rgb), audio=samples, notes=notes)

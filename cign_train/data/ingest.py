@@ -46,6 +46,7 @@ def prepare_dataset(
     min_audio_seconds: float = 1.0,
     overwrite: bool = False,
     progress: bool = True,
+    window: str = "center",
 ) -> PrepareReport:
     """Build (or resume, or confirm) the prepared store of ``dataset``; returns the report."""
     sources = sources or Sources()
@@ -79,4 +80,5 @@ def prepare_dataset(
         min_audio_seconds=min_audio_seconds,
         overwrite=overwrite,
         progress=progress,
+        window=window,
     )

@@ -52,11 +52,11 @@ class PrepareReport:
 _WORKER: dict = {}
 
 
-def _init_worker(root: str, spec_json: str, capacity: int, min_audio_seconds: float) -> None:
+def _init_worker(root: str, spec_json: str, capacity: int, min_audio_seconds: float, window: str) -> None:
     torch.set_num_threads(1)
     spec = PreprocessSpec.from_json(spec_json)
     frames, spectrograms = st.open_arrays(Path(root), spec, capacity, "r+")
-    _WORKER.update(spec=spec, frames=frames, spectrograms=spectrograms, min_audio=min_audio_seconds)
+    _WORKER.update(spec=spec, frames=frames, spectrograms=spectrograms, min_audio=min_audio_seconds, window=window)
 
 
 def _prepare_rows(jobs: list[tuple[int, str]]) -> list[tuple[int, str | None, str, list[str]]]:
@@ -65,7 +65,7 @@ def _prepare_rows(jobs: list[tuple[int, str]]) -> list[tuple[int, str | None, st
     results = []
     for row, path in jobs:
         try:
-            clip = decode_clip(path, spec, _WORKER["min_audio"])
+            clip = decode_clip(path, spec, _WORKER["min_audio"], _WORKER["window"])
         except ClipError as e:
             results.append((row, e.reason, e.detail, []))
             continue
@@ -101,11 +101,13 @@ def prepare_store(
     min_audio_seconds: float = 1.0,
     overwrite: bool = False,
     progress: bool = True,
+    window: str = "center",
 ) -> PrepareReport:
-    """Prepare (or resume, or confirm) the store at ``root`` for ``candidates``."""
+    """Prepare (or resume, or confirm) the store at ``root`` for ``candidates`` (``window``: see
+    :func:`cign_train.data.decode.window_start`)."""
     candidates, duplicates = _dedupe(candidates)
     listing_rejected = list(listing_rejected) + duplicates
-    plan = st.plan_document(dataset, spec, classes, candidates)
+    plan = st.plan_document(dataset, spec, classes, candidates, window)
     root = Path(root)
     plan_path = root / "plan.json"
     if plan_path.is_file():
@@ -135,7 +137,7 @@ def prepare_store(
     bar = tqdm(total=len(candidates), initial=len(candidates) - len(pending), desc=f"prepare {dataset}",
                unit="clip", disable=not progress)
     with open(progress_path, "a", encoding="utf-8") as log, ctx.Pool(
-        n_workers, _init_worker, (str(root), spec.to_json(), capacity, min_audio_seconds)
+        n_workers, _init_worker, (str(root), spec.to_json(), capacity, min_audio_seconds, window)
     ) as pool:
         for results in pool.imap_unordered(_prepare_rows, chunks):
             for row, reason, detail, notes in results:

@@ -36,7 +36,11 @@ def write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def plan_document(dataset: str, spec: PreprocessSpec, classes, candidates: list[Candidate]) -> dict:
+def plan_document(dataset: str, spec: PreprocessSpec, classes, candidates: list[Candidate],
+                  window: str = "center") -> dict:
+    """What a store is prepared from; its digest decides whether a store on disk is this one. The
+    window choice is recorded only when it is not the default ``center`` (stores from before it existed
+    stay valid)."""
     body = {
         "format": FORMAT,
         "version": VERSION,
@@ -45,6 +49,8 @@ def plan_document(dataset: str, spec: PreprocessSpec, classes, candidates: list[
         "classes": list(classes),
         "candidates": [asdict(c) for c in candidates],
     }
+    if window != "center":
+        body["window"] = window
     body["digest"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
     return body
 

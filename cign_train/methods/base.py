@@ -38,6 +38,9 @@ class Method:
 
     NAME: ClassVar[str]
     NEEDS_BUFFER: ClassVar[bool]
+    #: True: each task trains on every seen class's full training data (the joint upper bound),
+    #: not only the new classes' (plus the buffer when ``NEEDS_BUFFER``).
+    TRAINS_ON_SEEN: ClassVar[bool] = False
 
     def __init__(self, model: CIGN, cfg: CIGNConfig):
         for attr in ("NAME", "NEEDS_BUFFER"):
