@@ -102,8 +102,21 @@ def evaluate(model: Correspondence, store: PreparedStore, idx: np.ndarray, s: Pr
     return {"loss": float(np.mean(losses)), "retrieval": float(np.mean(accs))}
 
 
+def save(out: Path, model: Correspondence, s: PretrainSettings, store: PreparedStore, history: dict) -> None:
+    """Write the backbones (``audio`` / ``visual``, the ``--encoder-weights`` layout) and the run's record, atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({"audio": {k: v.cpu() for k, v in model.audio.state_dict().items()},
+                "visual": {k: v.cpu() for k, v in model.visual.state_dict().items()},
+                "pretrain": {"settings": s.to_dict(), "store": str(store.root), "spec": store.spec.to_dict(),
+                             "history": history}}, tmp)
+    os.replace(tmp, out)
+
+
 def pretrain(store: PreparedStore, s: PretrainSettings, out: Path, progress: bool = True) -> dict:
-    """Train on the store's ``train`` clips, report on its ``val`` clips each epoch, write ``out``; returns the history."""
+    """Train on the store's ``train`` clips, report on its ``val`` clips and write ``out`` after every epoch;
+    returns the history."""
     device = torch.device(s.device)
     torch.manual_seed(s.seed)
     train, val = store.indices("train"), store.indices("val")
@@ -133,16 +146,9 @@ def pretrain(store: PreparedStore, s: PretrainSettings, out: Path, progress: boo
         for key, value in (("epoch", epoch + 1), ("train_loss", float(np.mean(losses))), ("val_loss", held_out["loss"]),
                            ("val_retrieval", held_out["retrieval"]), ("seconds", time.perf_counter() - started)):
             history[key].append(value)
+        save(out, model, s, store, history)  # every epoch: an interrupted run keeps its latest encoders
         if progress:
             tqdm.write(f"pretrain epoch {epoch + 1}/{s.epochs}: train InfoNCE {history['train_loss'][-1]:.3f}, "
                        f"val InfoNCE {held_out['loss']:.3f}, val pair retrieval {100 * held_out['retrieval']:.1f} % "
                        f"(chance {100 / s.batch_size:.1f} %)")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save({"audio": {k: v.cpu() for k, v in model.audio.state_dict().items()},
-                "visual": {k: v.cpu() for k, v in model.visual.state_dict().items()},
-                "pretrain": {"settings": s.to_dict(), "store": str(store.root), "spec": store.spec.to_dict(),
-                             "history": history}}, tmp)
-    os.replace(tmp, out)
     return history
