@@ -50,7 +50,7 @@ class LiveOptions:
     max_seconds: float | None = None
     max_predictions: int | None = None
     stale_after: float = 1.0  # a frame older than this (s) makes the prediction audio-only
-    frame_wait: float = 0.1  # realtime: wait up to this (s) for a frame newer than the last one used
+    frame_wait: float = 0.1  # realtime: wait up to this (s) for the next frame to arrive
 
 
 def preprocess(spec, rgb: np.ndarray | None, audio: np.ndarray) -> dict[str, np.ndarray]:
