@@ -40,3 +40,19 @@ def normalize_frames(spec: PreprocessSpec, frames: torch.Tensor) -> torch.Tensor
     std = torch.tensor(spec.frame_std, dtype=torch.float32, device=frames.device)
     x = (frames.float() / 255.0 - mean) / std
     return x.movedim(-1, -3).contiguous()
+
+
+def stored_inputs(spec: PreprocessSpec, frames: torch.Tensor, spectrograms: torch.Tensor, device: torch.device,
+                  augment=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stored batch (uint8 (B, H, W, 3) frames, (B, F, T) log spectrograms) -> the model's inputs on
+    ``device``: normalised spectrograms (B, F, T) and channels_last frames (B, 3, H, W), with
+    ``augment`` (``cign_train.augment.Augment``) applied to the raw frames and the normalised spectrograms."""
+    non_blocking = device.type == "cuda"
+    frames = frames.to(device, non_blocking=non_blocking)
+    if augment is not None:
+        frames = augment.frames(frames)
+    frames = normalize_frames(spec, frames).contiguous(memory_format=torch.channels_last)  # faster convolutions
+    spectrograms = normalize_spectrogram(spec, spectrograms.to(device, non_blocking=non_blocking))
+    if augment is not None:
+        spectrograms = augment.spectrograms(spectrograms)
+    return spectrograms, frames

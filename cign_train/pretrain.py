@@ -33,7 +33,7 @@ from cign_train.augment import Augment
 from cign_train.data.loader import batch_loader
 from cign_train.data.store import PreparedStore
 from cign_train.model.encoders import TRUNK_DIM, resnet18_trunk, trunk_map
-from cign_train.preprocess import normalize_frames, normalize_spectrogram
+from cign_train.preprocess import stored_inputs
 
 
 @dataclass(frozen=True)
@@ -77,14 +77,7 @@ def infonce(a: torch.Tensor, v: torch.Tensor, tau: float) -> tuple[torch.Tensor,
 
 
 def _inputs(store: PreparedStore, batch, device: torch.device, augment: Augment | None):
-    frames = batch.frames.to(device)
-    if augment is not None:
-        frames = augment.frames(frames)
-    frames = normalize_frames(store.spec, frames).contiguous(memory_format=torch.channels_last)
-    spectrograms = normalize_spectrogram(store.spec, batch.spectrograms.to(device))
-    if augment is not None:
-        spectrograms = augment.spectrograms(spectrograms)
-    return spectrograms, frames
+    return stored_inputs(store.spec, batch.frames, batch.spectrograms, device, augment)
 
 
 @torch.no_grad()

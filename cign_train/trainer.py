@@ -28,7 +28,7 @@ from cign_train.data.store import PreparedStore
 from cign_train.evaluate import MODALITIES, evaluate_tasks
 from cign_train.methods import Inputs, Method, Task, get_method
 from cign_train.model import CIGN, load_encoder_weights
-from cign_train.preprocess import normalize_frames, normalize_spectrogram
+from cign_train.preprocess import stored_inputs
 from cign_train.reporting import write_metrics
 from cign_train.settings import TrainSettings
 
@@ -115,18 +115,9 @@ class Trainer:
     # ----------------------------------------------------------------------------------- inputs
     def inputs(self, batch: Batch, augment: bool = False) -> Inputs:
         """A loader batch on the device, normalised; ``augment`` applies the run's augmentation."""
-        dev = self.dist.device
-        cuda = dev.type == "cuda"
-        aug = self.augment if augment else None
-        frames = batch.frames.to(dev, non_blocking=cuda)
-        if aug is not None:
-            frames = aug.frames(frames)
-        frames = normalize_frames(self.spec, frames)
-        frames = frames.contiguous(memory_format=torch.channels_last)  # faster convolutions on CUDA and CPU
-        spectrograms = normalize_spectrogram(self.spec, batch.spectrograms.to(dev, non_blocking=cuda))
-        if aug is not None:
-            spectrograms = aug.spectrograms(spectrograms)
-        labels = torch.from_numpy(self.plan.label_map[batch.labels.numpy()]).to(dev)
+        spectrograms, frames = stored_inputs(self.spec, batch.frames, batch.spectrograms, self.dist.device,
+                                             self.augment if augment else None)
+        labels = torch.from_numpy(self.plan.label_map[batch.labels.numpy()]).to(self.dist.device)
         return Inputs(spectrograms, frames, labels)
 
     def autocast(self):
