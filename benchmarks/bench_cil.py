@@ -1,19 +1,20 @@
-"""Class-incremental accuracy on avdigits: CIGN against fine-tuning (the lower bound), over seeds.
+"""Class-incremental accuracy on avdigits: CIGN between fine-tuning (lower bound) and joint training
+(upper bound), over seeds, on the val and the test split.
 
 Runs the default ``cign-train`` procedure (``cpu`` preset, 5 tasks x 2 classes) once per method
 and seed, in ``runs/bench-cil/SAMPLING/METHOD-seedS`` (a finished run is reused, an interrupted
-one resumed), and prints mean +- std over seeds of average accuracy, final accuracy and both
-forgetting definitions, per modality. ``--rehearsal-sampling uniform`` repeats it with the
+one resumed). Each run is scored on val while it trains (``--eval-split val``: the split the
+settings are chosen on), then its task checkpoints are re-scored on test for reporting
+(``Trainer.rescore``). Prints mean +- std over seeds of average accuracy, final accuracy, the
+diagonal (each task right after it was learned: its mean and its minimum) and both forgetting
+definitions, per modality and split. ``--rehearsal-sampling uniform`` repeats it with the
 paper-literal batches (see ``Trainer.class_balance``). Writes
-``benchmarks/results/cil_avdigits_SAMPLING.json``. About 7 min (CIGN) and 4 min (fine-tuning)
-per run on 2 CPU cores.
+``benchmarks/results/cil_avdigits_SAMPLING.json`` with the CPU named.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -25,29 +26,55 @@ from cign_train.data.definitions import get_definition
 from cign_train.settings import REHEARSAL_SAMPLING, preset_settings
 from cign_train.trainer import Trainer
 
+import machine as bench_machine
+
 RESULTS = Path(__file__).parent / "results"
 MODALITIES = ("audio_visual", "audio", "visual")
 
 
 def run_one(method: str, seed: int, sampling: str, runs: Path, data_dir: str) -> tuple[dict, float, bool]:
-    """(metrics, seconds, whether the run was already finished and only re-read)."""
+    """({split: metrics}, training seconds, whether the run was already finished and only re-read)."""
     run_dir = runs / sampling / f"{method}-seed{seed}"
     n_tasks = len(get_definition("avdigits").task_classes(None))
     finished = last_finished_task(run_dir, n_tasks) == n_tasks - 1
-    settings = preset_settings("cpu", method=method, seed=seed, rehearsal_sampling=sampling, data_dir=data_dir)
+    settings = preset_settings("cpu", method=method, seed=seed, rehearsal_sampling=sampling, data_dir=data_dir,
+                               eval_split="val")
     start = time.perf_counter()
-    metrics = Trainer(settings, run_dir, progress=False).run(resume=(run_dir / "config.json").is_file())
-    return metrics, time.perf_counter() - start, finished
+    trainer = Trainer(settings, run_dir, progress=False)
+    metrics = {"val": trainer.run(resume=(run_dir / "config.json").is_file())}
+    seconds = time.perf_counter() - start
+    metrics["test"] = Trainer(settings, run_dir, progress=False).rescore("test")
+    return metrics, seconds, finished
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+COLUMNS = ("average_accuracy", "final_accuracy", "diagonal_mean", "diagonal_min", "forgetting_avcil", "forgetting_final")
+
+
+def summarize_seeds(per_seed: list[dict], split: str) -> dict:
+    """Mean and std over seeds of each column, per modality."""
+    out = {}
+    for m in MODALITIES:
+        runs = [r["metrics"][split] for r in per_seed]
+        out[m] = {
+            "average_accuracy": mean_std([r["average_accuracy"][m] for r in runs]),
+            "final_accuracy": mean_std([r["final_accuracy"][m] for r in runs]),
+            "diagonal_mean": mean_std([statistics.fmean(r["diagonal"][m]) for r in runs]),
+            "diagonal_min": mean_std([min(r["diagonal"][m]) for r in runs]),
+            "diagonal": [mean_std(list(d)) for d in zip(*(r["diagonal"][m] for r in runs))],
+            "forgetting_avcil": mean_std([r["forgetting"][m]["avcil"] for r in runs]),
+            "forgetting_final": mean_std([r["forgetting"][m]["final"] for r in runs]),
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=["cign", "finetune"])
+    ap.add_argument("--methods", nargs="+", default=["cign", "finetune", "joint"])
     ap.add_argument("--rehearsal-sampling", choices=REHEARSAL_SAMPLING, default="balanced")
     ap.add_argument("--runs", type=Path, default=Path("runs/bench-cil"))
     ap.add_argument("--data-dir", default="data")
@@ -59,27 +86,23 @@ def main() -> None:
             metrics, seconds, reused = run_one(method, seed, args.rehearsal_sampling, args.runs, args.data_dir)
             per_seed.append({"seed": seed, "seconds": None if reused else round(seconds, 1), "metrics": metrics})
             print(f"{method} seed {seed}: " + ("finished earlier, re-read" if reused else f"{seconds:.0f} s"), flush=True)
-        summary = {}
-        for m in MODALITIES:
-            summary[m] = {
-                "average_accuracy": mean_std([r["metrics"]["average_accuracy"][m] for r in per_seed]),
-                "final_accuracy": mean_std([r["metrics"]["final_accuracy"][m] for r in per_seed]),
-                "forgetting_avcil": mean_std([r["metrics"]["forgetting"][m]["avcil"] for r in per_seed]),
-                "forgetting_final": mean_std([r["metrics"]["forgetting"][m]["final"] for r in per_seed]),
-            }
-        table[method] = {"summary": summary, "runs": per_seed}
-    cols = ("average_accuracy", "final_accuracy", "forgetting_avcil", "forgetting_final")
-    print(f"\navdigits, cpu preset, {args.rehearsal_sampling} rehearsal batches, seeds {args.seeds}: mean +- std (%)")
-    print(f"{'method':<10}{'modality':<14}" + "".join(f"{c:>20}" for c in cols))
-    for method, entry in table.items():
-        for m in MODALITIES:
-            cells = "".join(f"{entry['summary'][m][c][0]:>13.1f} +- {entry['summary'][m][c][1]:<4.1f}" for c in cols)
-            print(f"{method:<10}{m:<14}{cells}")
+        table[method] = {"summary": {split: summarize_seeds(per_seed, split) for split in ("val", "test")},
+                         "runs": per_seed}
+    machine = bench_machine.describe()
+    for split in ("val", "test"):
+        print(f"\navdigits, cpu preset, {args.rehearsal_sampling} rehearsal batches, {split} split, seeds {args.seeds}: "
+              f"mean +- std (%); {bench_machine.label(machine)}")
+        print(f"{'method':<10}{'modality':<14}" + "".join(f"{c:>20}" for c in COLUMNS))
+        for method, entry in table.items():
+            for m in MODALITIES:
+                cells = "".join(f"{entry['summary'][split][m][c][0]:>13.1f} +- {entry['summary'][split][m][c][1]:<4.1f}"
+                                for c in COLUMNS)
+                print(f"{method:<10}{m:<14}{cells}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    info = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    machine |= {"torch_threads": torch.get_num_threads()}
     out = RESULTS / f"cil_avdigits_{args.rehearsal_sampling}.json"
-    out.write_text(json.dumps({"machine": info, "rehearsal_sampling": args.rehearsal_sampling, "seeds": args.seeds,
-                               "methods": table}, indent=1))
+    out.write_text(json.dumps({"machine": machine, "rehearsal_sampling": args.rehearsal_sampling, "seeds": args.seeds,
+                               "chosen_on": "val", "methods": table}, indent=1))
     print(f"wrote {out}")
 
 

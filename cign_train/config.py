@@ -8,10 +8,15 @@ from typing import Any
 from cign_runtime.records import known_fields
 
 
+#: Backbones of the two encoders (cign_train.model.encoders): the paper's ResNet18, or the cpu preset's cnn8.
+ENCODERS = ("resnet18", "cnn8")
+
+
 @dataclass(frozen=True)
 class CIGNConfig:
     """Architecture and loss settings of CIGN (paper Sec. 3, defaults from Sec. 4.1)."""
 
+    encoder: str = "resnet18"  # backbone of both encoders (ENCODERS; cign_train.model.encoders)
     dim: int = 512  # D, embedding width of features and class tokens
     depth: int = 3  # self-attention layers of phi_a and phi_v (eqs 1-4); 1/3/6/12 in the paper
     heads: int = 8  # attention heads per layer (eqs 3-4 are the one-head, identity-projection case)
@@ -25,6 +30,8 @@ class CIGNConfig:
     audio_channels: int = 1  # log spectrogram planes into the audio ResNet18
 
     def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.assign not in ("soft", "hard"):
             raise ValueError(f"assign must be 'soft' or 'hard', got {self.assign!r}")
         if self.dim % self.heads:

@@ -1,9 +1,9 @@
-"""Self-supervised audio-visual pretraining of CIGN's two ResNet18 encoders (``cign-pretrain``).
+"""Self-supervised audio-visual pretraining of CIGN's two encoders (``cign-pretrain``).
 
 The paper starts both encoders from self-supervised audio-visual pretraining (Sec. 4.1). This
 mirrors that protocol with the audio-visual correspondence objective of the localisation
 checkpoints it uses (EZ-VSL, SLAVC), in its global form: each clip's audio and frame are embedded
-(ResNet18 trunk -> mean over locations -> linear projection -> L2 norm), every audio of a batch is
+(backbone -> mean over locations -> linear projection -> L2 norm), every audio of a batch is
 scored against every frame by cosine / tau, and a symmetric InfoNCE makes a clip's own pair the
 most similar. Labels are never read. Both inputs get the training augmentation
 (``cign_train.augment``), so the encoders cannot match clips by colour or word timing alone. Our
@@ -32,7 +32,8 @@ from cign_train import precision
 from cign_train.augment import Augment
 from cign_train.data.loader import batch_loader
 from cign_train.data.store import PreparedStore
-from cign_train.model.encoders import TRUNK_DIM, resnet18_trunk, trunk_map
+from cign_train.config import CIGNConfig
+from cign_train.model.encoders import backbone
 from cign_train.preprocess import stored_inputs
 
 
@@ -43,6 +44,7 @@ class PretrainSettings:
     lr: float = 3e-4  # Adam
     tau: float = 0.07  # InfoNCE temperature
     embed_dim: int = 128  # projection width (dropped after pretraining)
+    encoder: str = "resnet18"  # the backbones (CIGNConfig.encoder) of the cign-train preset that will load them
     seed: int = 0
     device: str = "cpu"
     amp: str = "auto"
@@ -53,18 +55,18 @@ class PretrainSettings:
 
 
 class Correspondence(nn.Module):
-    """Audio and visual ResNet18 trunks with projection heads: (spectrograms, frames) -> unit embeddings."""
+    """Audio and visual backbones (``cfg.encoder``) with projection heads: (spectrograms, frames) -> unit embeddings."""
 
-    def __init__(self, audio_channels: int = 1, embed_dim: int = 128):
+    def __init__(self, cfg: CIGNConfig, embed_dim: int = 128):
         super().__init__()
-        self.audio = resnet18_trunk(audio_channels)
-        self.visual = resnet18_trunk(3)
-        self.head_a = nn.Linear(TRUNK_DIM, embed_dim)
-        self.head_v = nn.Linear(TRUNK_DIM, embed_dim)
+        self.audio = backbone(cfg, "audio")
+        self.visual = backbone(cfg, "visual")
+        self.head_a = nn.Linear(self.audio.out_channels, embed_dim)
+        self.head_v = nn.Linear(self.visual.out_channels, embed_dim)
 
     def forward(self, spectrograms: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = trunk_map(self.audio, spectrograms.unsqueeze(1)).mean(dim=(2, 3))
-        v = trunk_map(self.visual, frames).mean(dim=(2, 3))
+        a = self.audio(spectrograms.unsqueeze(1)).mean(dim=(2, 3))
+        v = self.visual(frames).mean(dim=(2, 3))
         return F.normalize(self.head_a(a.float()), dim=-1), F.normalize(self.head_v(v.float()), dim=-1)
 
 
@@ -115,7 +117,7 @@ def pretrain(store: PreparedStore, s: PretrainSettings, out: Path, progress: boo
     train, val = store.indices("train"), store.indices("val")
     if len(train) < 2 * s.batch_size:
         raise ValueError(f"{store.root}: {len(train)} training clips, need at least two batches of {s.batch_size}")
-    model = Correspondence(embed_dim=s.embed_dim).to(device, memory_format=torch.channels_last)
+    model = Correspondence(CIGNConfig(encoder=s.encoder), embed_dim=s.embed_dim).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
     augment = Augment(store.spec)
     dtype = precision.autocast_dtype(s.amp, device)

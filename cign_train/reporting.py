@@ -9,9 +9,9 @@ from pathlib import Path
 from cign_train.metrics import plot_accuracy_matrix, summarize
 
 
-def write_metrics(run_dir: Path, rows: dict[str, list[list[float]]], seen: dict[str, list[float]],
-                  eval_clips: list[int], split: str) -> dict:
-    """Write the result files for the tasks evaluated so far; returns metrics.json's content.
+def metrics_document(rows: dict[str, list[list[float]]], seen: dict[str, list[float]], eval_clips: list[int],
+                     split: str) -> dict:
+    """metrics.json's content for the tasks evaluated so far.
 
     ``accuracy_matrix[m][t][i]`` (%) is modality m's accuracy on task i after task t;
     ``average_accuracy`` is the mean over steps of the seen-class accuracy; ``diagonal`` is each
@@ -20,7 +20,7 @@ def write_metrics(run_dir: Path, rows: dict[str, list[list[float]]], seen: dict[
     last step); see ``cign_train.metrics``.
     """
     summary = summarize(rows, seen)
-    out = {
+    return {
         "accuracy_matrix": rows,
         "seen_accuracy": seen,
         "eval_split": split,
@@ -30,6 +30,12 @@ def write_metrics(run_dir: Path, rows: dict[str, list[list[float]]], seen: dict[
         "diagonal": {m: v["diagonal"] for m, v in summary.items()},
         "forgetting": {m: v["forgetting"] for m, v in summary.items()},
     }
+
+
+def write_metrics(run_dir: Path, rows: dict[str, list[list[float]]], seen: dict[str, list[float]],
+                  eval_clips: list[int], split: str) -> dict:
+    """Write the result files (:func:`metrics_document`, csv, matrix plot); returns metrics.json's content."""
+    out = metrics_document(rows, seen, eval_clips, split)
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(out, indent=1, allow_nan=False))
     os.replace(tmp, run_dir / "metrics.json")

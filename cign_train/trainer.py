@@ -29,7 +29,7 @@ from cign_train.evaluate import MODALITIES, evaluate_tasks
 from cign_train.methods import Inputs, Method, Task, get_method
 from cign_train.model import CIGN, load_encoder_weights
 from cign_train.preprocess import stored_inputs
-from cign_train.reporting import write_metrics
+from cign_train.reporting import metrics_document, write_metrics
 from cign_train.settings import TrainSettings
 
 
@@ -177,6 +177,26 @@ class Trainer:
             self.writer.close()
         D.teardown(self.dist)
         return summary
+
+    def rescore(self, split: str) -> dict:
+        """The finished tasks of the run in ``run_dir`` scored on ``split`` from their checkpoints, as
+        metrics.json's content; the run is left unchanged. Choose settings on val, then report test
+        from the same trained models without training again."""
+        n_tasks = ck.last_finished_task(self.run_dir, len(self.plan.task_classes)) + 1
+        if n_tasks == 0:
+            raise FileNotFoundError(f"{self.run_dir}: no finished task to score")
+        rows: dict[str, list[list[float]]] = {m: [] for m in MODALITIES}
+        seen: dict[str, list[float]] = {m: [] for m in MODALITIES}
+        acc = None
+        for t in range(n_tasks):
+            model = ck.TaskCheckpoint.load(ck.task_path(self.run_dir, t)).build_model()
+            model = model.to(self.dist.device, memory_format=torch.channels_last)
+            acc = evaluate_tasks(model, self.plan, t, self.inputs, self.autocast, self.s.batch_size, self.s.workers,
+                                 self.dist, split)
+            for m in MODALITIES:
+                rows[m].append(acc.per_task[m])
+                seen[m].append(acc.seen[m])
+        return metrics_document(rows, seen, acc.eval_clips, split)
 
     def open_writer(self, resume: bool) -> None:
         """TensorBoard event files in ``run_dir/tensorboard``: every loss term per optimizer step

@@ -193,3 +193,26 @@ def test_bad_checkpoints_raise_naming_the_file(tmp_path, tiny_model):
             load_encoder_weights(tiny_model, tmp_path / name)
     with pytest.raises(ValueError, match="layer2.0.bn1.weight"):
         load_encoder_weights(tiny_model, tmp_path / "missing.pth")
+
+
+def test_cnn8_encoders_keep_the_cpu_preset_resolution():
+    """cnn8 (the cpu preset's backbone): 64 px frames -> 8 x 8 locations, the spectrogram's first conv strides 2."""
+    torch.manual_seed(0)
+    model = CIGN(CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4), n_classes=3).eval()
+    spec, frames = torch.randn(2, 129, 101), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(spec, frames)
+        assert model.visual_encoder(frames).shape == (2, 64, 32)
+        assert model.audio_encoder.backbone(spec.unsqueeze(1)).shape == (2, 256, 9, 7)  # 129x101 /16, rounded up
+    assert out.logits_a.shape == out.logits_v.shape == (2, 3)
+
+
+def test_resnet18_weights_do_not_load_into_cnn8(tmp_path):
+    """A torchvision checkpoint names the keys cnn8 lacks instead of loading partly."""
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet18().state_dict(), path)
+    model = CIGN(CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4), n_classes=3)
+    with pytest.raises(ValueError, match=r"resnet18.pth \(audio\): missing backbone keys"):
+        load_encoder_weights(model, path)
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        CIGNConfig(encoder="resnet50")

@@ -66,11 +66,17 @@ def test_eval_split_scores_val_or_test_and_training_never_sees_either(tiny_avdig
     from cign_train.trainer import make_plan, train_indices
 
 
+    metrics = {}
     for split, per_class in (("val", 1), ("test", 3)):
         run = tmp_path / split
-        metrics = Trainer(tiny_settings(tiny_avdigits, eval_split=split), run, progress=False).run()
-        assert metrics["eval_split"] == split and metrics["eval_clips"] == [5 * per_class, 5 * per_class]
-        assert torch.load(run / "task_1.pt", weights_only=True)["evaluation"]["eval_clips"] == metrics["eval_clips"]
+        metrics[split] = Trainer(tiny_settings(tiny_avdigits, eval_split=split), run, progress=False).run()
+        assert metrics[split]["eval_split"] == split and metrics[split]["eval_clips"] == [5 * per_class, 5 * per_class]
+        assert torch.load(run / "task_1.pt", weights_only=True)["evaluation"]["eval_clips"] == metrics[split]["eval_clips"]
+    # the run chosen on val, re-scored on test from its checkpoints, reports what a test run reports
+    val_run = Trainer(tiny_settings(tiny_avdigits, eval_split="val"), tmp_path / "val", progress=False)
+    assert val_run.rescore("test") == json.loads(json.dumps(metrics["test"]))
+    assert val_run.rescore("val") == json.loads(json.dumps(metrics["val"]))
+    assert metrics["val"]["accuracy_matrix"] != metrics["test"]["accuracy_matrix"]
     plan = make_plan(tiny_settings(tiny_avdigits))
     splits = np.asarray(plan.store.splits)
     for classes in plan.task_classes:

@@ -12,6 +12,7 @@ from cign_train.data.ingest import prepare_dataset, store_dir
 from cign_train.data.store import PreparedStore
 from cign_train.precision import AMP_CHOICES
 from cign_train.pretrain import PretrainSettings, pretrain
+from cign_train.settings import PRESETS as TRAIN_PRESETS
 
 
 def default_out(data_dir: Path, store_name: str, preset: str, seed: int) -> Path:
@@ -24,7 +25,7 @@ def default_out(data_dir: Path, store_name: str, preset: str, seed: int) -> Path
 @click.option("--name", help="csv: the store's folder name under --data-dir.")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="cpu", show_default=True,
-              help="Preprocessing preset of the store to read.")
+              help="Preprocessing preset of the store to read; the encoders are that training preset's.")
 @click.option("--epochs", type=click.IntRange(min=1), default=PretrainSettings.epochs, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=PretrainSettings.batch_size, show_default=True)
 @click.option("--lr", type=float, default=PretrainSettings.lr, show_default=True)
@@ -39,7 +40,7 @@ def default_out(data_dir: Path, store_name: str, preset: str, seed: int) -> Path
 @click.option("--no-progress", is_flag=True)
 def main(dataset, name, data_dir, preset, epochs, batch_size, lr, tau, seed, device, amp, threads, workers, out,
          no_progress):
-    """Pretrain both ResNet18s on the store's training clips (labels unused); cign-train --encoder-weights loads it."""
+    """Pretrain both encoders (the preset's backbone) on the store's training clips (labels unused); cign-train --encoder-weights loads it."""
     if threads is not None:
         torch.set_num_threads(threads)
     if dataset == "csv" and not name:
@@ -52,7 +53,7 @@ def main(dataset, name, data_dir, preset, epochs, batch_size, lr, tau, seed, dev
         store = PreparedStore(root)
         out = out or default_out(data_dir, store_name, preset, seed)
         settings = PretrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, tau=tau, seed=seed, device=device,
-                                    amp=amp, workers=workers)
+                                    amp=amp, workers=workers, encoder=TRAIN_PRESETS[preset]["model"].encoder)
         history = pretrain(store, settings, out, progress=not no_progress)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
