@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: setup demo test bench bench-cil bench-export bench-live
+.PHONY: setup demo test bench bench-cil bench-default bench-export bench-live
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -26,9 +26,13 @@ bench: setup
 bench-export: setup
 	$(PYTHON) benchmarks/bench_export.py
 
-# CIGN against fine-tuning on avdigits, 3 seeds (about 35 min on 2 cores)
+# CIGN between fine-tuning and joint training on avdigits, 3 seeds, val + test (about 45 min on 2 cores)
 bench-cil: setup
 	$(PYTHON) benchmarks/bench_cil.py
+
+# wall time of the default cign-train, native and with oneDNN/ATen held to AVX2 in fp32 (about 12 min)
+bench-default: setup
+	$(PYTHON) benchmarks/bench_default_run.py
 
 # cign-live pipeline vs model-only latency on a UDP stream camera + PulseAudio microphone (60 s), then the
 # 600 s soak (needs the demo's export: make demo)
