@@ -8,7 +8,7 @@ from torchvision.models import resnet18
 from cign_train.config import CIGNConfig
 from cign_train.losses import token_independence
 from cign_train.model import CIGN, CIGNOutput, load_encoder_weights, predict
-from cign_train.model.encoders import resnet18_trunk
+from cign_train.model.encoders import ResNet18Trunk
 from cign_train.model.grouping import Grouping
 
 TINY = CIGNConfig(dim=32, depth=1, heads=4)
@@ -153,7 +153,7 @@ def test_load_torchvision_state_dict(tmp_path, tiny_model):
 
 def test_load_audnet_imgnet_checkpoint(tmp_path, tiny_model):
     torch.manual_seed(7)
-    aud, img = resnet18_trunk(1).state_dict(), resnet18_trunk(3).state_dict()
+    aud, img = ResNet18Trunk(1).state_dict(), ResNet18Trunk(3).state_dict()
     state = {f"module.audnet.{k}": v for k, v in aud.items()}
     state |= {f"module.imgnet.{k}": v for k, v in img.items()}
     state["module.img_proj.weight"] = torch.zeros(4, 4)
@@ -168,7 +168,7 @@ def test_load_audnet_imgnet_checkpoint(tmp_path, tiny_model):
 
 def test_load_audio_visual_checkpoint(tmp_path, tiny_model):
     torch.manual_seed(8)
-    aud, img = resnet18_trunk(1).state_dict(), resnet18_trunk(3).state_dict()
+    aud, img = ResNet18Trunk(1).state_dict(), ResNet18Trunk(3).state_dict()
     path = tmp_path / "av.pth"
     torch.save({"audio": aud, "visual": {f"module.{k}": v for k, v in img.items()}}, path)
     assert load_encoder_weights(tiny_model, path).layout == "audio/visual"

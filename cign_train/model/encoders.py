@@ -13,7 +13,7 @@
   training frames (train loss 0.02) at 17 % val accuracy (34 % with a stride-1 3x3 stem, 4x the
   cost): its 7x7 stride-2 stem and max pool leave a 20-30 px digit a few pixels wide, and its 11 M
   parameters fit the scenes instead. ``cnn8`` reached 82.5 % (visual) and 58 % (audio, ResNet18:
-  ~50 %), its audio step 3.1x faster than ResNet18's.
+  ~50 %), an audio epoch 3x faster than ResNet18's.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops import Conv2dNormActivation
 
 from cign_train.config import CIGNConfig
+
 CNN8_STAGES = (32, 64, 128, 256)  # output channels of cnn8's four stages, two conv layers each
 
 
@@ -45,10 +46,6 @@ class ResNet18Trunk(ResNet):
         """(B, C, H, W) -> layer4 feature map (B, 512, H/32, W/32), rounded up."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-
-def resnet18_trunk(in_channels: int) -> ResNet18Trunk:
-    return ResNet18Trunk(in_channels)
 
 
 class CNN8(nn.Sequential):
@@ -71,7 +68,7 @@ def backbone(cfg: CIGNConfig, modality: str) -> nn.Module:
     """The ``cfg.encoder`` backbone of ``modality`` ("audio" or "visual"), mapping to a feature map."""
     planes = cfg.audio_channels if modality == "audio" else 3
     if cfg.encoder == "resnet18":
-        return resnet18_trunk(planes)
+        return ResNet18Trunk(planes)
     return CNN8(planes, first_stride=2 if modality == "audio" else 1)
 
 
