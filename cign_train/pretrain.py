@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from cign_train import precision
 from cign_train.augment import Augment
+from cign_train.config import CIGNConfig
 from cign_train.data.loader import batch_loader
 from cign_train.data.store import PreparedStore
-from cign_train.config import CIGNConfig
 from cign_train.model.encoders import backbone
 from cign_train.preprocess import stored_inputs
 
