@@ -24,6 +24,12 @@ class TaskAccuracy(NamedTuple):
     seen: dict[str, float]  # modality -> accuracy (%) on the union of the seen tasks' evaluation splits
     eval_clips: list[int]  # clips scored per seen task (all ranks together)
 
+    def append_to(self, rows: dict[str, list[list[float]]], seen: dict[str, list[float]]) -> None:
+        """Add this step to a run's accuracy matrix rows and seen-class accuracies, per modality."""
+        for m in MODALITIES:
+            rows[m].append(self.per_task[m])
+            seen[m].append(self.seen[m])
+
 
 @torch.no_grad()
 def evaluate_tasks(model, plan, t: int, to_inputs, autocast, batch_size: int, workers: int, dist: D.Dist,

@@ -42,7 +42,7 @@ class TrainSettings:
     device: str = "cpu"
     amp: str = "auto"  # cign_train.precision: auto, bf16, fp16 (CUDA) or off
     workers: int = 2  # loader processes
-    encoder_weights: str | None = None  # local ResNet18 checkpoint (ImageNet or audio-visual)
+    encoder_weights: str | None = None  # local encoder checkpoint (cign-pretrain; ResNet18: ImageNet or audio-visual)
     eval_split: str = "test"  # "val" while choosing hyperparameters, "test" only to report
     model: CIGNConfig = field(default_factory=CIGNConfig)
 

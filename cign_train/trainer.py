@@ -193,9 +193,7 @@ class Trainer:
             model = model.to(self.dist.device, memory_format=torch.channels_last)
             acc = evaluate_tasks(model, self.plan, t, self.inputs, self.autocast, self.s.batch_size, self.s.workers,
                                  self.dist, split)
-            for m in MODALITIES:
-                rows[m].append(acc.per_task[m])
-                seen[m].append(acc.seen[m])
+            acc.append_to(rows, seen)
         return metrics_document(rows, seen, acc.eval_clips, split)
 
     def open_writer(self, resume: bool) -> None:
@@ -247,9 +245,7 @@ class Trainer:
             self.update_buffer(model, new_idx)
         acc = evaluate_tasks(model, self.plan, t, self.inputs, self.autocast, s.batch_size, s.workers, self.dist,
                              s.eval_split)
-        for m in MODALITIES:
-            self.rows[m].append(acc.per_task[m])
-            self.seen[m].append(acc.seen[m])
+        acc.append_to(self.rows, self.seen)
         self.eval_clips = acc.eval_clips
         if self.writer is not None:
             for m in MODALITIES:

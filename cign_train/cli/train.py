@@ -89,7 +89,7 @@ def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
 @click.option("--workers", type=int, help="Loader processes.")
 @click.option("--eval-split", type=click.Choice(EVAL_SPLITS), help="Split every task is scored on: val while "
               "choosing hyperparameters, test only to report [default: test].")
-@click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), help="Local ResNet18 checkpoint for both encoders.")
+@click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False), help="Local checkpoint for both encoders: cign-pretrain's (either backbone) or, for ResNet18, torchvision / EZ-VSL / SLAVC.")
 @click.option("--dim", type=int, help="Embedding width D of features and class tokens.")
 @click.option("--depth", type=int, help="Self-attention layers (1/3/6/12).")
 @click.option("--heads", type=int, help="Attention heads per layer.")
