@@ -11,6 +11,11 @@ paper's "50 ms window, 25 ms hop" cannot give that shape: 257 bins need n_fft = 
 n_fft = win_length = 512 (periodic Hann) with hop 221 samples (10.0 ms) and centred frames
 (reflect padding): 1 + 66150 // 221 = 300 frames. The spectrogram is ln(|STFT|^2 + 1e-7)
 (the log power of the reference release's audio pipeline), normalised as (x - mean) / std.
+
+With ``n_mels > 0`` the power spectrum is first pooled by an HTK mel filterbank (triangles on the
+mel scale 2595 log10(1 + f / 700) from 0 Hz to Nyquist, peak 1, unnormalised: torchaudio's
+``melscale_fbanks`` defaults), and the log is taken of the band energies. The ``cpu`` preset does
+this; the ``paper`` preset keeps the paper's linear-frequency spectrogram.
 """
 from __future__ import annotations
 
@@ -29,6 +34,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def mel_filterbank(spec: PreprocessSpec) -> np.ndarray:
+    """HTK mel triangles (n_mels, n_bins) float32, each peaking at 1 on its centre frequency."""
+    def mel(hz):
+        return 2595.0 * np.log10(1.0 + np.asarray(hz, np.float64) / 700.0)
+
+    edges = 700.0 * (10.0 ** (np.linspace(0.0, mel(spec.sample_rate / 2), spec.n_mels + 2) / 2595.0) - 1.0)
+    bins = np.linspace(0.0, spec.sample_rate / 2, spec.n_bins)
+    low, centre, high = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    rising, falling = (bins - low) / (centre - low), (high - bins) / (high - centre)
+    return np.clip(np.minimum(rising, falling), 0.0, None).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """Audio and frame preprocessing, from decoded media to normalised model inputs."""
@@ -39,6 +56,7 @@ class PreprocessSpec:
     n_fft: int = 512  # -> n_fft // 2 + 1 frequency bins
     win_length: int = 512  # periodic Hann window
     hop_length: int = 221  # samples between STFT frames
+    n_mels: int = 0  # mel bands pooling the STFT bins; 0 keeps the n_fft // 2 + 1 linear bins (paper)
     log_eps: float = 1e-7  # ln(|X|^2 + eps)
     spec_mean: float = 0.0  # log-spectrogram normalisation
     spec_std: float = 12.0
@@ -49,8 +67,11 @@ class PreprocessSpec:
     def __post_init__(self) -> None:
         if self.win_length > self.n_fft:
             raise ValueError(f"win_length {self.win_length} exceeds n_fft {self.n_fft}")
-        if min(self.sample_rate, self.n_fft, self.hop_length, self.frame_size) <= 0:
+        if min(self.sample_rate, self.n_fft, self.hop_length, self.frame_size) <= 0 or self.n_mels < 0:
             raise ValueError(f"spec {self.name!r} has a non-positive size: {self}")
+        if self.n_mels and not (mel_filterbank(self).max(axis=1) > 0).all():
+            # the lowest bands are narrower than the STFT's bin spacing
+            raise ValueError(f"n_mels {self.n_mels} leaves mel bands without an STFT bin at n_fft {self.n_fft}")
         # JSON round trips give lists; keep the dataclass hashable and comparable.
         object.__setattr__(self, "frame_mean", tuple(float(v) for v in self.frame_mean))
         object.__setattr__(self, "frame_std", tuple(float(v) for v in self.frame_std))
@@ -61,8 +82,14 @@ class PreprocessSpec:
         return int(round(self.sample_rate * self.clip_seconds))
 
     @property
-    def n_freq(self) -> int:
+    def n_bins(self) -> int:
+        """STFT frequency bins."""
         return self.n_fft // 2 + 1
+
+    @property
+    def n_freq(self) -> int:
+        """Spectrogram rows: mel bands, or the STFT bins when ``n_mels`` is 0."""
+        return self.n_mels or self.n_bins
 
     @property
     def n_time(self) -> int:
@@ -98,11 +125,16 @@ class PreprocessSpec:
 
 #: Named presets. ``paper``: Sec. 4.1 shapes. ``cpu``: small inputs for 2-core runs (the
 #: embedded ``avdigits`` default): 8 kHz (telephone band, enough for speech), 32 ms windows every
-#: 30 ms -> 129 x 101 log spectrogram, 64 x 64 frames; a training step costs ~1/6 of the paper's.
+#: 10 ms pooled into 32 mel bands -> 32 x 301 log-mel spectrogram, 64 x 64 frames. Chosen on val
+#: (issue 9; ``cnn8`` audio encoder as a 10-class classifier on avdigits, 8 epochs, 3 seeds): the
+#: former 129 linear bins every 30 ms reached 58 %; 32 mel bands every 30 ms 71.3 %, every 20 ms
+#: 78.2 %, every 10 ms 81.7 % (24 / 40 / 64 bands: 80.2 / 81.3 / 77.3 %). Mel pooling smooths the
+#: pitch harmonics that differ between voices; the finer hop keeps the formant transitions. The
+#: spectrogram is 0.73x the former one's area, so the audio encoder got cheaper.
 PRESETS: dict[str, PreprocessSpec] = {
     "paper": PreprocessSpec(),
     "cpu": PreprocessSpec(
-        name="cpu", sample_rate=8000, n_fft=256, win_length=256, hop_length=240, frame_size=64
+        name="cpu", sample_rate=8000, n_fft=256, win_length=256, hop_length=80, n_mels=32, frame_size=64
     ),
 }
 
@@ -132,7 +164,8 @@ def fit_window(audio: np.ndarray, n_samples: int) -> np.ndarray:
 
 
 def log_spectrogram(spec: PreprocessSpec, audio: np.ndarray) -> np.ndarray:
-    """ln(|STFT|^2 + eps) of mono audio (..., n_samples) -> (..., n_freq, n_time) float32."""
+    """ln(|STFT|^2 + eps) of mono audio (..., n_samples) -> (..., n_freq, n_time) float32; with
+    ``n_mels`` the power is pooled into mel bands before the log."""
     audio = np.asarray(audio, dtype=np.float32)
     pad = spec.n_fft // 2
     padded = np.pad(audio, [(0, 0)] * (audio.ndim - 1) + [(pad, pad)], mode="reflect")
@@ -141,7 +174,9 @@ def log_spectrogram(spec: PreprocessSpec, audio: np.ndarray) -> np.ndarray:
     window = np.zeros(spec.n_fft, dtype=np.float32)
     offset = (spec.n_fft - spec.win_length) // 2
     window[offset : offset + spec.win_length] = hann_window(spec.win_length)
-    power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2  # (..., n_time, n_freq)
+    power = np.abs(np.fft.rfft(frames * window, axis=-1)) ** 2  # (..., n_time, n_bins)
+    if spec.n_mels:
+        power = power @ mel_filterbank(spec).T
     return np.log(power + spec.log_eps).astype(np.float32).swapaxes(-1, -2)
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from cign_runtime.spec import PreprocessSpec
+from cign_runtime.spec import PreprocessSpec, mel_filterbank
 
 
 def log_spectrogram(spec: PreprocessSpec, audio: torch.Tensor) -> torch.Tensor:
-    """ln(|STFT|^2 + eps) of mono audio (..., n_samples) -> (..., n_freq, n_time) float32."""
+    """ln(|STFT|^2 + eps) of mono audio (..., n_samples) -> (..., n_freq, n_time) float32; with
+    ``n_mels`` the power is pooled by the spec's mel filterbank before the log."""
     lead = audio.shape[:-1]
     window = torch.hann_window(spec.win_length, periodic=True, dtype=torch.float32, device=audio.device)
     stft = torch.stft(
@@ -25,8 +26,10 @@ def log_spectrogram(spec: PreprocessSpec, audio: torch.Tensor) -> torch.Tensor:
         center=True,
         pad_mode="reflect",
         return_complex=True,
-    )  # (B, n_freq, n_time)
+    )  # (B, n_bins, n_time)
     power = stft.real.square() + stft.imag.square()
+    if spec.n_mels:
+        power = torch.from_numpy(mel_filterbank(spec)).to(power.device) @ power
     return torch.log(power + spec.log_eps).reshape(*lead, *power.shape[-2:])
 
 

@@ -136,8 +136,8 @@ def test_trt_without_tensorrt_fails_cleanly_and_writes_onnx_manifest_and_trtexec
     assert "--onnx=model_fp32.onnx --saveEngine=model_fp16.plan --fp16" in ten
     assert "--onnx=model_fp16.onnx --saveEngine=model_fp16.plan --minShapes" in eleven  # precision from the ONNX
     assert "--fp16" not in eleven and "--int8" not in eleven
-    assert "--minShapes=frame:1x3x64x64,spectrogram:1x1x129x101" in ten
-    assert "--maxShapes=frame:8x3x64x64,spectrogram:8x1x129x101" in ten
+    assert "--minShapes=frame:1x3x64x64,spectrogram:1x1x32x301" in ten
+    assert "--maxShapes=frame:8x3x64x64,spectrogram:8x1x32x301" in ten
 
 
 @pytest.mark.skipif(not HAS_TRT, reason="tensorrt is not installed (TensorRT needs NVIDIA's index and a GPU)")

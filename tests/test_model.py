@@ -5,6 +5,7 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
+from cign_runtime.spec import get_preset
 from cign_train.config import CIGNConfig
 from cign_train.losses import token_independence
 from cign_train.model import CIGN, CIGNOutput, load_encoder_weights, predict
@@ -199,11 +200,11 @@ def test_cnn8_encoders_keep_the_cpu_preset_resolution():
     """cnn8 (the cpu preset's backbone): 64 px frames -> 8 x 8 locations, the spectrogram's first conv strides 2."""
     torch.manual_seed(0)
     model = CIGN(CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4), n_classes=3).eval()
-    spec, frames = torch.randn(2, 129, 101), torch.randn(2, 3, 64, 64)
+    spec, frames = torch.randn(2, *get_preset("cpu").spectrogram_shape), torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         out = model(spec, frames)
         assert model.visual_encoder(frames).shape == (2, 64, 32)
-        assert model.audio_encoder.backbone(spec.unsqueeze(1)).shape == (2, 256, 9, 7)  # 129x101 /16, rounded up
+        assert model.audio_encoder.backbone(spec.unsqueeze(1)).shape == (2, 256, 2, 19)  # 32x301 /16, rounded up
     assert out.logits_a.shape == out.logits_v.shape == (2, 3)
 
 

@@ -32,8 +32,32 @@ def test_log_spectrogram_parity(name):
     assert err.max() < 1e-2 and err.mean() < 1e-4
     np.testing.assert_allclose(np_spec.normalize_spectrogram(spec, ref),
                                torch_spec.normalize_spectrogram(spec, torch.from_numpy(ref)).numpy(), atol=1e-6)
-    # The 440 Hz tone lands in its bin.
-    assert np.argmax(ref[0].mean(axis=1)) == round(440 * spec.n_fft / spec.sample_rate)
+    # The 440 Hz tone lands in its bin, or in the mel band whose triangle peaks nearest 440 Hz.
+    tone_bin = round(440 * spec.n_fft / spec.sample_rate)
+    expected = np.argmax(np_spec.mel_filterbank(spec)[:, tone_bin]) if spec.n_mels else tone_bin
+    assert np.argmax(ref[0].mean(axis=1)) == expected
+
+
+def test_mel_filterbank_hand_computed():
+    """HTK mel: m(f) = 2595 log10(1 + f / 700). 8 kHz, n_fft 8 -> bins at 0, 1000, 2000, 3000, 4000 Hz;
+    2 bands -> edges at mel 0, m(4000) / 3, 2 m(4000) / 3, m(4000) (2146.1) = 0, 620.6, 1791.3, 4000 Hz."""
+    spec = PreprocessSpec(sample_rate=8000, n_fft=8, win_length=8, hop_length=4, n_mels=2)
+    fb = np_spec.mel_filterbank(spec)
+    edges = [0.0, 620.6, 1791.3, 4000.0]
+    expected = [[0.0, (edges[2] - 1000) / (edges[2] - edges[1]), 0.0, 0.0, 0.0],
+                [0.0, (1000 - edges[1]) / (edges[2] - edges[1]), (edges[3] - 2000) / (edges[3] - edges[2]),
+                 (edges[3] - 3000) / (edges[3] - edges[2]), 0.0]]
+    np.testing.assert_allclose(fb, expected, atol=2e-4)
+    assert spec.spectrogram_shape == (2, 1 + 24000 // 4)
+
+
+def test_mel_spectrogram_is_the_log_of_pooled_power():
+    spec = PRESETS["cpu"]
+    assert spec.n_mels and spec.spectrogram_shape == (spec.n_mels, spec.n_time)
+    audio = 0.1 * np.random.default_rng(2).standard_normal(spec.n_samples).astype(np.float32)
+    linear = np_spec.log_spectrogram(PreprocessSpec(**{**spec.to_dict(), "n_mels": 0}), audio)
+    pooled = np.log(np_spec.mel_filterbank(spec) @ np.exp(linear.astype(np.float64)))
+    np.testing.assert_allclose(np_spec.log_spectrogram(spec, audio), pooled, atol=1e-4)
 
 
 def test_frame_normalisation_parity():
@@ -50,11 +74,13 @@ def test_spec_json_round_trip_and_validation():
     spec = PRESETS["cpu"]
     assert PreprocessSpec.from_json(spec.to_json()) == spec
     with pytest.raises(ValueError, match="unknown preprocessing spec fields"):
-        PreprocessSpec.from_dict({**spec.to_dict(), "n_mels": 64})
+        PreprocessSpec.from_dict({**spec.to_dict(), "f_max": 4000})
     with pytest.raises(ValueError, match="win_length 600 exceeds n_fft 512"):
         PreprocessSpec(win_length=600)
     with pytest.raises(ValueError, match="unknown preprocessing preset"):
         get_preset("tiny")
+    with pytest.raises(ValueError, match="n_mels 100 leaves mel bands without an STFT bin"):
+        PreprocessSpec(sample_rate=8000, n_fft=256, win_length=256, n_mels=100)
 
 
 def test_fit_window_centres_and_pads():
