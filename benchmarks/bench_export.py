@@ -1,7 +1,7 @@
 """Export benchmark: export time, file sizes, batch-1 latency per backend and precision, accuracy per precision.
 
 Speed: one CIGN with random weights at each preset's shapes (``cpu``: D 256, depth 1, K 10 at 64 px
-+ 129x101; ``paper``: D 512, depth 3, K 100 at 224 px + 257x300), INT8 calibrated on real avdigits
++ 32x301; ``paper``: D 512, depth 3, K 100 at 224 px + 257x300), INT8 calibrated on real avdigits
 clips prepared at that preset (generated and prepared when missing). Batch-1 latency of PyTorch
 eager fp32 vs onnxruntime fp32 / fp16 / INT8 (trt and cpu recipes), each measured in this run
 with warm-up; median / p90 / p99 and the ratio to eager. Also the cost of the input normalisation

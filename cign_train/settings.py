@@ -88,7 +88,7 @@ class TrainSettings:
 
 
 #: ``paper``: 100 epochs, batch 128, Adam 1e-4, D 512, depth 3, 50 exemplars/class, ResNet18 at 224 px, 257x300.
-#: ``cpu``: the ``cpu`` spec (64 px frames, 129x101 spectrograms) and the ``cnn8`` encoders
+#: ``cpu``: the ``cpu`` spec (64 px frames, 32x301 log-mel spectrograms) and the ``cnn8`` encoders
 #: (cign_train.model.encoders: at 64 px ResNet18 from scratch memorised the training frames at
 #: chance-level val accuracy), a narrower one-layer transformer (D 256), batch 16 for more optimizer
 #: steps, augmentation, 12 epochs on the first task and 8 on each later one. Chosen on avdigits' val
