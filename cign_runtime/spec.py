@@ -130,7 +130,7 @@ class PreprocessSpec:
 #: former 129 linear bins every 30 ms reached 58 %; 32 mel bands every 30 ms 71.3 %, every 20 ms
 #: 78.2 %, every 10 ms 81.7 % (24 / 40 / 64 bands: 80.2 / 81.3 / 77.3 %). Mel pooling smooths the
 #: pitch harmonics that differ between voices; the finer hop keeps the formant transitions. The
-#: spectrogram is 0.73x the former one's area, so the audio encoder got cheaper.
+#: spectrogram is 0.74x the former one's area, so the audio encoder got cheaper.
 PRESETS: dict[str, PreprocessSpec] = {
     "paper": PreprocessSpec(),
     "cpu": PreprocessSpec(

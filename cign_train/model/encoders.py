@@ -5,8 +5,8 @@
 - ``resnet18``: torchvision ``resnet18`` without its pooling and classifier, as in the paper; its
   state dict uses torchvision's key names, so a torchvision or audio-visual localisation checkpoint
   loads into it unchanged. The ``paper`` preset.
-- ``cnn8``: a small VGG-style net for the ``cpu`` preset's 64 px frames and 32 x 301
-  log-mel spectrograms: four stages of two 3x3 conv-BN-ReLU layers (32, 64, 128, 256 channels) with 2x2
+- ``cnn8``: a small VGG-style net for the ``cpu`` preset's 64 px frames and 32 x 301 log-mel
+  spectrograms: four stages of two 3x3 conv-BN-ReLU layers (32, 64, 128, 256 channels) with 2x2
   max pooling between stages; the audio one starts with stride 2 (its input is 2.4x the frame's
   area). Our choice, not the paper's, measured on avdigits' val split (single-modality classifier,
   all 10 classes, 8 epochs, AdamW 1e-3, 2-core Xeon, bf16): ResNet18 at 64 px memorised the 1,600
