@@ -20,6 +20,7 @@ this; the ``paper`` preset keeps the paper's linear-frequency spectrogram.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +35,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@functools.lru_cache(maxsize=8)
 def mel_filterbank(spec: PreprocessSpec) -> np.ndarray:
-    """HTK mel triangles (n_mels, n_bins) float32, each peaking at 1 on its centre frequency."""
+    """HTK mel triangles (n_mels, n_bins) float32, each peaking at 1 on its centre frequency.
+
+    Cached per spec (read-only): the live loop computes a spectrogram per prediction."""
     def mel(hz):
         return 2595.0 * np.log10(1.0 + np.asarray(hz, np.float64) / 700.0)
 
@@ -43,7 +47,9 @@ def mel_filterbank(spec: PreprocessSpec) -> np.ndarray:
     bins = np.linspace(0.0, spec.sample_rate / 2, spec.n_bins)
     low, centre, high = edges[:-2, None], edges[1:-1, None], edges[2:, None]
     rising, falling = (bins - low) / (centre - low), (high - bins) / (high - centre)
-    return np.clip(np.minimum(rising, falling), 0.0, None).astype(np.float32)
+    bank = np.clip(np.minimum(rising, falling), 0.0, None).astype(np.float32)
+    bank.flags.writeable = False
+    return bank
 
 
 @dataclass(frozen=True)
@@ -69,12 +75,12 @@ class PreprocessSpec:
             raise ValueError(f"win_length {self.win_length} exceeds n_fft {self.n_fft}")
         if min(self.sample_rate, self.n_fft, self.hop_length, self.frame_size) <= 0 or self.n_mels < 0:
             raise ValueError(f"spec {self.name!r} has a non-positive size: {self}")
-        if self.n_mels and not (mel_filterbank(self).max(axis=1) > 0).all():
-            # the lowest bands are narrower than the STFT's bin spacing
-            raise ValueError(f"n_mels {self.n_mels} leaves mel bands without an STFT bin at n_fft {self.n_fft}")
         # JSON round trips give lists; keep the dataclass hashable and comparable.
         object.__setattr__(self, "frame_mean", tuple(float(v) for v in self.frame_mean))
         object.__setattr__(self, "frame_std", tuple(float(v) for v in self.frame_std))
+        if self.n_mels and not (mel_filterbank(self).max(axis=1) > 0).all():
+            # the lowest bands are narrower than the STFT's bin spacing
+            raise ValueError(f"n_mels {self.n_mels} leaves mel bands without an STFT bin at n_fft {self.n_fft}")
 
     @property
     def n_samples(self) -> int:

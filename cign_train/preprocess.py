@@ -29,7 +29,7 @@ def log_spectrogram(spec: PreprocessSpec, audio: torch.Tensor) -> torch.Tensor:
     )  # (B, n_bins, n_time)
     power = stft.real.square() + stft.imag.square()
     if spec.n_mels:
-        power = torch.from_numpy(mel_filterbank(spec)).to(power.device) @ power
+        power = torch.tensor(mel_filterbank(spec), device=power.device) @ power
     return torch.log(power + spec.log_eps).reshape(*lead, *power.shape[-2:])
 
 
