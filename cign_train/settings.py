@@ -8,6 +8,7 @@ from typing import Any
 from cign_runtime.records import known_fields
 from cign_train.config import CIGNConfig
 from cign_train.precision import AMP_CHOICES
+from cign_train.schedule import LR_SCHEDULES
 
 #: How training batches draw from a task's clips plus the buffer (see ``Trainer.class_balance``).
 REHEARSAL_SAMPLING = ("balanced", "uniform")
@@ -32,7 +33,9 @@ class TrainSettings:
     epochs: int = 100
     first_task_epochs: int | None = None  # epochs of the first task (PyCIL's init_epoch); None: epochs
     batch_size: int = 128
-    lr: float = 1e-4  # Adam (Sec. 4.1)
+    lr: float = 1e-4  # Adam (Sec. 4.1); the peak of a non-constant schedule
+    lr_schedule: str = "constant"  # cign_train.schedule: "constant" (paper) or "cosine" (warm-up + cosine, per task)
+    warmup: float = 0.1  # cosine: fraction of each task's steps spent warming up
     max_per_class: int | None = None  # cap on training clips per class (seeded choice)
     buffer_per_class: int = 50  # rehearsal exemplars per old class (Sec. 4.1)
     buffer_select: str = "random"  # "random" (paper) or "herding"
@@ -56,6 +59,10 @@ class TrainSettings:
                              "--tasks N (its classes, in the store's order, split into N equal tasks)")
         if self.eval_split not in EVAL_SPLITS:
             raise ValueError(f"eval_split must be one of {EVAL_SPLITS}, got {self.eval_split!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0 < self.warmup < 1:
+            raise ValueError(f"warmup must be a fraction in (0, 1), got {self.warmup}")
         if self.amp not in AMP_CHOICES:
             raise ValueError(f"amp must be one of {AMP_CHOICES}, got {self.amp!r}")
         if self.first_task_epochs is not None and self.first_task_epochs < 1:

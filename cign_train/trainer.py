@@ -30,6 +30,7 @@ from cign_train.methods import Inputs, Method, Task, get_method
 from cign_train.model import CIGN, load_encoder_weights
 from cign_train.preprocess import stored_inputs
 from cign_train.reporting import metrics_document, write_metrics
+from cign_train.schedule import batches_per_epoch, task_scheduler
 from cign_train.settings import TrainSettings
 
 
@@ -230,15 +231,17 @@ class Trainer:
                                 else task.new_classes, s.max_per_class, s.seed)
         idx = np.union1d(new_idx, self.buffer.indices) if method.NEEDS_BUFFER else new_idx
         weights = self.class_balance(idx) if len(idx) > len(new_idx) else None
-        start_epoch = self.restore_last(t, model, optimizer, scaler) if resume else 0
+        steps = s.epochs_of(t) * batches_per_epoch(len(idx), s.batch_size, self.dist.world)
+        scheduler = task_scheduler(optimizer, s.lr_schedule, steps, s.warmup)
+        start_epoch = self.restore_last(t, model, optimizer, scaler, scheduler) if resume else 0
         if self.dist.main and self.writer is None:
             self.open_writer(resume)
         if resume and self.dist.main:
             tqdm.write(self.resume_point(t, start_epoch))
         last = {}
         for epoch in range(start_epoch, s.epochs_of(t)):
-            last = self.train_epoch(method, model, optimizer, scaler, idx, t, epoch, weights)
-            self.save_last(t, epoch + 1, model, optimizer, scaler)
+            last = self.train_epoch(method, model, optimizer, scaler, scheduler, idx, t, epoch, weights)
+            self.save_last(t, epoch + 1, model, optimizer, scaler, scheduler)
         D.check_in_sync(model, self.dist)
         method.end_task(task)
         if method.NEEDS_BUFFER:
@@ -279,7 +282,8 @@ class Trainer:
         labels = self.plan.label_map[self.plan.store.labels[idx]]
         return 1.0 / np.bincount(labels)[labels]
 
-    def train_epoch(self, method, model, optimizer, scaler, idx, t: int, epoch: int, weights=None) -> dict[str, float]:
+    def train_epoch(self, method, model, optimizer, scaler, scheduler, idx, t: int, epoch: int,
+                    weights=None) -> dict[str, float]:
         s = self.s
         model.train()
         loader = batch_loader(self.plan.store, idx, s.batch_size, shuffle=True, workers=s.workers,
@@ -304,6 +308,9 @@ class Trainer:
             scaler.scale(losses["total"]).backward()
             scaler.step(optimizer)
             scaler.update()
+            if self.writer is not None:
+                self.writer.add_scalar("lr", scheduler.get_last_lr()[0], self.global_step)
+            scheduler.step()
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
                 if self.writer is not None:
@@ -347,7 +354,7 @@ class Trainer:
             world_size=self.dist.world,
         ).save(ck.task_path(self.run_dir, t))
 
-    def save_last(self, t: int, epochs_done: int, model, optimizer, scaler) -> None:
+    def save_last(self, t: int, epochs_done: int, model, optimizer, scaler, scheduler) -> None:
         if not self.dist.main:
             return
         ck.save_atomic(
@@ -359,15 +366,17 @@ class Trainer:
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
+                "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
                 "global_step": self.global_step,
             },
             self.run_dir / "last.pt",
         )
 
-    def restore_last(self, t: int, model, optimizer, scaler) -> int:
+    def restore_last(self, t: int, model, optimizer, scaler, scheduler) -> int:
         """Epochs of task ``t`` already done according to ``last.pt`` (0 when there is none or it is of
-        another task); the model, optimizer, scaler and RNG continue from there. Only a resume calls it."""
+        another task); the model, optimizer, scaler, lr schedule and RNG continue from there. Only a
+        resume calls it."""
         path = self.run_dir / "last.pt"
         if not path.is_file():
             return 0
@@ -377,6 +386,7 @@ class Trainer:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         self.global_step = int(state.get("global_step", self.global_step))
         return int(state["epochs_done"])

@@ -4,6 +4,7 @@ import pytest
 
 from cign_train.data.loader import batch_loader
 from cign_train.data.store import PreparedStore
+from cign_train.schedule import batches_per_epoch
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +46,14 @@ def test_weighted_draws_balance_a_rare_class(store):
     assert [len(r) for r in ranks] == [61, 61] and not np.array_equal(ranks[0], ranks[1])
     with pytest.raises(ValueError, match="2 weights for 121 indices"):
         batch_loader(store, idx, 16, shuffle=True, workers=0, weights=weights[:2])
+
+
+@pytest.mark.parametrize("n,batch,world", [(10, 4, 1), (121, 16, 1), (121, 16, 2), (8, 8, 3)])
+def test_batches_per_epoch_is_the_loaders_length(store, n, batch, world):
+    """The lr schedule's length (cign_train.schedule) is the number of batches the loader really yields."""
+    idx = store.indices("train")[np.arange(n) % len(store.indices("train"))]
+    weights = np.ones(n)
+    for w in (None, weights):
+        for rank in range(world):
+            loader = batch_loader(store, idx, batch, shuffle=True, workers=0, rank=rank, world=world, weights=w)
+            assert sum(1 for _ in loader) == batches_per_epoch(n, batch, world)

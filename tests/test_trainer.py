@@ -18,6 +18,7 @@ from cign_train import checkpoint as ck
 from cign_train.cli.train import main as train_main
 from cign_train.config import CIGNConfig
 from cign_train.methods import available, get_method
+from cign_train.schedule import task_scheduler
 from cign_train.settings import TrainSettings
 from cign_train.trainer import NonFiniteLoss, Trainer
 
@@ -172,7 +173,8 @@ def test_fresh_run_into_a_run_killed_in_its_first_task_is_refused(tiny_avdigits,
     killed = Trainer(s, run, progress=False)
     model = killed.build_model(len(killed.plan.task_classes[0]))
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
-    killed.save_last(0, 1, model, optimizer, torch.amp.GradScaler("cuda", enabled=False))  # after epoch 1 of 3
+    scheduler = task_scheduler(optimizer, "constant", 3, s.warmup)
+    killed.save_last(0, 1, model, optimizer, torch.amp.GradScaler("cuda", enabled=False), scheduler)  # epoch 1 of 3
     state = (run / "last.pt").read_bytes()
     config = (run / "config.json").read_text()
 
@@ -234,10 +236,11 @@ def test_resume_accepts_options_that_repeat_config_json(cli_run, tmp_path):
 
 
 def _cli(data_dir, out, *extra):
+    """A two-task run of 3 epochs x 2 steps per task, on a warm-up + cosine schedule (its position must resume too)."""
     return [sys.executable, "-m", "cign_train.cli.train", "--data-dir", str(data_dir), "--tasks", "2",
             "--epochs", "3", "--batch-size", "8", "--max-per-class", "4", "--buffer-per-class", "2",
-            "--workers", "0", "--dim", "32", "--depth", "1", "--heads", "4", "--lr", "1e-3", "--out", str(out),
-            "--no-progress", *extra]
+            "--workers", "0", "--dim", "32", "--depth", "1", "--heads", "4", "--lr", "1e-3", "--lr-schedule", "cosine",
+            "--warmup", "0.34", "--out", str(out), "--no-progress", *extra]
 
 
 def test_resume_after_kill_gives_the_uninterrupted_result(tiny_avdigits, tmp_path):
@@ -281,6 +284,15 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tiny_avdigits, tmp_pat
     # The TensorBoard curves too: what the killed run logged past its last saved epoch is purged.
     whole_tb, resumed_tb = scalars(tmp_path / "whole"), scalars(run)
     assert whole_tb.keys() == resumed_tb.keys() and {"loss/total", "loss/bce", "accuracy_seen/audio_visual"} <= whole_tb.keys()
+    # Each task restarts the schedule: task 1 has 3 batches x 3 epochs (5 classes x 4 clips), task 2
+    # 4 x 3 (20 clips + 10 exemplars); 34 % of them warm up linearly to 1e-3, the rest anneal.
+    lr = [v for _, v in whole_tb["lr"]]
+    first, second = lr[:9], lr[9:]
+    assert len(second) == 12
+    assert first[:3] == [0.00033, 0.00067, 0.001] and second[:4] == [0.00025, 0.0005, 0.00075, 0.001]
+    for task, warm in ((first, 3), (second, 4)):
+        annealing = task[warm - 1:]
+        assert all(a > b for a, b in zip(annealing[1:], annealing[2:])) and 0 < task[-1] < 1e-4
     for tag in whole_tb:
         assert resumed_tb[tag] == whole_tb[tag], tag
 
