@@ -6,7 +6,7 @@ and seed, in ``runs/bench-cil/SAMPLING/METHOD-seedS`` (a finished run is reused,
 one resumed). Each run is scored on val while it trains (``--eval-split val``: the split the
 settings are chosen on), then its task checkpoints are re-scored on test for reporting
 (``Trainer.rescore``). Prints mean +- std over seeds of average accuracy, final accuracy, the
-diagonal (each task right after it was learned: its mean and its minimum) and both forgetting
+diagonal (each task right after it was learned: its mean and its minimum) and the three forgetting
 definitions, per modality and split. ``--rehearsal-sampling uniform`` repeats it with the
 paper-literal batches (see ``Trainer.class_balance``). Writes
 ``benchmarks/results/cil_avdigits_SAMPLING.json`` with the CPU named.
@@ -51,7 +51,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-COLUMNS = ("average_accuracy", "final_accuracy", "diagonal_mean", "diagonal_min", "forgetting_avcil", "forgetting_final")
+COLUMNS = ("average_accuracy", "average_accuracy_l2p", "final_accuracy", "diagonal_mean", "diagonal_min",
+           "forgetting_avcil", "forgetting_facil", "forgetting_l2p")
 
 
 def summarize_seeds(per_seed: list[dict], split: str) -> dict:
@@ -61,12 +62,12 @@ def summarize_seeds(per_seed: list[dict], split: str) -> dict:
         runs = [r["metrics"][split] for r in per_seed]
         out[m] = {
             "average_accuracy": mean_std([r["average_accuracy"][m] for r in runs]),
+            "average_accuracy_l2p": mean_std([r["average_accuracy_l2p"][m] for r in runs]),
             "final_accuracy": mean_std([r["final_accuracy"][m] for r in runs]),
             "diagonal_mean": mean_std([statistics.fmean(r["diagonal"][m]) for r in runs]),
             "diagonal_min": mean_std([min(r["diagonal"][m]) for r in runs]),
             "diagonal": [mean_std(list(d)) for d in zip(*(r["diagonal"][m] for r in runs))],
-            "forgetting_avcil": mean_std([r["forgetting"][m]["avcil"] for r in runs]),
-            "forgetting_final": mean_std([r["forgetting"][m]["final"] for r in runs]),
+            **{f"forgetting_{k}": mean_std([r["forgetting"][m][k] for r in runs]) for k in ("avcil", "facil", "l2p")},
         }
     return out
 

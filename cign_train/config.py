@@ -10,6 +10,8 @@ from cign_runtime.records import known_fields
 
 #: Backbones of the two encoders (cign_train.model.encoders): the paper's ResNet18, or the cpu preset's cnn8.
 ENCODERS = ("resnet18", "cnn8")
+#: How the audio encoder pools its feature map to f_a (cign_train.model.encoders.AudioEncoder).
+AUDIO_POOLS = ("mean", "time_max_mean")
 
 
 @dataclass(frozen=True)
@@ -28,10 +30,13 @@ class CIGNConfig:
     use_avctd: bool = True  # eq 8's token terms (KL distillation + CE independence), Table 4
     use_avcg: bool = True  # eq 9 continual-grouping loss, Table 4
     audio_channels: int = 1  # log spectrogram planes into the audio ResNet18
+    audio_pool: str = "mean"  # AUDIO_POOLS: "mean" over the map (paper), or mean over frequency, then max + mean over time
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.audio_pool not in AUDIO_POOLS:
+            raise ValueError(f"audio_pool must be one of {AUDIO_POOLS}, got {self.audio_pool!r}")
         if self.assign not in ("soft", "hard"):
             raise ValueError(f"assign must be 'soft' or 'hard', got {self.assign!r}")
         if self.dim % self.heads:

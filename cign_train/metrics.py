@@ -7,16 +7,22 @@ test sizes it is not the mean of ``a[t][:t+1]``, so it is passed separately (see
 Units are the caller's: every function is linear in the accuracies, so fractions give fractions and
 percentages give percentages.
 
-Two forgetting measures are in use:
+Two pairs of (average accuracy, forgetting) are in use; each key is named by its source:
 
-* ``forgetting_avcil`` (AV-CIL, Pian et al. ICCV 2023, which CIGN reports against): at every step
-  t >= 1, the mean over old tasks i < t of the drop from task i's best earlier accuracy
-  (max over steps i..t-1) to its accuracy at step t; then the mean of that over steps 1..T-1.
-* ``forgetting_final`` (L2P, DualPrompt, FACIL): the same drop measured only at the last step,
-  i.e. the mean over tasks i < T-1 of best accuracy over steps i..T-2 minus the final accuracy.
+* AV-CIL (Pian et al., ICCV 2023): ``average_accuracy`` is the mean over steps of the accuracy on
+  all classes seen so far; ``forgetting_avcil`` is, at every step t >= 1, the mean over old tasks
+  i < t of the drop from task i's best earlier accuracy (max over steps i..t-1) to its accuracy at
+  step t, then the mean of that over steps 1..T-1. Drops are not clipped: backward transfer shows
+  up as negative forgetting.
+* L2P / DualPrompt (Wang et al., CVPR 2022 / ECCV 2022), the pair CIGN's tables cite ("the common
+  metrics in previous methods [66, 65]", Sec. 4.1): ``average_accuracy_l2p`` is the mean of the
+  per-task accuracies after the last task; ``forgetting_l2p`` is the mean over old tasks of the
+  best accuracy over *all* steps, the last one included, minus the final accuracy (never negative).
 
-Drops are not clipped at zero, so backward transfer shows up as negative forgetting. With a single
-task there is nothing to forget and both measures are NaN (``summarize`` writes it as ``None``).
+``forgetting_facil`` (FACIL, Masana et al. TPAMI 2022; Chaudhry et al. ECCV 2018) is AV-CIL's drop
+measured at the last step only: best over steps i..T-2, the last excluded, minus the final
+accuracy (so it can be negative). With a single task there is nothing to forget and every
+forgetting measure is NaN (``summarize`` writes it as ``None``).
 """
 from __future__ import annotations
 
@@ -52,11 +58,16 @@ def seen_accuracy(correct, total) -> float:
 
 
 def average_accuracy(seen) -> float:
-    """Mean over steps of the accuracy on all seen classes ("Average accuracy" of L2P, DualPrompt, AV-CIL)."""
+    """AV-CIL's average accuracy: the mean over steps of the accuracy on all seen classes."""
     seen = np.asarray(seen, dtype=float)
     if seen.size == 0:
         raise ValueError("no steps to average")
     return float(seen.mean())
+
+
+def average_accuracy_l2p(a) -> float:
+    """L2P / DualPrompt's average accuracy: the mean of the per-task accuracies after the last task."""
+    return float(accuracy_matrix(a)[-1].mean())
 
 
 def final_accuracy(seen) -> float:
@@ -86,12 +97,23 @@ def forgetting_avcil(a) -> float:
     return float(np.mean([_drops(a, t).mean() for t in range(1, len(a))]))
 
 
-def forgetting_final(a) -> float:
-    """L2P/DualPrompt/FACIL forgetting: mean drop of the old tasks at the last step; NaN if T == 1."""
+def forgetting_facil(a) -> float:
+    """FACIL / Chaudhry forgetting: mean drop of the old tasks at the last step from their best
+    earlier accuracy (the last step excluded); NaN if T == 1."""
     a = accuracy_matrix(a)
     if len(a) < 2:
         return math.nan
     return float(_drops(a, len(a) - 1).mean())
+
+
+def forgetting_l2p(a) -> float:
+    """L2P / DualPrompt forgetting: mean over old tasks of the best accuracy over all steps (the last
+    included) minus the final accuracy, so never negative; NaN if T == 1."""
+    a = accuracy_matrix(a)
+    if len(a) < 2:
+        return math.nan
+    old = len(a) - 1
+    return float((np.nanmax(a[:, :old], axis=0) - a[-1, :old]).mean())
 
 
 def _json_number(x: float) -> float | None:
@@ -99,7 +121,8 @@ def _json_number(x: float) -> float | None:
 
 
 def summarize(per_modality: dict, seen: dict) -> dict:
-    """Per modality: average and final accuracy, the diagonal and both forgetting measures; JSON-ready (NaN -> None)."""
+    """Per modality: both average accuracies, the final accuracy, the diagonal and the three forgetting
+    measures; JSON-ready (NaN -> None)."""
     if set(per_modality) != set(seen):
         raise ValueError(f"modalities differ: matrices for {sorted(per_modality)}, seen accuracy for {sorted(seen)}")
     out = {}
@@ -109,10 +132,12 @@ def summarize(per_modality: dict, seen: dict) -> dict:
             raise ValueError(f"{name}: {len(seen[name])} seen accuracies for {len(a)} tasks")
         out[name] = {
             "average_accuracy": average_accuracy(seen[name]),
+            "average_accuracy_l2p": average_accuracy_l2p(a),
             "final_accuracy": final_accuracy(seen[name]),
             "diagonal": diagonal(a),
             "forgetting": {"avcil": _json_number(forgetting_avcil(a)),
-                           "final": _json_number(forgetting_final(a))},
+                           "facil": _json_number(forgetting_facil(a)),
+                           "l2p": _json_number(forgetting_l2p(a))},
         }
     return out
 

@@ -14,10 +14,11 @@ def metrics_document(rows: dict[str, list[list[float]]], seen: dict[str, list[fl
     """metrics.json's content for the tasks evaluated so far.
 
     ``accuracy_matrix[m][t][i]`` (%) is modality m's accuracy on task i after task t;
-    ``average_accuracy`` is the mean over steps of the seen-class accuracy; ``diagonal`` is each
-    task's accuracy right after it was learned (``a[t][t]``); ``forgetting`` holds
-    both definitions, ``avcil`` (AV-CIL: mean over steps) and ``final`` (max minus final at the
-    last step); see ``cign_train.metrics``.
+    ``average_accuracy`` (AV-CIL) is the mean over steps of the seen-class accuracy,
+    ``average_accuracy_l2p`` (L2P / DualPrompt, the pair CIGN's tables use) the mean per-task
+    accuracy after the last task; ``diagonal`` is each task's accuracy right after it was learned
+    (``a[t][t]``); ``forgetting`` holds ``avcil``, ``facil`` and ``l2p``, each named by its source
+    (definitions in ``cign_train.metrics``).
     """
     summary = summarize(rows, seen)
     return {
@@ -26,6 +27,7 @@ def metrics_document(rows: dict[str, list[list[float]]], seen: dict[str, list[fl
         "eval_split": split,
         "eval_clips": eval_clips,
         "average_accuracy": {m: v["average_accuracy"] for m, v in summary.items()},
+        "average_accuracy_l2p": {m: v["average_accuracy_l2p"] for m, v in summary.items()},
         "final_accuracy": {m: v["final_accuracy"] for m, v in summary.items()},
         "diagonal": {m: v["diagonal"] for m, v in summary.items()},
         "forgetting": {m: v["forgetting"] for m, v in summary.items()},
@@ -57,13 +59,16 @@ def _fmt(v) -> str:
 
 
 def results_table(metrics: dict, label: str = "") -> str:
-    """Plain-text table: per modality, average / final accuracy, both forgetting measures and the
-    diagonal (each task right after learning it) (%)."""
-    head = f"{'':<14}{'avg acc':>9}{'final acc':>11}{'forget(AV-CIL)':>16}{'forget(final)':>15}  just learned (per task)"
+    """Plain-text table: per modality, both average accuracies, the final accuracy, the three
+    forgetting measures (named by source, ``cign_train.metrics``) and the diagonal (each task right
+    after learning it) (%)."""
+    head = (f"{'':<14}{'avg(AV-CIL)':>12}{'avg(L2P)':>10}{'final':>8}{'forget(AV-CIL)':>16}{'forget(FACIL)':>15}"
+            f"{'forget(L2P)':>13}  just learned (per task)")
     lines = [label, head] if label else [head]
     for m in metrics["average_accuracy"]:
         f = metrics["forgetting"][m]
         diag = " ".join(f"{x:.1f}" for x in metrics["diagonal"][m])
-        lines.append(f"{m:<14}{_fmt(metrics['average_accuracy'][m]):>9}{_fmt(metrics['final_accuracy'][m]):>11}"
-                     f"{_fmt(f['avcil']):>16}{_fmt(f['final']):>15}  {diag}")
+        lines.append(f"{m:<14}{_fmt(metrics['average_accuracy'][m]):>12}{_fmt(metrics['average_accuracy_l2p'][m]):>10}"
+                     f"{_fmt(metrics['final_accuracy'][m]):>8}{_fmt(f['avcil']):>16}{_fmt(f['facil']):>15}"
+                     f"{_fmt(f['l2p']):>13}  {diag}")
     return "\n".join(lines)

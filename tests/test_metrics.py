@@ -26,30 +26,50 @@ def test_forgetting_avcil_by_hand():
     assert metrics.forgetting_avcil(A) == pytest.approx(11.25)
 
 
-def test_forgetting_final_by_hand():
+def test_forgetting_facil_by_hand():
     # last step only: (35 + 20) / 2
-    assert metrics.forgetting_final(A) == pytest.approx(27.5)
+    assert metrics.forgetting_facil(A) == pytest.approx(27.5)
+
+
+# As A, but task 1 gains at the last step (80 -> 85): FACIL's drop from its best *earlier* accuracy
+# is negative there, L2P's max over all steps (the last included) clips it to 0.
+B = [[90, NAN, NAN],
+     [95, 80, NAN],
+     [60, 85, 85]]
+
+
+def test_forgetting_facil_and_l2p_differ_on_backward_transfer_at_the_last_step():
+    # FACIL: task 0 max(90, 95) - 60 = 35; task 1: 80 - 85 = -5   -> 15
+    # L2P:   task 0 max(90, 95, 60) - 60 = 35; task 1: max(80, 85) - 85 = 0 -> 17.5
+    assert metrics.forgetting_facil(B) == pytest.approx(15.0)
+    assert metrics.forgetting_l2p(B) == pytest.approx(17.5)
+    assert metrics.forgetting_l2p(A) == pytest.approx(27.5)
 
 
 def test_accuracies_by_hand():
     assert metrics.average_accuracy(SEEN) == pytest.approx((90 + 85 + 70) / 3)
     assert metrics.final_accuracy(SEEN) == 70
+    # L2P: per-task accuracies after the last task, not seen-class accuracies over steps
+    assert metrics.average_accuracy_l2p(A) == pytest.approx((60 + 60 + 85) / 3)
+    assert metrics.average_accuracy_l2p(B) == pytest.approx((60 + 85 + 85) / 3)
 
 
 def test_units_do_not_matter_and_rows_may_end_at_the_diagonal():
     ragged = [[0.90], [0.95, 0.80], [0.60, 0.60, 0.85]]
     assert metrics.forgetting_avcil(ragged) == pytest.approx(0.1125)
-    assert metrics.forgetting_final(np.array(A) / 100) == pytest.approx(0.275)
+    assert metrics.forgetting_facil(np.array(A) / 100) == pytest.approx(0.275)
+    assert metrics.forgetting_l2p(ragged) == pytest.approx(0.275)
 
 
 def test_single_task_has_no_forgetting():
     assert math.isnan(metrics.forgetting_avcil([[80.0]]))
-    assert math.isnan(metrics.forgetting_final([[80.0]]))
+    assert math.isnan(metrics.forgetting_facil([[80.0]]))
+    assert math.isnan(metrics.forgetting_l2p([[80.0]]))
 
 
 def test_missing_entry_below_the_diagonal_is_an_error():
     with pytest.raises(ValueError, match="row 1"):
-        metrics.forgetting_final([[90, NAN], [NAN, 80]])
+        metrics.forgetting_facil([[90, NAN], [NAN, 80]])
 
 
 def test_seen_accuracy_weights_tasks_by_test_size():
@@ -61,10 +81,11 @@ def test_seen_accuracy_weights_tasks_by_test_size():
 
 def test_summarize_is_json_ready():
     out = metrics.summarize({"audio": A, "visual": [[50.0]]}, {"audio": SEEN, "visual": [50.0]})
-    assert out["audio"] == {"average_accuracy": pytest.approx(245 / 3), "final_accuracy": 70.0,
-                            "diagonal": [A[0][0], A[1][1], A[2][2]],
-                            "forgetting": {"avcil": pytest.approx(11.25), "final": pytest.approx(27.5)}}
-    assert out["visual"]["forgetting"] == {"avcil": None, "final": None}
+    assert out["audio"] == {"average_accuracy": pytest.approx(245 / 3), "average_accuracy_l2p": pytest.approx(205 / 3),
+                            "final_accuracy": 70.0, "diagonal": [A[0][0], A[1][1], A[2][2]],
+                            "forgetting": {"avcil": pytest.approx(11.25), "facil": pytest.approx(27.5),
+                                           "l2p": pytest.approx(27.5)}}
+    assert out["visual"]["forgetting"] == {"avcil": None, "facil": None, "l2p": None}
     json.dumps(out, allow_nan=False)
     with pytest.raises(ValueError, match="modalities differ"):
         metrics.summarize({"audio": A}, {"visual": SEEN})

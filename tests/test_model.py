@@ -217,3 +217,20 @@ def test_resnet18_weights_do_not_load_into_cnn8(tmp_path):
         load_encoder_weights(model, path)
     with pytest.raises(ValueError, match="encoder must be one of"):
         CIGNConfig(encoder="resnet50")
+
+
+def test_audio_pool_time_max_mean_is_max_plus_mean_over_time_of_the_frequency_mean():
+    """cfg.audio_pool: f_a = proj(max_t + mean_t of the frequency-averaged map), not proj(mean of the map)."""
+    torch.manual_seed(0)
+    cfg = CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4, audio_pool="time_max_mean")
+    model = CIGN(cfg, n_classes=3).eval()
+    spec = torch.randn(2, *get_preset("cpu").spectrogram_shape)
+    with torch.no_grad():
+        fmap = model.audio_encoder.backbone(spec.unsqueeze(1))  # (2, 256, 2, 19)
+        by_time = fmap.mean(dim=2)
+        proj = model.audio_encoder.proj
+        torch.testing.assert_close(model.audio_encoder(spec), proj(by_time.amax(dim=2) + by_time.mean(dim=2)))
+        model.audio_encoder.pool = "mean"
+        torch.testing.assert_close(model.audio_encoder(spec), proj(fmap.mean(dim=(2, 3))))
+    with pytest.raises(ValueError, match="audio_pool must be one of"):
+        CIGNConfig(audio_pool="max")

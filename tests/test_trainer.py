@@ -44,7 +44,7 @@ def test_each_method_runs_two_tasks_and_writes_every_output(tiny_avdigits, tmp_p
         assert set(saved[key]) == {"audio", "visual", "audio_visual"}
     a = saved["accuracy_matrix"]["audio_visual"]
     assert [len(r) for r in a] == [1, 2] and all(0 <= x <= 100 for r in a for x in r)
-    assert set(saved["forgetting"]["audio"]) == {"avcil", "final"}
+    assert set(saved["forgetting"]["audio"]) == {"avcil", "facil", "l2p"}
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert len(rows) == 3 * 3 and rows[0].keys() == {"modality", "after_task", "task", "accuracy"}
 
