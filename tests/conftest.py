@@ -28,7 +28,7 @@ def tiny_avdigits(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_avdigits, tmp_path_factory) -> Path:
-    """A finished 2-task CIGN run (5 + 5 classes, D 32, the cpu preset's cnn8 encoders and audio pooling) trained on ``tiny_avdigits``."""
+    """A finished 2-task CIGN run (5 + 5 classes, D 32, the cpu preset's cnn8 encoders) trained on ``tiny_avdigits``."""
     from cign_train.config import CIGNConfig
     from cign_train.settings import TrainSettings
     from cign_train.trainer import Trainer
@@ -36,7 +36,7 @@ def tiny_run(tiny_avdigits, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "avdigits-cign-seed0"
     settings = TrainSettings(dataset="avdigits", data_dir=str(tiny_avdigits), spec="cpu", tasks=2, epochs=2, batch_size=8,
                              lr=1e-3, buffer_per_class=2, workers=0,
-                             model=CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4, audio_pool="time_max_mean"))
+                             model=CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4))
     Trainer(settings, run, progress=False).run()
     return run
 

@@ -229,3 +229,29 @@ def test_a_failing_step_is_named_and_the_checkpoint_contract_is_checked(tiny_run
     torch.save(broken, tmp_path / "task_1.pt")
     with pytest.raises(ValueError, match="does not fit task 1 with 9 classes"):
         Exporter(tmp_path, 1, tmp_path / "y", ExportOptions())
+
+
+def test_the_cpu_presets_audio_pooling_exports_with_parity(tmp_path):
+    """``audio_pool = "time_max_mean"`` (the cpu preset's) through torch.onnx: same outputs as eager, TensorRT ops only."""
+    from cign_export.graph import ExportGraph
+    from cign_export.onnx_format import export_onnx
+    from cign_runtime.spec import get_preset
+    from cign_train.config import CIGNConfig
+    from cign_train.model import CIGN, predict
+    from cign_train.preprocess import normalize_frames, normalize_spectrogram
+
+    torch.manual_seed(0)
+    spec = get_preset("cpu")
+    model = CIGN(CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4, audio_pool="time_max_mean"), n_classes=4).eval()
+    path = export_onnx(ExportGraph(model, spec), tmp_path / "pooled.onnx")
+    graph = onnx.load(str(path))
+    assert trt_ops.unsupported(graph) == {} and "ReduceMax" in {n.op_type for n in graph.graph.node}
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 3, *spec.frame_shape[:2])).astype(np.float32)
+    spectrograms = rng.normal(-4.0, 2.0, (3, 1, *spec.spectrogram_shape)).astype(np.float32)
+    got = session(path).run(list(mf.OUTPUTS), {mf.FRAME: frames, mf.SPECTROGRAM: spectrograms})
+    with torch.no_grad():
+        x_v = normalize_frames(spec, torch.from_numpy(frames).permute(0, 2, 3, 1).to(torch.uint8))
+        p = predict(model(normalize_spectrogram(spec, torch.from_numpy(spectrograms)[:, 0]), x_v))
+    for g, r in zip(got, (p.p_a, p.p_v, p.p_av)):
+        assert np.abs(g - r.numpy()).max() <= 1e-4
