@@ -1,18 +1,28 @@
 """Self-supervised audio-visual pretraining of CIGN's two encoders (``cign-pretrain``).
 
-The paper starts both encoders from self-supervised audio-visual pretraining (Sec. 4.1). This
-mirrors that protocol with the audio-visual correspondence objective of the localisation
-checkpoints it uses (EZ-VSL, SLAVC), in its global form: each clip's audio and frame are embedded
-(backbone -> mean over locations -> linear projection -> L2 norm), every audio of a batch is
-scored against every frame by cosine / tau, and a symmetric InfoNCE makes a clip's own pair the
-most similar. Labels are never read. Both inputs get the training augmentation
-(``cign_train.augment``), so the encoders cannot match clips by colour or word timing alone. Our
-choice: the global (mean-pooled) form rather than EZ-VSL's max over locations, because CIGN reads a
-single audio vector and the avdigits frames hold one object.
+The paper starts both encoders from self-supervised audio-visual pretraining (Sec. 4.1). Each
+clip's audio and frame are embedded (backbone -> pooled as the preset's encoder pools ->
+linear projection -> L2 norm) and one of two cross-modal objectives (``PretrainSettings.objective``)
+trains both encoders; labels are never read for training:
+
+- ``infonce``: audio-visual correspondence as in the localisation checkpoints the paper uses
+  (EZ-VSL, SLAVC), in its global form: every audio of a batch is scored against every frame by
+  cosine / tau, and a symmetric InfoNCE makes a clip's own pair the most similar.
+- ``clusters``: cross-modal self-labelling (SeLaVi, Asano et al. 2020; the swapped prediction of
+  SwAV, Caron et al. 2020): both embeddings are scored against learnable prototypes, each
+  modality's scores are turned into balanced soft cluster codes by Sinkhorn-Knopp (eps 0.05, 3
+  iterations), and each modality predicts the other's codes (cross-entropy, temperature tau).
+  Clips of one class are not pushed apart, as InfoNCE's in-batch negatives push them.
+
+Both inputs get the training augmentation (``cign_train.augment``), so the encoders cannot match
+clips by colour or word timing alone. Each epoch reports, on the val clips, the objective and two
+diagnostics that do read the labels (evaluation only): class retrieval (how often an audio's best
+matching frame in its batch shows its class) and the normalised mutual information between the
+labels and the k-means clusters (scikit-learn) of the audio and of the visual embeddings.
 
 The checkpoint holds the two backbones under ``audio`` / ``visual`` (the layout
 ``--encoder-weights`` loads; the projection heads are dropped) and, under ``pretrain``, the
-settings and the per-epoch loss and pair-retrieval accuracy.
+settings and the per-epoch history.
 """
 from __future__ import annotations
 
@@ -26,6 +36,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from sklearn.metrics import normalized_mutual_info_score
 from tqdm import tqdm
 
 from cign_train import precision
@@ -33,8 +45,11 @@ from cign_train.augment import Augment
 from cign_train.config import CIGNConfig
 from cign_train.data.loader import batch_loader
 from cign_train.data.store import PreparedStore
-from cign_train.model.encoders import backbone
+from cign_train.model.encoders import backbone, pool_audio
 from cign_train.preprocess import stored_inputs
+
+
+OBJECTIVES = ("infonce", "clusters")
 
 
 @dataclass(frozen=True)
@@ -42,30 +57,40 @@ class PretrainSettings:
     epochs: int = 20
     batch_size: int = 32  # the InfoNCE's negatives are the batch's other clips
     lr: float = 3e-4  # Adam
-    tau: float = 0.07  # InfoNCE temperature
+    objective: str = "infonce"  # one of OBJECTIVES (module docstring)
+    tau: float = 0.07  # temperature of the InfoNCE logits / of the cluster predictions
+    prototypes: int = 30  # clusters: number of prototypes (over-clustering)
     embed_dim: int = 128  # projection width (dropped after pretraining)
     encoder: str = "resnet18"  # the backbones (CIGNConfig.encoder) of the cign-train preset that will load them
+    audio_pool: str = "mean"  # CIGNConfig.audio_pool of that preset
     seed: int = 0
     device: str = "cpu"
     amp: str = "auto"
     workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown pretraining objective {self.objective!r}; choose from {OBJECTIVES}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 class Correspondence(nn.Module):
-    """Audio and visual backbones (``cfg.encoder``) with projection heads: (spectrograms, frames) -> unit embeddings."""
+    """Audio and visual backbones (``cfg.encoder``) with projection heads: (spectrograms, frames) -> unit
+    embeddings; ``prototypes`` > 0 adds the clusters objective's prototype vectors."""
 
-    def __init__(self, cfg: CIGNConfig, embed_dim: int = 128):
+    def __init__(self, cfg: CIGNConfig, embed_dim: int = 128, prototypes: int = 0):
         super().__init__()
         self.audio = backbone(cfg, "audio")
         self.visual = backbone(cfg, "visual")
+        self.audio_pool = cfg.audio_pool
         self.head_a = nn.Linear(self.audio.out_channels, embed_dim)
         self.head_v = nn.Linear(self.visual.out_channels, embed_dim)
+        self.prototypes = nn.Linear(embed_dim, prototypes, bias=False) if prototypes else None
 
     def forward(self, spectrograms: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.audio(spectrograms.unsqueeze(1)).mean(dim=(2, 3))
+        a = pool_audio(self.audio(spectrograms.unsqueeze(1)), self.audio_pool)
         v = self.visual(frames).mean(dim=(2, 3))
         return F.normalize(self.head_a(a.float()), dim=-1), F.normalize(self.head_v(v.float()), dim=-1)
 
@@ -78,6 +103,34 @@ def infonce(a: torch.Tensor, v: torch.Tensor, tau: float) -> tuple[torch.Tensor,
     return loss, (logits.argmax(dim=1) == target).float().mean()
 
 
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, eps: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """(B, K) prototype scores -> (B, K) soft codes whose rows sum to 1 and whose columns each hold
+    B / K of the mass (equipartition; SwAV's Sinkhorn-Knopp, computed in fp32)."""
+    q = torch.exp((scores.float() - scores.float().max()) / eps)
+    q = q / q.sum()
+    b, k = q.shape
+    for _ in range(iterations):
+        q = q / q.sum(dim=0, keepdim=True) / k  # every prototype gets 1 / K of the mass
+        q = q / q.sum(dim=1, keepdim=True) / b  # every clip 1 / B
+    return q * b
+
+
+def swapped_prediction(a: torch.Tensor, v: torch.Tensor, prototypes: nn.Linear, tau: float) -> torch.Tensor:
+    """The clusters objective: each modality predicts the other's Sinkhorn codes (SwAV eq 3, across modalities)."""
+    with torch.no_grad():
+        prototypes.weight.copy_(F.normalize(prototypes.weight, dim=1))
+    sa, sv = prototypes(a), prototypes(v)  # (B, K) cosine scores
+    qa, qv = sinkhorn(sa), sinkhorn(sv)
+    return -((qv * F.log_softmax(sa / tau, dim=1)).sum(1).mean() + (qa * F.log_softmax(sv / tau, dim=1)).sum(1).mean()) / 2
+
+
+def objective_loss(model: Correspondence, a: torch.Tensor, v: torch.Tensor, s: PretrainSettings) -> torch.Tensor:
+    if s.objective == "clusters":
+        return swapped_prediction(a, v, model.prototypes, s.tau)
+    return infonce(a, v, s.tau)[0]
+
+
 def _inputs(store: PreparedStore, batch, device: torch.device, augment: Augment | None):
     return stored_inputs(store.spec, batch.frames, batch.spectrograms, device, augment)
 
@@ -85,16 +138,31 @@ def _inputs(store: PreparedStore, batch, device: torch.device, augment: Augment 
 @torch.no_grad()
 def evaluate(model: Correspondence, store: PreparedStore, idx: np.ndarray, s: PretrainSettings,
              device: torch.device) -> dict[str, float]:
-    """Mean InfoNCE and pair-retrieval accuracy over batches of ``idx`` (no augmentation)."""
+    """On ``idx`` (no augmentation, one fixed order): the mean objective and pair retrieval over batches, class retrieval
+    (an audio's best frame in its batch shows its class; chance from the batches' class counts), and
+    the NMI of the labels with k-means (k = number of classes) of the audio / visual embeddings."""
     model.eval()
-    losses, accs = [], []
-    for batch in batch_loader(store, idx, s.batch_size, shuffle=False, workers=0):
+    losses, pairs, hits, chance, emb_a, emb_v, labels = [], [], [], [], [], [], []
+    # one fixed shuffle: a store listed class by class would otherwise give single-class batches
+    for batch in batch_loader(store, idx, s.batch_size, shuffle=True, workers=0, seed=s.seed):
         if len(batch.labels) < 2:
             continue
-        loss, acc = infonce(*model(*_inputs(store, batch, device, None)), s.tau)
-        losses.append(float(loss))
-        accs.append(float(acc))
-    return {"loss": float(np.mean(losses)), "retrieval": float(np.mean(accs))}
+        a, v = model(*_inputs(store, batch, device, None))
+        y = torch.as_tensor(batch.labels, device=a.device)
+        losses.append(float(objective_loss(model, a, v, s)))
+        best = (a @ v.T).argmax(dim=1)
+        pairs.append(float((best == torch.arange(len(a), device=a.device)).float().mean()))
+        hits.append(float((y[best] == y).float().mean()))
+        chance.append(float((y[:, None] == y[None, :]).float().mean()))
+        emb_a.append(a.cpu())
+        emb_v.append(v.cpu())
+        labels.append(y.cpu())
+    y = torch.cat(labels).numpy()
+    k = len(np.unique(y))
+    nmi = {name: normalized_mutual_info_score(y, KMeans(k, n_init=4, random_state=0).fit_predict(torch.cat(e).numpy()))
+           for name, e in (("audio", emb_a), ("visual", emb_v))}
+    return {"loss": float(np.mean(losses)), "retrieval": float(np.mean(pairs)), "class_retrieval": float(np.mean(hits)),
+            "class_chance": float(np.mean(chance)), "nmi_audio": float(nmi["audio"]), "nmi_visual": float(nmi["visual"])}
 
 
 def save(out: Path, model: Correspondence, s: PretrainSettings, store: PreparedStore, history: dict) -> None:
@@ -117,11 +185,14 @@ def pretrain(store: PreparedStore, s: PretrainSettings, out: Path, progress: boo
     train, val = store.indices("train"), store.indices("val")
     if len(train) < 2 * s.batch_size:
         raise ValueError(f"{store.root}: {len(train)} training clips, need at least two batches of {s.batch_size}")
-    model = Correspondence(CIGNConfig(encoder=s.encoder), embed_dim=s.embed_dim).to(device, memory_format=torch.channels_last)
+    cfg = CIGNConfig(encoder=s.encoder, audio_pool=s.audio_pool)
+    prototypes = s.prototypes if s.objective == "clusters" else 0
+    model = Correspondence(cfg, embed_dim=s.embed_dim, prototypes=prototypes).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
     augment = Augment(store.spec)
     dtype = precision.autocast_dtype(s.amp, device)
-    history = {"epoch": [], "train_loss": [], "val_loss": [], "val_retrieval": [], "seconds": []}
+    keys = ("loss", "retrieval", "class_retrieval", "class_chance", "nmi_audio", "nmi_visual")
+    history = {"epoch": [], "train_loss": [], **{f"val_{k}": [] for k in keys}, "seconds": []}
     started = time.perf_counter()
     for epoch in range(s.epochs):
         model.train()
@@ -131,19 +202,23 @@ def pretrain(store: PreparedStore, s: PretrainSettings, out: Path, progress: boo
         losses = []
         for batch in bar:
             with precision.autocast(device, dtype):
-                loss, _ = infonce(*model(*_inputs(store, batch, device, augment)), s.tau)
+                loss = objective_loss(model, *model(*_inputs(store, batch, device, augment)), s)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        held_out = evaluate(model, store, val, s, device) if len(val) >= 2 else {"loss": float("nan"), "retrieval": float("nan")}
-        for key, value in (("epoch", epoch + 1), ("train_loss", float(np.mean(losses))), ("val_loss", held_out["loss"]),
-                           ("val_retrieval", held_out["retrieval"]), ("seconds", time.perf_counter() - started)):
-            history[key].append(value)
+        held_out = evaluate(model, store, val, s, device) if len(val) >= 2 else dict.fromkeys(keys, float("nan"))
+        history["epoch"].append(epoch + 1)
+        history["train_loss"].append(float(np.mean(losses)))
+        for key in keys:
+            history[f"val_{key}"].append(held_out[key])
+        history["seconds"].append(time.perf_counter() - started)
         save(out, model, s, store, history)  # every epoch: an interrupted run keeps its latest encoders
         if progress:
-            tqdm.write(f"pretrain epoch {epoch + 1}/{s.epochs}: train InfoNCE {history['train_loss'][-1]:.3f}, "
-                       f"val InfoNCE {held_out['loss']:.3f}, val pair retrieval {100 * held_out['retrieval']:.1f} % "
-                       f"(chance {100 / s.batch_size:.1f} %)")
+            tqdm.write(f"pretrain epoch {epoch + 1}/{s.epochs}: train {s.objective} {history['train_loss'][-1]:.3f}, "
+                       f"val {held_out['loss']:.3f}; val pair retrieval {100 * held_out['retrieval']:.1f} % "
+                       f"(chance {100 / s.batch_size:.1f} %), class retrieval {100 * held_out['class_retrieval']:.1f} % "
+                       f"(chance {100 * held_out['class_chance']:.1f} %), k-means NMI audio "
+                       f"{held_out['nmi_audio']:.2f} visual {held_out['nmi_visual']:.2f}")
     return history

@@ -4,13 +4,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from cign_train.config import CIGNConfig
 from cign_train.data.ingest import store_dir
 from cign_train.data.store import PreparedStore
 from cign_train.model import CIGN, load_encoder_weights
-from cign_train.pretrain import Correspondence, PretrainSettings, infonce, pretrain
+from cign_train.pretrain import Correspondence, PretrainSettings, infonce, pretrain, sinkhorn, swapped_prediction
 from cign_train.settings import TrainSettings
 from cign_train.trainer import Trainer
 
@@ -24,6 +25,29 @@ def test_infonce_by_hand():
     assert loss > expected and acc == 0.0
 
 
+def test_sinkhorn_codes_are_balanced_and_follow_the_scores():
+    torch.manual_seed(0)
+    scores = torch.randn(12, 4).mul(0.3).softmax(1)  # 12 clips, 4 prototypes, unbalanced preferences
+    scores[:, 0] += 0.5  # every clip prefers prototype 0
+    q = sinkhorn(scores)
+    assert torch.allclose(q.sum(1), torch.ones(12), atol=1e-5)  # a distribution per clip
+    assert torch.allclose(q.sum(0), torch.full((4,), 3.0), atol=0.2)  # each prototype gets ~B / K of the mass
+    assert q[:, 0].sum() < 3.5  # the argmax alone would put all 12 clips on prototype 0
+    separable = torch.eye(4).repeat(3, 1)  # clips already in 4 balanced groups: the codes keep them
+    assert (sinkhorn(separable).argmax(1) == torch.arange(4).repeat(3)).all()
+
+
+def test_swapped_prediction_is_lowest_when_the_modalities_agree():
+    torch.manual_seed(0)
+    prototypes = torch.nn.Linear(8, 4, bias=False)
+    groups = torch.nn.functional.normalize(prototypes.weight.detach(), dim=1)  # embeddings on the prototypes
+    a = groups.repeat(4, 1)  # 16 clips, 4 per prototype
+    agree = swapped_prediction(a, a.clone(), prototypes, tau=0.1)
+    disagree = swapped_prediction(a, a.roll(1, dims=0), prototypes, tau=0.1)  # visual of another group
+    assert agree < disagree
+    assert torch.allclose(prototypes.weight.norm(dim=1), torch.ones(4))  # prototypes kept on the unit sphere
+
+
 def test_pretraining_lowers_the_loss_and_its_checkpoint_loads_into_cign_train(tiny_avdigits, tmp_path):
     store = PreparedStore(store_dir(tiny_avdigits, "avdigits", "cpu"))
     out = tmp_path / "encoders.pt"
@@ -32,6 +56,10 @@ def test_pretraining_lowers_the_loss_and_its_checkpoint_loads_into_cign_train(ti
     assert len(history["train_loss"]) == 6
     # 60 training clips, 7 steps an epoch: the loss leaves chance (ln 8 = 2.08) and falls
     assert history["train_loss"][-1] < history["train_loss"][0] - 0.2, history["train_loss"]
+    # the val diagnostics (labels read for evaluation only): one val clip per class, batches of 8 and 2, so
+    # a batch holds one clip of each class and the chance of a class hit is 1 / batch size
+    assert history["val_class_chance"] == [pytest.approx((1 / 8 + 1 / 2) / 2)] * 6
+    assert all(0 <= x <= 1 for key in ("val_class_retrieval", "val_nmi_audio", "val_nmi_visual") for x in history[key])
 
     model = CIGN(CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4), 5)
     report = load_encoder_weights(model, out)
@@ -53,6 +81,11 @@ def test_pretraining_lowers_the_loss_and_its_checkpoint_loads_into_cign_train(ti
     near = (first[f"visual_encoder.backbone.{key}"] - saved["visual"][key]).norm()
     far = (fresh[key] - saved["visual"][key]).norm()
     assert near < 0.1 * far
+
+
+def test_unknown_objective_is_refused():
+    with pytest.raises(ValueError, match="unknown pretraining objective 'simclr'"):
+        PretrainSettings(objective="simclr")
 
 
 def test_cli_writes_the_default_checkpoint_beside_the_store(tiny_avdigits, tmp_path):

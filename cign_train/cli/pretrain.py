@@ -11,7 +11,7 @@ from cign_train.data.definitions import DATASETS
 from cign_train.data.ingest import prepare_dataset, store_dir
 from cign_train.data.store import PreparedStore
 from cign_train.precision import AMP_CHOICES
-from cign_train.pretrain import PretrainSettings, pretrain
+from cign_train.pretrain import OBJECTIVES, PretrainSettings, pretrain
 from cign_train.settings import PRESETS as TRAIN_PRESETS
 
 
@@ -29,7 +29,11 @@ def default_out(data_dir: Path, store_name: str, preset: str, seed: int) -> Path
 @click.option("--epochs", type=click.IntRange(min=1), default=PretrainSettings.epochs, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=2), default=PretrainSettings.batch_size, show_default=True)
 @click.option("--lr", type=float, default=PretrainSettings.lr, show_default=True)
-@click.option("--tau", type=float, default=PretrainSettings.tau, show_default=True, help="InfoNCE temperature.")
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=PretrainSettings.objective, show_default=True,
+              help="infonce: audio-visual correspondence (EZ-VSL); clusters: cross-modal self-labelling (SeLaVi / SwAV).")
+@click.option("--tau", type=float, default=PretrainSettings.tau, show_default=True, help="Temperature of the objective's logits.")
+@click.option("--prototypes", type=click.IntRange(min=2), default=PretrainSettings.prototypes, show_default=True,
+              help="clusters: number of prototypes.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--amp", type=click.Choice(AMP_CHOICES), default="auto", show_default=True)
@@ -38,7 +42,7 @@ def default_out(data_dir: Path, store_name: str, preset: str, seed: int) -> Path
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoint [default: DATA_DIR/STORE/pretrained/PRESET-seedSEED.pt].")
 @click.option("--no-progress", is_flag=True)
-def main(dataset, name, data_dir, preset, epochs, batch_size, lr, tau, seed, device, amp, threads, workers, out,
+def main(dataset, name, data_dir, preset, epochs, batch_size, lr, objective, tau, prototypes, seed, device, amp, threads, workers, out,
          no_progress):
     """Pretrain both encoders (the preset's backbone) on the store's training clips (labels unused); cign-train --encoder-weights loads it."""
     if threads is not None:
@@ -52,13 +56,15 @@ def main(dataset, name, data_dir, preset, epochs, batch_size, lr, tau, seed, dev
     try:
         store = PreparedStore(root)
         out = out or default_out(data_dir, store_name, preset, seed)
-        settings = PretrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, tau=tau, seed=seed, device=device,
-                                    amp=amp, workers=workers, encoder=TRAIN_PRESETS[preset]["model"].encoder)
+        model = TRAIN_PRESETS[preset]["model"]
+        settings = PretrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, objective=objective, tau=tau,
+                                    prototypes=prototypes, seed=seed, device=device, amp=amp, workers=workers,
+                                    encoder=model.encoder, audio_pool=model.audio_pool)
         history = pretrain(store, settings, out, progress=not no_progress)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
-    click.echo(f"pretrained encoders in {out} (train InfoNCE {history['train_loss'][0]:.3f} -> "
-               f"{history['train_loss'][-1]:.3f}; val pair retrieval {100 * history['val_retrieval'][-1]:.1f} %); "
+    click.echo(f"pretrained encoders in {out} (train {objective} {history['train_loss'][0]:.3f} -> "
+               f"{history['train_loss'][-1]:.3f}; val class retrieval {100 * history['val_class_retrieval'][-1]:.1f} %); "
                f"use: cign-train --encoder-weights {out}")
 
 

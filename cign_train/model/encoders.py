@@ -72,6 +72,14 @@ def backbone(cfg: CIGNConfig, modality: str) -> nn.Module:
     return CNN8(planes, first_stride=2 if modality == "audio" else 1)
 
 
+def pool_audio(fmap: torch.Tensor, how: str) -> torch.Tensor:
+    """Audio feature map (B, C, f, t) -> (B, C) by ``CIGNConfig.audio_pool`` (``AudioEncoder``)."""
+    if how == "mean":
+        return fmap.mean(dim=(2, 3))
+    over_time = fmap.mean(dim=2)  # (B, C, t)
+    return over_time.amax(dim=2) + over_time.mean(dim=2)
+
+
 class AudioEncoder(nn.Module):
     """Normalised log spectrogram -> global audio feature f_a (eq 1's input).
 
@@ -93,11 +101,7 @@ class AudioEncoder(nn.Module):
         """(B, F, T), or (B, C, F, T) when cfg.audio_channels > 1 -> f_a (B, D)."""
         if spec.dim() == 3:
             spec = spec.unsqueeze(1)  # (B, 1, F, T)
-        fmap = self.backbone(spec)  # (B, C, f, t)
-        if self.pool == "mean":
-            return self.proj(fmap.mean(dim=(2, 3)))  # (B, D)
-        over_time = fmap.mean(dim=2)  # (B, C, t)
-        return self.proj(over_time.amax(dim=2) + over_time.mean(dim=2))
+        return self.proj(pool_audio(self.backbone(spec), self.pool))  # (B, D)
 
 
 class VisualEncoder(nn.Module):
