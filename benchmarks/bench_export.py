@@ -31,12 +31,12 @@ from calibration.quantize import quantize_int8
 from cign_export.exporter import Exporter, ExportOptions
 from cign_export.graph import ExportGraph, Normalize
 from cign_export.onnx_format import export_onnx
+from cign_export.preset import calibration_store
+from cign_runtime import bench
 from cign_runtime import manifest as mf
 from cign_runtime import spec as npspec
 from cign_runtime.spec import get_preset
 from cign_train.checkpoint import last_finished_task
-from cign_train.data.ingest import prepare_dataset, store_dir
-from cign_train.data.store import PreparedStore
 from cign_train.model import CIGN
 from cign_train.settings import PRESETS
 
@@ -45,30 +45,14 @@ CLASSES = {"cpu": 10, "paper": 100}
 
 
 def timed(fn, iters: int, warmup: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    t = np.asarray(times)
-    return {"median_ms": float(np.median(t)), "p90_ms": float(np.percentile(t, 90)), "p99_ms": float(np.percentile(t, 99)),
-            "mean_ms": float(t.mean()), "iters": iters}
-
-
-def store_of(preset: str, data_dir: Path) -> PreparedStore:
-    spec = PRESETS[preset]["spec"]
-    if not (store_dir(data_dir, "avdigits", spec) / "index.json").is_file():
-        prepare_dataset("avdigits", data_dir, preset=spec, progress=True)
-    return PreparedStore(store_dir(data_dir, "avdigits", spec))
+    return bench.latency_stats(bench.time_calls(fn, iters, warmup))
 
 
 def speed(preset: str, data_dir: Path, iters: int, warmup: int, work: Path) -> dict:
     cfg, spec = PRESETS[preset]["model"], get_preset(PRESETS[preset]["spec"])
     torch.manual_seed(0)
     graph = ExportGraph(CIGN(cfg, CLASSES[preset]), spec)
-    store = store_of(preset, data_dir)
+    store = calibration_store(PRESETS[preset]["spec"], data_dir)
     one = store.indices("test")[:1]
     feeds = mf.feed(store.frames(one), store.spectrograms(one))
     paths, export_s = {}, {}

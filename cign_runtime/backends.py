@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,27 @@ class OrtRunner:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(mf.OUTPUTS, self.session.run(list(mf.OUTPUTS), feeds)))
 
+    def split_times(self, feeds: dict[str, np.ndarray]) -> dict[str, float]:
+        """One call on a GPU provider timed in trtexec's three parts (ms): inputs copied to the GPU
+        (``OrtValue`` on cuda), the graph run on GPU-resident inputs and outputs (IO binding,
+        synchronised), outputs copied back."""
+        if self.session.get_providers()[0] == "CPUExecutionProvider":
+            raise ValueError("split_times needs a GPU execution provider")
+        t0 = time.perf_counter()
+        values = {name: ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0) for name, array in feeds.items()}
+        t1 = time.perf_counter()
+        binding = self.session.io_binding()
+        for name, value in values.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in mf.OUTPUTS:
+            binding.bind_output(name, "cuda", 0)
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        t2 = time.perf_counter()
+        binding.copy_outputs_to_cpu()
+        t3 = time.perf_counter()
+        return {"h2d_ms": (t1 - t0) * 1e3, "compute_ms": (t2 - t1) * 1e3, "d2h_ms": (t3 - t2) * 1e3}
+
     def close(self) -> None:
         self.session = None
 
@@ -183,7 +205,14 @@ class TensorRTRunner:
             self.context.set_tensor_address(name, ptr)
         return ptr
 
-    def _run_batch(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_batch(self, feeds: dict[str, np.ndarray], marks: list[float] | None = None) -> dict[str, np.ndarray]:
+        """One batch within the profile; ``marks`` collects a synchronised time after each stage (split_times)."""
+        def mark():
+            if marks is not None:
+                self._check(self.cudart.cudaStreamSynchronize(self.stream))
+                marks.append(time.perf_counter())
+
+        mark()
         h2d, d2h = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name in self.inputs:
             host = feeds[name]
@@ -195,13 +224,26 @@ class TensorRTRunner:
                                   dtype=self.trt.nptype(self.engine.get_tensor_dtype(name))) for name in mf.OUTPUTS}
         for name, host in outputs.items():
             self._buffer(name, host.nbytes)
+        mark()
         if not self.context.execute_async_v3(int(self.stream)):
             raise RuntimeError("trt: execute_async_v3 failed")
+        mark()
         for name, host in outputs.items():
             ptr = self.buffers[name][0]
             self._check(self.cudart.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, d2h, self.stream))
         self._check(self.cudart.cudaStreamSynchronize(self.stream))
+        mark()
         return outputs
+
+    def split_times(self, feeds: dict[str, np.ndarray]) -> dict[str, float]:
+        """One batch timed in trtexec's three parts (ms): host-to-device copies, the engine's
+        ``execute_async_v3``, device-to-host copies, each ended by a stream synchronisation."""
+        if len(feeds[mf.FRAME]) > self.max_batch:
+            raise ValueError(f"split_times times one batch of at most {self.max_batch}")
+        marks: list[float] = []
+        self._run_batch(feeds, marks)
+        t0, t1, t2, t3 = marks
+        return {"h2d_ms": (t1 - t0) * 1e3, "compute_ms": (t2 - t1) * 1e3, "d2h_ms": (t3 - t2) * 1e3}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(feeds[mf.FRAME])

@@ -1,0 +1,70 @@
+"""Issue 11's latency targets from ``cign-bench`` runs on this machine: paper preset (K 100, random weights),
+cpu preset (K 10) and, when present, a trained avdigits export (its report gives the INT8 accuracy drop).
+
+Each model is one ``cign-bench`` process (torch eager + onnxruntime CPU, fp32 / fp16 / int8, batch 1
+and 8, ``--threads`` as given), so every ratio below is from one run. Copies each run's JSON and
+plot to ``benchmarks/results/latency_<name>.{json,png}`` and prints, per model, batch 1: onnxruntime
+fp32 / eager, fp32 / floor, INT8 / eager, INT8 / fp32 and the INT8 audio-visual accuracy drop,
+beside the targets (issue 11: fp32 <= 0.5x eager and <= 1.1x floor; INT8 <= 0.2x eager with VNNI,
+<= 0.6x fp32 on AVX2-only CPUs; drop <= 1 point).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run(name: str, args: list[str], a: argparse.Namespace, iterations: int) -> dict:
+    out = a.work / name
+    cmd = [sys.executable, "-m", "cign_export.bench_cli", *args, "--backends", "torch,ort-cpu", "--precision",
+           "fp32,fp16,int8", "--batch", "1,8", "--iterations", str(iterations), "--warmup", str(a.warmup),
+           "--threads", str(a.threads), "--out", str(out), "--data-dir", str(a.data_dir)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    result = json.loads((out / "bench.json").read_text())
+    shutil.copy(out / "bench.json", RESULTS / f"latency_{name}.json")
+    shutil.copy(out / "bench.png", RESULTS / f"latency_{name}.png")
+    return result
+
+
+def summary(name: str, r: dict) -> str:
+    rows = {(x["backend"], x["precision"]): x for x in r["rows"] if x["batch"] == 1}
+    eager, fp32, int8 = rows[("torch", "fp32")], rows[("ort-cpu", "fp32")], rows[("ort-cpu", "int8-cpu")]
+    drop = r["accuracy"].get("int8-cpu", {}).get("drop")
+    return (f"| {name} | {r['flops']['1'] / 1e9:.2f} | {eager['median_ms']:.1f} | {fp32['median_ms']:.1f} | "
+            f"{fp32['median_ms'] / eager['median_ms']:.2f}x | {fp32['vs_floor']:.2f}x | {int8['median_ms']:.1f} | "
+            f"{int8['median_ms'] / eager['median_ms']:.2f}x | {int8['median_ms'] / fp32['median_ms']:.2f}x | "
+            f"{int8['vs_floor']:.2f}x | {'-' if drop is None else f'{drop:+.1f}'} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--export", type=Path, default=Path("exports/bench-native-task4"),
+                    help="a trained avdigits export with fp16 and int8-cpu (cign-export --fp16 --int8 --target cpu)")
+    ap.add_argument("--data-dir", type=Path, default=Path("data"))
+    ap.add_argument("--work", type=Path, default=Path("runs/bench-latency"))
+    ap.add_argument("--iterations", type=int, default=200, help="timed calls per configuration (paper preset: a quarter)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    results = {"paper": run("paper", ["--preset", "paper"], a, max(50, a.iterations // 4)),
+               "cpu": run("cpu", ["--preset", "cpu"], a, a.iterations)}
+    if (a.export / "manifest.json").is_file():
+        results["avdigits"] = run("avdigits", ["--model", str(a.export)], a, a.iterations)
+    env = results["paper"]["environment"]
+    print(f"CPU: {env['cpu']} ({env['cores']} cores; {' '.join(env['flags'])}), {a.threads} threads; batch 1, medians")
+    print("| model | GFLOP | eager ms | ort fp32 ms | fp32 / eager | fp32 / floor | int8 ms | int8 / eager | "
+          "int8 / fp32 | int8 / int8 floor | int8 AV drop |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in results.items():
+        print(summary(name, r))
+
+
+if __name__ == "__main__":
+    main()

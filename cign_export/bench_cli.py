@@ -1,0 +1,256 @@
+"""``cign-bench``: latency of an exported CIGN per backend, precision and batch, beside the hardware floor.
+
+``cign-bench --model EXPORT_DIR`` times the export's graphs on every requested backend
+(``cign_runtime.backends``: ort-cpu, ort-cuda, ort-trt, trt) and, when torch and the export's
+source checkpoint are here, PyTorch eager on the same model. ``cign-bench --preset cpu|paper``
+first writes an export of a random-weight model at the preset's shapes (``cign_export.preset``).
+Timing, statistics, FLOPs, the GEMM peaks and the environment come from ``cign_runtime.bench``;
+this module only imports torch for ``--preset`` and the ``torch`` backend, so ``--model`` runs on
+a runtime-only install.
+
+Per configuration: latency min / median / mean / p90 / p95 / p99 / max and throughput (samples /
+s); on a GPU also the host-to-device, compute and device-to-host parts (as trtexec splits them,
+``split_times``); on the CPU the floor, FLOPs / measured peak (fp32 MatMul for fp32 / fp16 and
+torch, u8 x s8 MatMulInteger for int8), and latency / floor. A backend or precision that cannot
+run here is listed with the reason. Writes ``bench.json``, ``bench.md`` and ``bench.png`` (latency
+distribution per configuration) under ``--out``.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import click
+import numpy as np
+
+from cign_runtime import bench
+from cign_runtime import manifest as mf
+from cign_runtime.backends import PROVIDERS, BackendUnavailable, open_model
+
+#: ``--backends`` choices: PyTorch eager, then the runtime's backends.
+BENCH_BACKENDS = ("torch", *PROVIDERS, "trt")
+#: ``--precision`` choices; "int8" means the backend's INT8 graph (int8-cpu on ort-cpu, int8-trt on GPUs).
+BENCH_PRECISIONS = ("fp32", "fp16", "int8", *mf.PRECISIONS[2:])
+
+
+def resolve_precision(backend: str, precision: str) -> str:
+    if precision == "int8":
+        return "int8-cpu" if backend == "ort-cpu" else "int8-trt"
+    return precision
+
+
+class TorchRunner:
+    """PyTorch eager on the export's source checkpoint (its sha256 checked against the manifest)."""
+
+    def __init__(self, root: Path, manifest: mf.Manifest, threads: int | None):
+        try:
+            import torch
+        except ImportError as e:
+            raise BackendUnavailable(f"torch: not installed ({e}); pip install 'cign-edge[train]'") from e
+        from cign_export.graph import ExportGraph
+        from cign_train.checkpoint import TaskCheckpoint
+
+        path = Path(manifest.checkpoint["path"])
+        if not path.is_file():
+            raise BackendUnavailable(f"torch: the export's source checkpoint {path} is not on this machine")
+        if mf.sha256(path) != manifest.checkpoint["sha256"]:
+            raise BackendUnavailable(f"torch: {path} changed since the export (sha256 differs from the manifest's)")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        ckpt = TaskCheckpoint.load(path)
+        self.torch = torch
+        self.graph = ExportGraph(ckpt.build_model(), ckpt.spec, manifest.tokens_as_input)
+        self.tokens = ckpt.tokens.float().numpy()[: manifest.n_classes()] if manifest.tokens_as_input else None
+
+    def run(self, feeds: dict[str, np.ndarray]):
+        names = [mf.FRAME, mf.SPECTROGRAM] + ([mf.TOKENS] if self.tokens is not None else [])
+        feeds = {**feeds, mf.TOKENS: self.tokens} if self.tokens is not None else feeds
+        with self.torch.inference_mode():
+            return self.graph(*[self.torch.from_numpy(feeds[n]) for n in names])
+
+
+def inputs(spec, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Frames in [0, 255] and log spectrograms around the data's range, in the graphs' layout."""
+    rng = np.random.default_rng(seed)
+    frame = rng.uniform(0, 255, (batch, 3, spec.frame_size, spec.frame_size)).astype(np.float32)
+    spectrogram = (rng.standard_normal((batch, 1, spec.n_freq, spec.n_time)) * 4 - 8).astype(np.float32)
+    return frame, spectrogram
+
+
+def accuracy_drops(root: Path) -> dict:
+    """The export report's audio-visual test accuracy and drop against fp32 per precision (empty without a report)."""
+    path = root / "report.json"
+    if not path.is_file():
+        return {}
+    acc = json.loads(path.read_text()).get("accuracy", {})
+    test, drops = acc.get("test", {}), acc.get("drop_vs_fp32", {})
+    return {p: {"audio_visual": a["audio_visual"], "drop": drops.get(p, {}).get("audio_visual", 0.0)}
+            for p, a in test.items()}
+
+
+def measure(root: Path, manifest: mf.Manifest, backend: str, precision: str, batch: int, a: dict, bar) -> dict:
+    """One configuration's row: latencies, statistics, GPU split where it applies."""
+    frame, spectrogram = inputs(manifest.spec, batch)
+    if backend == "torch":
+        if precision != "fp32":
+            raise BackendUnavailable("torch: eager runs the fp32 checkpoint only")
+        runner = TorchRunner(root, manifest, a["threads"])
+        feeds = {mf.FRAME: frame, mf.SPECTROGRAM: spectrogram}
+        call = lambda: runner.run(feeds)  # noqa: E731
+        split = None
+    else:
+        model = open_model(root, backend, precision, threads=a["threads"])
+        runner = model.runner
+        feeds = {mf.FRAME: frame, mf.SPECTROGRAM: spectrogram}
+        if model.tokens is not None:
+            feeds[mf.TOKENS] = model.tokens
+        call = lambda: runner.run(feeds)  # noqa: E731
+        split = runner.split_times if backend != "ort-cpu" else None
+    ms = bench.time_calls(call, a["iterations"], a["warmup"], progress=bar.update)
+    row = {"backend": backend, "precision": precision, "batch": batch, **bench.latency_stats(ms),
+           "samples_per_s": float(batch * 1e3 / ms.mean()), "latencies_ms": [round(float(x), 4) for x in ms]}
+    if split is not None:
+        parts = [split(feeds) for _ in range(min(a["iterations"], 50))]
+        row["gpu_split_ms"] = {k: float(np.median([p[k] for p in parts])) for k in parts[0]}
+    return row
+
+
+def run_bench(root: Path, a: dict) -> dict:
+    """Every backend x precision x batch of ``a`` on the export at ``root``; the result dict."""
+    manifest = mf.Manifest.load(root)
+    env = bench.environment(a["threads"])
+    tokens = manifest.n_classes() if manifest.tokens_as_input else None
+    fp32 = root / manifest.artefact("onnx", "fp32").path
+    flops = {b: sum(bench.graph_flops(fp32, b, tokens).values()) for b in a["batch"]}
+    peaks = {kind: bench.gemm_peak(kind, a["threads"]) for kind in ("fp32", "int8")}
+    configs = [(b, resolve_precision(b, p), n) for b in a["backends"] for p in a["precision"] for n in a["batch"]]
+    configs = list(dict.fromkeys(configs))
+    rows, skipped = [], []
+    with click.progressbar(length=len(configs) * a["iterations"], label="cign-bench", file=None) as bar:
+        for backend, precision, batch in configs:
+            try:
+                row = measure(root, manifest, backend, precision, batch, a, bar)
+            except (BackendUnavailable, ValueError, KeyError) as e:
+                skipped.append({"backend": backend, "precision": precision, "batch": batch, "reason": str(e)})
+                bar.update(a["iterations"])
+                continue
+            if backend in ("torch", "ort-cpu"):
+                peak = peaks["int8" if precision.startswith("int8") else "fp32"]
+                row["floor_ms"] = flops[batch] / (peak * 1e9) * 1e3
+                row["vs_floor"] = row["median_ms"] / row["floor_ms"]
+            rows.append(row)
+    eager = {r["batch"]: r["median_ms"] for r in rows if r["backend"] == "torch"}
+    for r in rows:
+        if r["batch"] in eager:
+            r["vs_eager"] = r["median_ms"] / eager[r["batch"]]
+    return {"model": str(root), "classes": manifest.n_classes(), "spec": manifest.spec.name, "environment": env,
+            "flops": flops, "gemm_peak_gflops": peaks, "iterations": a["iterations"], "warmup": a["warmup"],
+            "accuracy": accuracy_drops(root), "rows": rows, "skipped": skipped}
+
+
+def table(result: dict) -> str:
+    """The result as a markdown table (latencies in ms)."""
+    env = result["environment"]
+    lines = [f"CPU: {bench.cpu_label(env)}, {env['threads'] or 'default'} threads"
+             + (f"; GPU: {env['gpu']['name']} (driver {env['gpu']['driver']})" if env["gpu"] else ""),
+             f"model: {result['model']} (spec {result['spec']}, K {result['classes']}); GFLOP per sample "
+             f"{result['flops'][min(result['flops'])] / min(result['flops']) / 1e9:.2f}; peak fp32 "
+             f"{result['gemm_peak_gflops']['fp32']:.0f} GFLOP/s, int8 {result['gemm_peak_gflops']['int8']:.0f} GOP/s", "",
+             "| backend | precision | batch | median | mean | p90 | p95 | p99 | min | max | samples/s | vs eager | floor | vs floor | H2D / compute / D2H |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        split = r.get("gpu_split_ms")
+        cells = [r["backend"], r["precision"], r["batch"]]
+        cells += [f"{r[k]:.2f}" for k in ("median_ms", "mean_ms", "p90_ms", "p95_ms", "p99_ms", "min_ms", "max_ms")]
+        cells += [f"{r['samples_per_s']:.1f}", f"{r['vs_eager']:.2f}x" if "vs_eager" in r else "-"]
+        cells += [f"{r['floor_ms']:.2f}", f"{r['vs_floor']:.2f}x"] if "floor_ms" in r else ["-", "-"]
+        cells.append(" / ".join(f"{split[k]:.3f}" for k in ("h2d_ms", "compute_ms", "d2h_ms")) if split else "-")
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if result["skipped"]:
+        lines += ["", "Skipped:"] + [f"- {s['backend']} {s['precision']} batch {s['batch']}: {s['reason']}"
+                                     for s in result["skipped"]]
+    if result["accuracy"]:
+        lines.append("\naudio-visual test accuracy from the export's report: " + ", ".join(
+            f"{p} {v['audio_visual']:.1f} % ({v['drop']:+.1f})" for p, v in result["accuracy"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Latency distribution per configuration (box plot, log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
+    ax.boxplot([r["latencies_ms"] for r in rows], whis=(1, 99), showfliers=True)
+    ax.set_xticks(range(1, len(rows) + 1), [f"{r['backend']}\n{r['precision']}\nb{r['batch']}" for r in rows], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("latency per call (ms)")
+    ax.set_title(f"{Path(result['model']).name}: {bench.cpu_label(result['environment'])}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _csv(choices):
+    def parse(ctx, param, value):
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        bad = [v for v in items if choices and v not in choices]
+        if bad:
+            raise click.BadParameter(f"{bad} not among {list(choices)}")
+        return items
+    return parse
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="An export folder (cign-export).")
+@click.option("--preset", type=click.Choice(["cpu", "paper"]), help="Bench a random-weight model at a preset's shapes instead.")
+@click.option("--classes", type=click.IntRange(min=1), help="--preset: K [default: 10 cpu, 100 paper].")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True,
+              help="--preset: where the avdigits store for INT8 calibration is (prepared when missing).")
+@click.option("--backends", default=",".join(BENCH_BACKENDS), show_default=True, callback=_csv(BENCH_BACKENDS))
+@click.option("--precision", default="fp32,fp16,int8", show_default=True, callback=_csv(BENCH_PRECISIONS))
+@click.option("--batch", default="1,8", show_default=True, callback=_csv(None))
+@click.option("--iterations", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (onnxruntime intra-op, torch) [default: the libraries'].")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench"), show_default=True,
+              help="Folder for bench.json, bench.md and bench.png.")
+def main(model_dir, preset, classes, data_dir, backends, precision, batch, iterations, warmup, threads, out):
+    """Latency of an exported CIGN on each backend / precision / batch, with the FLOPs floor of this machine."""
+    if (model_dir is None) == (preset is None):
+        raise click.UsageError("give one of --model EXPORT_DIR or --preset cpu|paper")
+    try:
+        batches = sorted({int(b) for b in batch})
+    except ValueError as e:
+        raise click.BadParameter(f"--batch takes integers: {batch}") from e
+    a = {"backends": backends, "precision": precision, "batch": batches, "iterations": iterations, "warmup": warmup,
+         "threads": threads}
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if preset is not None:
+            try:
+                from cign_export.preset import export_preset
+            except ImportError as e:
+                raise click.ClickException(f"--preset builds the model with torch: {e}; pip install 'cign-edge[train]'")
+            model_dir = Path(tmp) / f"{preset}-random"
+            export_preset(preset, model_dir, classes, data_dir=data_dir)
+        try:
+            result = run_bench(model_dir, a)
+        except (FileNotFoundError, ValueError) as e:
+            raise click.ClickException(str(e)) from e
+        result["preset"] = preset
+        (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / "bench.md").write_text(table(result))
+        if result["rows"]:
+            plot(result, out / "bench.png")
+    click.echo(table(result))
+    click.echo(f"wrote {out / 'bench.json'}, bench.md, bench.png")
+
+
+if __name__ == "__main__":
+    main()
