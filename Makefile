@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: setup demo test bench bench-cil bench-default bench-export bench-live
+.PHONY: setup demo test bench bench-cil bench-default bench-export bench-live bench-latency
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -25,6 +25,11 @@ bench: setup
 # export (train it first: cign-train)
 bench-export: setup
 	$(PYTHON) benchmarks/bench_export.py
+
+# cign-bench for the paper preset (K 100), the cpu preset and a trained avdigits export (if exported with
+# cign-export --run runs/bench-default/native --task 4 --fp16 --int8 --target cpu --out exports/bench-native-task4), ~6 min
+bench-latency: setup
+	$(PYTHON) benchmarks/bench_latency.py
 
 # CIGN between fine-tuning and joint training on avdigits, 3 seeds, val + test (about 45 min on 2 cores)
 bench-cil: setup
