@@ -28,9 +28,9 @@ from cign_train.data.avdigits.media import write_mp4
 from cign_train.data.decode import decode_clip
 from cign_train.data.definitions import Candidate
 from cign_train.data.ingest import prepare_dataset
-from cign_train.data.loader import batch_loader
 from cign_train.data.prepare import prepare_store
 from cign_train.data.store import PreparedStore
+from cign_train.throughput import loader_rate
 
 RESULTS = Path(__file__).parent / "results"
 GOAL_SAMPLES_PER_S = 3000
@@ -56,18 +56,6 @@ def time_decode(paths: list[Path], spec) -> float:
     for p in paths:
         decode_clip(p, spec)
     return len(paths) / (time.perf_counter() - start)
-
-
-def time_loader(store: PreparedStore, batch_size: int, workers: int, epochs: int) -> float:
-    idx = np.arange(len(store))
-    loader = batch_loader(store, idx, batch_size, shuffle=True, workers=workers)
-    for _ in loader:  # warm-up epoch: page cache and worker start
-        pass
-    n, start = 0, time.perf_counter()
-    for _ in range(epochs):
-        for batch in loader:
-            n += batch.labels.shape[0]
-    return n / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -104,16 +92,16 @@ def main() -> None:
 
     paper_store = PreparedStore(paper_root)
     for workers in (0, args.workers):
-        rate = time_loader(paper_store, 128, workers, args.epochs)
+        rate = loader_rate(paper_store, 128, workers, args.epochs)
         rows.append((f"loader 224px + 257x300, batch 128, {workers} workers", "samples/s", rate))
 
-    loader_rate = rows[-1][2]
+    loader_speed = rows[-1][2]
     width = max(len(r[0]) for r in rows)
     print(f"{'measure'.ljust(width)}  {'value':>10}  unit")
     for name, unit, value in rows:
         print(f"{name.ljust(width)}  {value:10.1f}  {unit}")
-    print(f"loader goal >= {GOAL_SAMPLES_PER_S} samples/s: {'met' if loader_rate >= GOAL_SAMPLES_PER_S else 'NOT met'}"
-          f" ({loader_rate / GOAL_SAMPLES_PER_S:.2f}x the goal)")
+    print(f"loader goal >= {GOAL_SAMPLES_PER_S} samples/s: {'met' if loader_speed >= GOAL_SAMPLES_PER_S else 'NOT met'}"
+          f" ({loader_speed / GOAL_SAMPLES_PER_S:.2f}x the goal)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]},

@@ -9,63 +9,19 @@ quote ratios from one run.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
-import time
 from pathlib import Path
 
 import torch
 
 from cign_runtime.spec import get_preset
-from cign_train.losses import cign_loss
-from cign_train.model import CIGN
-from cign_train.precision import autocast, autocast_dtype
+from cign_train.precision import autocast_dtype
 from cign_train.settings import PRESETS
+from cign_train.throughput import step_rate
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def step_rate(preset: str, batch: int, steps: int, device: torch.device, dtype: torch.dtype | None,
-              classes=(10, 10)) -> float:
-    """Samples/s of teacher+student training steps at ``preset``'s shapes and model config."""
-    cfg, spec = PRESETS[preset]["model"], get_preset(PRESETS[preset]["spec"])
-    torch.manual_seed(0)
-    old, new = classes
-    model = CIGN(cfg, old).to(device, memory_format=torch.channels_last)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    model.grow(new)
-    cuda = device.type == "cuda"
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    spectrograms = torch.randn(batch, *spec.spectrogram_shape, device=device)
-    frames = torch.randn(batch, 3, spec.frame_size, spec.frame_size, device=device)
-    frames = frames.contiguous(memory_format=torch.channels_last)
-    labels = torch.arange(batch, device=device) % (old + new)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-
-    def step() -> None:
-        with autocast(device, dtype):
-            out = model(spectrograms, frames)
-            with torch.no_grad():
-                t_out = teacher(spectrograms, frames)
-            loss = cign_loss(out, labels, cfg=cfg, token_logits=model.token_logits(), tokens=model.tokens,
-                             old_tokens=teacher.tokens, teacher_out=t_out, old_classes=range(old),
-                             new_classes=range(old, old + new))["total"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
-    step()  # warm-up (allocations, cuDNN autotune)
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - start)
 
 
 def main() -> None:

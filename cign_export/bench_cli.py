@@ -195,6 +195,56 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def train_bench(device_name: str, steps: int, data_dir: Path, workers: int) -> dict:
+    """Training step rate of both presets (fp32 and ``--amp auto``) and the loader rate of their avdigits stores."""
+    try:
+        import torch
+    except ImportError as e:
+        raise click.ClickException(f"--train needs torch: {e}; pip install 'cign-edge[train]'") from e
+    from cign_train.data.ingest import store_dir
+    from cign_train.data.store import PreparedStore
+    from cign_train.precision import autocast_dtype
+    from cign_train.settings import PRESETS
+    from cign_train.throughput import loader_rate, step_rate
+
+    device = torch.device(device_name)
+    amp = autocast_dtype("auto", device)
+    rows, skipped = [], []
+    for preset in ("cpu", "paper"):
+        batch = PRESETS[preset]["batch_size"] if device.type == "cuda" or preset == "cpu" else 8
+        for dtype in dict.fromkeys([None, amp]):
+            rows.append({"what": "train step", "preset": preset, "batch": batch,
+                         "precision": "fp32" if dtype is None else str(dtype).removeprefix("torch."),
+                         "samples_per_s": step_rate(preset, batch, steps, device, dtype)})
+        root = store_dir(data_dir, "avdigits", PRESETS[preset]["spec"])
+        if not (root / "index.json").is_file():
+            skipped.append({"what": "loader", "preset": preset, "reason": f"no prepared store at {root} "
+                            f"(cign-prepare --dataset avdigits --preset {PRESETS[preset]['spec']})"})
+            continue
+        store = PreparedStore(root)
+        rows.append({"what": f"loader, {workers} workers", "preset": preset, "batch": batch, "precision": "-",
+                     "samples_per_s": loader_rate(store, batch, workers)})
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch_threads": torch.get_num_threads(), "environment": bench.environment(torch.get_num_threads()),
+            "steps": steps, "rows": rows, "skipped": skipped}
+
+
+def train_table(result: dict) -> str:
+    env = result["environment"]
+    lines = [f"training on {result['device']}; CPU: {bench.cpu_label(env)}, {result['torch_threads']} torch threads", "",
+             "| measure | preset | batch | precision | samples/s |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['what']} | {r['preset']} | {r['batch']} | {r['precision']} | {r['samples_per_s']:.1f} |"
+              for r in result["rows"]]
+    for preset in ("cpu", "paper"):
+        steps = [r["samples_per_s"] for r in result["rows"] if r["preset"] == preset and r["what"] == "train step"]
+        loader = [r["samples_per_s"] for r in result["rows"] if r["preset"] == preset and r["what"].startswith("loader")]
+        if steps and loader:
+            verdict = "keeps up" if loader[0] >= max(steps) else "starves the step"
+            lines.append(f"\n{preset}: the loader delivers {loader[0] / max(steps):.1f}x the fastest step's rate ({verdict})")
+    lines += [f"\nskipped {s['what']} ({s['preset']}): {s['reason']}" for s in result["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
 def _csv(choices):
     def parse(ctx, param, value):
         items = [v.strip() for v in value.split(",") if v.strip()]
@@ -219,18 +269,33 @@ def _csv(choices):
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (onnxruntime intra-op, torch) [default: the libraries'].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench"), show_default=True,
-              help="Folder for bench.json, bench.md and bench.png.")
-def main(model_dir, preset, classes, data_dir, backends, precision, batch, iterations, warmup, threads, out):
+              help="Folder for bench.json, bench.md and bench.png (train.json and train.md with --train).")
+@click.option("--train", is_flag=True, help="Instead: training throughput of both presets and the loader's rate beside it.")
+@click.option("--device", default="cpu", show_default=True, help="--train: torch device (cpu, cuda).")
+@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True, help="--train: timed steps per case.")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="--train: loader processes.")
+def main(model_dir, preset, classes, data_dir, backends, precision, batch, iterations, warmup, threads, out, train,
+         device, steps, workers):
     """Latency of an exported CIGN on each backend / precision / batch, with the FLOPs floor of this machine."""
-    if (model_dir is None) == (preset is None):
-        raise click.UsageError("give one of --model EXPORT_DIR or --preset cpu|paper")
+    if sum(x is not None and x is not False for x in (model_dir, preset, train)) != 1:
+        raise click.UsageError("give one of --model EXPORT_DIR, --preset cpu|paper or --train")
+    out.mkdir(parents=True, exist_ok=True)
+    if train:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        result = train_bench(device, steps, data_dir, workers)
+        (out / "train.json").write_text(json.dumps(result, indent=1) + "\n")
+        (out / "train.md").write_text(train_table(result))
+        click.echo(train_table(result))
+        return
     try:
         batches = sorted({int(b) for b in batch})
     except ValueError as e:
         raise click.BadParameter(f"--batch takes integers: {batch}") from e
     a = {"backends": backends, "precision": precision, "batch": batches, "iterations": iterations, "warmup": warmup,
          "threads": threads}
-    out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         if preset is not None:
             try:

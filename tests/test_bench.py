@@ -156,3 +156,22 @@ def test_gpu_split_adds_up_to_about_one_call(export):
                  mf.SPECTROGRAM: np.zeros((1, 1, model.spec.n_freq, model.spec.n_time), np.float32)}
         split = model.runner.split_times(feeds)
         assert set(split) == {"h2d_ms", "compute_ms", "d2h_ms"} and all(v > 0 for v in split.values())
+
+
+def test_train_mode_times_both_presets_and_the_loader_beside_them(tiny_avdigits, tmp_path):
+    out = tmp_path / "t"
+    proc = subprocess.run([sys.executable, "-m", "cign_export.bench_cli", "--train", "--steps", "1", "--threads", "2",
+                           "--data-dir", str(tiny_avdigits), "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "train.json").read_text())
+    steps = {(r["preset"], r["precision"]) for r in result["rows"] if r["what"] == "train step"}
+    assert {("cpu", "fp32"), ("paper", "fp32")} <= steps and all(r["samples_per_s"] > 0 for r in result["rows"])
+    assert [r["preset"] for r in result["rows"] if r["what"].startswith("loader")] == ["cpu"]  # the tiny store is cpu only
+    assert "no prepared store" in result["skipped"][0]["reason"] and result["skipped"][0]["preset"] == "paper"
+    assert "cpu: the loader delivers" in proc.stdout
+
+
+def test_one_mode_at_a_time(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "cign_export.bench_cli", "--preset", "cpu", "--train"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "give one of --model EXPORT_DIR, --preset cpu|paper or --train" in proc.stderr
