@@ -12,6 +12,9 @@ from cign_runtime.records import known_fields
 ENCODERS = ("resnet18", "cnn8")
 #: How the audio encoder pools its feature map to f_a (cign_train.model.encoders.AudioEncoder).
 AUDIO_POOLS = ("mean", "time_max_mean")
+#: Denominator of eq 9 (cign_train.losses.continual_grouping): the negatives only (the paper's text),
+#: or the positive plus the negatives (InfoNCE).
+CTL_DENOMINATORS = ("infonce", "paper")
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,8 @@ class CIGNConfig:
     dropout: float = 0.0
     assign: str = "soft"  # grouping assignment (eq 6): softmax "soft" or Gumbel straight-through "hard"
     gumbel_tau: float = 1.0  # temperature of the hard assignment
-    tau: float = 0.07  # temperature of the continual-grouping contrastive loss (eq 9)
+    tau: float = 0.07  # temperature of the continual-grouping contrastive loss (eq 9); not given in the paper
+    ctl_denominator: str = "infonce"  # CTL_DENOMINATORS: what eq 9's denominator sums
     use_avctd: bool = True  # eq 8's token terms (KL distillation + CE independence), Table 4
     use_avcg: bool = True  # eq 9 continual-grouping loss, Table 4
     audio_channels: int = 1  # log spectrogram planes into the audio ResNet18
@@ -37,6 +41,8 @@ class CIGNConfig:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.audio_pool not in AUDIO_POOLS:
             raise ValueError(f"audio_pool must be one of {AUDIO_POOLS}, got {self.audio_pool!r}")
+        if self.ctl_denominator not in CTL_DENOMINATORS:
+            raise ValueError(f"ctl_denominator must be one of {CTL_DENOMINATORS}, got {self.ctl_denominator!r}")
         if self.assign not in ("soft", "hard"):
             raise ValueError(f"assign must be 'soft' or 'hard', got {self.assign!r}")
         if self.dim % self.heads:

@@ -59,30 +59,65 @@ def grouping_bce(logits_a: torch.Tensor, logits_v: torch.Tensor, labels: torch.T
     return (bce_a + bce_v).mean()
 
 
+def _contrast(g_old: torch.Tensor, g_new: torch.Tensor, labels: torch.Tensor, old_classes: Sequence[int]):
+    """Eq 9's unit vectors in fp32: anchors g_old[n, y_n] (N, D), positives g_new[n, y_n] (N, D) over the
+    old-class samples n, negatives g_new[m, y_m] (M, D) over the new-class samples m; None when the
+    batch lacks either."""
+    old = torch.isin(labels, torch.as_tensor(list(old_classes), dtype=labels.dtype, device=labels.device))
+    if not old.any() or old.all():
+        return None
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    anchor = F.normalize(g_old.detach()[rows[old], labels[old]].float(), dim=-1)
+    pos = F.normalize(g_new[rows[old], labels[old]].float(), dim=-1)
+    neg = F.normalize(g_new[rows[~old], labels[~old]].float(), dim=-1)
+    return anchor, pos, neg
+
+
 def continual_grouping(
-    g_old: torch.Tensor, g_new: torch.Tensor, labels: torch.Tensor, old_classes: Sequence[int], tau: float
+    g_old: torch.Tensor, g_new: torch.Tensor, labels: torch.Tensor, old_classes: Sequence[int], tau: float,
+    denominator: str = "infonce",
 ) -> torch.Tensor:
-    """One modality's term of L_ctl (eq 9).
+    """One modality's term of L_ctl (eq 9), computed in fp32 (autocast off).
 
     g_old (B, C, D) comes from the frozen previous model (teacher, no gradient), g_new (B, K, D) from
     the current model on the same inputs; labels (B,). Each sample n whose label is an old class
     (from the rehearsal buffer) is an anchor g_old[n, y_n], with positive g_new[n, y_n]; the negatives
     are the batch's new-class samples m at their ground-truth classes, g_new[m, y_m]. sim is the
-    cosine similarity over tau. Eq 9's denominator sums only the negatives, which lets the loss fall
-    without bound as the positive grows; we add the positive to it (standard InfoNCE), so the loss
-    is >= 0. Mean over anchors; a (differentiable) 0 when the batch lacks old or new samples.
+    cosine similarity over tau (0.07 by default: the paper gives no value). ``denominator``:
+    ``paper`` sums only the negatives, as eq 9 is written: -sim_pos + log sum exp sim_neg, which
+    with cosine similarity is bounded below by log M - 2 / tau; ``infonce`` adds the positive
+    (>= 0, the form of most contrastive losses). The paper's max-pooling of the similarities is
+    not modelled: each anchor has one positive, at its own class slot. fp32 because the InfoNCE
+    form saturates near 0 once the positive dominates, where bf16 rounds it to exactly 0. Mean over
+    anchors; a (differentiable) 0 when the batch lacks old or new samples.
     """
-    old = torch.isin(labels, torch.as_tensor(list(old_classes), dtype=labels.dtype, device=labels.device))
-    if not old.any() or old.all():
-        return g_new.sum() * 0.0
-    rows = torch.arange(labels.shape[0], device=labels.device)
-    anchor = F.normalize(g_old.detach()[rows[old], labels[old]], dim=-1)  # (N, D)
-    pos = F.normalize(g_new[rows[old], labels[old]], dim=-1)  # (N, D)
-    neg = F.normalize(g_new[rows[~old], labels[~old]], dim=-1)  # (M, D)
-    sim_pos = (anchor * pos).sum(dim=-1, keepdim=True) / tau  # (N, 1)
-    sim_neg = anchor @ neg.T / tau  # (N, M)
-    logits = torch.cat([sim_pos, sim_neg], dim=1)  # (N, 1 + M), the positive first
-    return (torch.logsumexp(logits, dim=1) - sim_pos.squeeze(1)).mean()
+    parts = _contrast(g_old, g_new, labels, old_classes)
+    if parts is None:
+        return g_new.sum().float() * 0.0
+    with torch.autocast(g_new.device.type, enabled=False):
+        anchor, pos, neg = parts
+        sim_pos = (anchor * pos).sum(dim=-1) / tau  # (N,)
+        sim_neg = anchor @ neg.T / tau  # (N, M)
+        if denominator == "paper":
+            return (torch.logsumexp(sim_neg, dim=1) - sim_pos).mean()
+        return (torch.logsumexp(torch.cat([sim_pos[:, None], sim_neg], dim=1), dim=1) - sim_pos).mean()
+
+
+@torch.no_grad()
+def contrast_stats(g_old: torch.Tensor, g_new: torch.Tensor, labels: torch.Tensor, old_classes: Sequence[int],
+                   tau: float) -> dict[str, torch.Tensor]:
+    """What eq 9 sees on a batch: mean anchor-positive cosine ``cos_pos``, mean anchor-negative cosine
+    ``cos_neg``, and ``p_pos``, the mean softmax probability of the positive among [positive,
+    negatives] at tau (near 1: the InfoNCE form has saturated and gives no gradient). Empty when eq 9
+    does not apply to the batch."""
+    parts = _contrast(g_old, g_new, labels, old_classes)
+    if parts is None:
+        return {}
+    anchor, pos, neg = parts
+    sim_pos = (anchor * pos).sum(dim=-1)  # (N,)
+    sim_neg = anchor @ neg.T  # (N, M)
+    p_pos = torch.softmax(torch.cat([sim_pos[:, None], sim_neg], dim=1) / tau, dim=1)[:, 0]
+    return {"cos_pos": sim_pos.mean(), "cos_neg": sim_neg.mean(), "p_pos": p_pos.mean()}
 
 
 def cign_loss(
@@ -101,14 +136,17 @@ def cign_loss(
 
     L_group (eq 8) = kl + ce + bce; L_ctl (eq 9) = ctl, audio plus visual. cfg.use_avctd = False drops
     kl and ce, cfg.use_avcg = False drops ctl (Table 4). kl needs old_tokens and ctl needs teacher_out
-    (the previous task's model on the same batch); terms that do not apply are 0.
+    (the previous task's model on the same batch); terms that do not apply are 0. Where eq 9 applies,
+    ``diag/ctl_<stat>_<a|v>`` keys add its ``contrast_stats`` per modality (diagnostics, not losses).
     """
     zero = out.logits_a.new_zeros(())
     bce = grouping_bce(out.logits_a, out.logits_v, labels)
     kl = token_distillation(tokens, old_tokens) if cfg.use_avctd and old_tokens is not None else zero
     ce = token_independence(token_logits, new_classes) if cfg.use_avctd and len(new_classes) else zero
-    ctl = zero
+    ctl, diag = zero, {}
     if cfg.use_avcg and teacher_out is not None:
-        ctl = (continual_grouping(teacher_out.g_a, out.g_a, labels, old_classes, cfg.tau)
-               + continual_grouping(teacher_out.g_v, out.g_v, labels, old_classes, cfg.tau))
-    return {"bce": bce, "kl": kl, "ce": ce, "ctl": ctl, "total": bce + kl + ce + ctl}
+        ctl = (continual_grouping(teacher_out.g_a, out.g_a, labels, old_classes, cfg.tau, cfg.ctl_denominator)
+               + continual_grouping(teacher_out.g_v, out.g_v, labels, old_classes, cfg.tau, cfg.ctl_denominator))
+        for m, g_old, g_new in (("a", teacher_out.g_a, out.g_a), ("v", teacher_out.g_v, out.g_v)):
+            diag |= {f"diag/ctl_{k}_{m}": v for k, v in contrast_stats(g_old, g_new, labels, old_classes, cfg.tau).items()}
+    return {"bce": bce, "kl": kl, "ce": ce, "ctl": ctl, "total": bce + kl + ce + ctl, **diag}

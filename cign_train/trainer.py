@@ -25,6 +25,7 @@ from cign_train.data.definitions import DatasetDefinition, get_definition
 from cign_train.data.ingest import prepare_dataset, store_dir
 from cign_train.data.loader import Batch, batch_loader
 from cign_train.data.store import PreparedStore
+from cign_train.diagnostics import grad_ratios, shared_parameters
 from cign_train.evaluate import MODALITIES, evaluate_tasks
 from cign_train.methods import Inputs, Method, Task, get_method
 from cign_train.model import CIGN, load_encoder_weights
@@ -243,6 +244,9 @@ class Trainer:
             last = self.train_epoch(method, model, optimizer, scaler, scheduler, idx, t, epoch, weights)
             self.save_last(t, epoch + 1, model, optimizer, scaler, scheduler)
         D.check_in_sync(model, self.dist)
+        if self.writer is not None and len(self.buffer.indices):
+            for k, v in self.task_diagnostics(method).items():
+                self.writer.add_scalar(k, v, t)
         method.end_task(task)
         if method.NEEDS_BUFFER:
             self.update_buffer(model, new_idx)
@@ -282,6 +286,18 @@ class Trainer:
         labels = self.plan.label_map[self.plan.store.labels[idx]]
         return 1.0 / np.bincount(labels)[labels]
 
+    def task_diagnostics(self, method) -> dict[str, float]:
+        """``method.diagnose`` averaged over the rehearsal buffer's exemplars (the old classes), by batch size."""
+        sums: dict[str, float] = {}
+        n = 0
+        for batch in batch_loader(self.plan.store, self.buffer.indices, self.s.batch_size, shuffle=False, workers=0):
+            with self.autocast():
+                values = method.diagnose(self.inputs(batch))
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(batch.labels)
+            n += len(batch.labels)
+        return {k: v / n for k, v in sums.items()}
+
     def train_epoch(self, method, model, optimizer, scaler, scheduler, idx, t: int, epoch: int,
                     weights=None) -> dict[str, float]:
         s = self.s
@@ -298,6 +314,8 @@ class Trainer:
                 losses = method.observe(x)
             names = list(losses)
             values = dict(zip(names, torch.stack([losses[k].detach().float() for k in names]).tolist()))  # one sync
+            if step == 0 and self.dist.world == 1:  # once an epoch: each term's pull on the shared body
+                values |= grad_ratios(losses, shared_parameters(model))
             bad = [k for k, v in values.items() if not math.isfinite(v)]
             if bad:
                 raise NonFiniteLoss(
@@ -312,9 +330,11 @@ class Trainer:
                 self.writer.add_scalar("lr", scheduler.get_last_lr()[0], self.global_step)
             scheduler.step()
             for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
+                diagnostic = k.startswith("diag/")  # logged per step as is, not a loss term
+                if not diagnostic:
+                    sums[k] = sums.get(k, 0.0) + v
                 if self.writer is not None:
-                    self.writer.add_scalar(f"loss/{k}", v, self.global_step)
+                    self.writer.add_scalar(k if diagnostic else f"loss/{k}", v, self.global_step)
             self.global_step += 1
             bar.set_postfix(loss=f"{values['total']:.3f}")
         return {k: v / max(1, len(loader)) for k, v in sums.items()}

@@ -10,6 +10,7 @@ from cign_train.config import CIGNConfig
 from cign_train.losses import (
     cign_loss,
     continual_grouping,
+    contrast_stats,
     grouping_bce,
     token_distillation,
     token_independence,
@@ -126,6 +127,50 @@ def test_continual_grouping_value():
     assert got.item() > 0  # the positive is in the denominator: bounded below by 0
 
 
+def test_continual_grouping_paper_denominator_value_and_bound():
+    g_old, g_new, labels = continual_case()
+    tau = 0.5
+    negatives = [[0.0, 1.0], [-1.0, 0.0]]
+    expected = 0.0
+    for anchor, positive in (([1.0, 0.0], [1.0, 1.0]), ([0.0, 2.0], [0.5, 1.0])):
+        denom = sum(math.exp(cos(anchor, m) / tau) for m in negatives)  # negatives only, as eq 9 is written
+        expected += (math.log(denom) - cos(anchor, positive) / tau) / 2
+    got = continual_grouping(g_old, g_new, labels, old_classes=[0, 1], tau=tau, denominator="paper")
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # bounded below with cosine similarity: >= log M - 2 / tau (M = 2 negatives); here it goes negative
+    assert math.log(2) - 2 / tau <= got.item() < 0
+
+
+def test_continual_grouping_runs_in_fp32_under_bf16_autocast():
+    """A saturated InfoNCE: positives on their anchors (sim 1 / tau = 10), negatives at cosine 0.5 (sim
+    5), so the loss is log(1 + 2 e^-5) = 0.0134. In bf16, whose spacing near 10 is 0.0625, the
+    log-sum-exp rounds to 10 and the loss to exactly 0."""
+    labels = torch.tensor([0, 1, 2, 2])
+    g_old, g_new = torch.zeros(4, 2, 2), torch.zeros(4, 3, 2)
+    g_old[0, 0] = g_old[1, 1] = g_new[0, 0] = g_new[1, 1] = torch.tensor([1.0, 0.0])
+    g_new[2, 2], g_new[3, 2] = torch.tensor([0.5, 0.75**0.5]), torch.tensor([0.5, -(0.75**0.5)])
+    expected = math.log(1 + 2 * math.exp(-5))
+    assert continual_grouping(g_old, g_new, labels, [0, 1], tau=0.1).item() == pytest.approx(expected, rel=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = continual_grouping(g_old.bfloat16(), g_new.bfloat16(), labels, [0, 1], tau=0.1)
+    assert mixed.dtype == torch.float32 and mixed.item() == pytest.approx(expected, rel=1e-2)  # bf16 inputs
+    in_bf16 = torch.logsumexp(torch.tensor([10.0, 5.0, 5.0]).bfloat16(), 0) - 10  # the same sums in bf16
+    assert in_bf16.item() == 0.0
+
+
+def test_contrast_stats_by_hand():
+    g_old, g_new, labels = continual_case()
+    tau = 0.5
+    negatives = [[0.0, 1.0], [-1.0, 0.0]]
+    pairs = (([1.0, 0.0], [1.0, 1.0]), ([0.0, 2.0], [0.5, 1.0]))
+    stats = contrast_stats(g_old, g_new, labels, old_classes=[0, 1], tau=tau)
+    assert stats["cos_pos"].item() == pytest.approx(sum(cos(a, p) for a, p in pairs) / 2, rel=1e-5)
+    assert stats["cos_neg"].item() == pytest.approx(sum(cos(a, m) for a, _ in pairs for m in negatives) / 4, rel=1e-5)
+    p_pos = [softmax([cos(a, p) / tau] + [cos(a, m) / tau for m in negatives])[0] for a, p in pairs]
+    assert stats["p_pos"].item() == pytest.approx(sum(p_pos) / 2, rel=1e-5)
+    assert contrast_stats(g_old, g_new, torch.tensor([2, 2, 2, 2]), [0, 1], tau) == {}
+
+
 def test_continual_grouping_gradient_reaches_student_only():
     g_old, g_new, labels = continual_case()
     g_old.requires_grad_(True)
@@ -171,6 +216,11 @@ def test_cign_loss_sums_all_terms():
     assert all(terms[n].item() > 0 for n in ("bce", "kl", "ce", "ctl"))
     parts = terms["bce"] + terms["kl"] + terms["ce"] + terms["ctl"]
     assert terms["total"].item() == pytest.approx(parts.item())
+    # eq 9's diagnostics per modality, not part of the total
+    assert {k for k in terms if k.startswith("diag/")} == {f"diag/ctl_{s}_{m}" for s in ("cos_pos", "cos_neg", "p_pos")
+                                                          for m in "av"}
+    stats = contrast_stats(kw["teacher_out"].g_v, out.g_v, labels, [0, 1], TINY.tau)
+    assert terms["diag/ctl_p_pos_v"].item() == pytest.approx(stats["p_pos"].item())
 
 
 @pytest.mark.parametrize(

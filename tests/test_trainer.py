@@ -311,6 +311,24 @@ def test_tensorboard_logs_every_loss_per_step_and_accuracy_per_task(tiny_run):
     steps = torch.load(tiny_run / "task_1.pt", weights_only=True)["evaluation"]["global_step"]
     for term in ("total", "bce", "kl", "ce", "ctl"):
         assert [s for s, _ in tb[f"loss/{term}"]] == list(range(steps)), term
+    # eq 9's diagnostics: only on steps of the second task whose batch holds old and new classes
+    first_task_steps = torch.load(tiny_run / "task_0.pt", weights_only=True)["evaluation"]["global_step"]
+    for stat in ("cos_pos", "cos_neg", "p_pos"):
+        for m in "av":
+            series = tb[f"diag/ctl_{stat}_{m}"]
+            assert series and all(first_task_steps <= step < steps for step, _ in series)
+            assert all((0 <= v <= 1) if stat == "p_pos" else (-1 <= v <= 1) for _, v in series)
+    assert not [tag for tag in tb if tag.startswith("loss/diag")]
+    # each term's gradient norm on the shared body over BCE's, on the first step of every epoch
+    second = steps - first_task_steps  # two epochs a task (tiny_run)
+    epoch_starts = [0, first_task_steps // 2, first_task_steps, first_task_steps + second // 2]
+    assert [step for step, _ in tb["diag/grad_ratio_ce"]] == epoch_starts
+    assert all(v == 0.0 for _, v in tb["diag/grad_ratio_ce"])  # token CE reaches the token table only
+    assert all(first_task_steps <= step and v > 0 for step, v in tb["diag/grad_ratio_ctl"])
+    # task end: teacher-student cosine of g_i on the buffer's exemplars, after the second task only
+    for m in "av":
+        (task, cosine), = tb[f"diag/teacher_student_cos_{m}"]
+        assert task == 1 and -1 <= cosine < 0.99999  # the student has moved away from the teacher
     for m in ("audio", "visual", "audio_visual"):
         assert [v for _, v in tb[f"accuracy_seen/{m}"]] == [round(x, 5) for x in metrics["seen_accuracy"][m]]
         assert [v for _, v in tb[f"accuracy_task0/{m}"]] == [round(r[0], 5) for r in metrics["accuracy_matrix"][m]]

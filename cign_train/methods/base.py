@@ -57,5 +57,10 @@ class Method:
     def observe(self, batch: Inputs) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} does not implement observe")
 
+    def diagnose(self, batch: Inputs) -> dict[str, torch.Tensor]:
+        """Task-end diagnostics on a batch of rehearsal exemplars (old classes), called before
+        ``end_task``; each value is a batch mean, logged as is. The default has none."""
+        return {}
+
     def end_task(self, task: Task) -> None:
         """Called after the task's last epoch; the default keeps nothing."""

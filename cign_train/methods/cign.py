@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 
 from cign_train.losses import cign_loss
 from cign_train.methods.base import Inputs, Method, Task
@@ -55,6 +56,23 @@ class CignMethod(Method):
             old_classes=self.task.old_classes,
             new_classes=self.task.new_classes,
         )
+
+    @torch.no_grad()
+    def diagnose(self, batch: Inputs) -> dict[str, torch.Tensor]:
+        """How far the student drifted from the teacher on old-class exemplars: the cosine of their
+        class-aware features g_i at the exemplar's class (eq 9's anchor and positive), per modality,
+        both in eval mode (running BatchNorm statistics)."""
+        if self.teacher is None:
+            return {}
+        rows = torch.arange(batch.labels.shape[0], device=batch.labels.device)
+        was_training = self.model.training
+        self.model.eval()
+        student = self.model(batch.spectrograms, batch.frames)
+        self.model.train(was_training)
+        teacher = self.teacher(batch.spectrograms, batch.frames)
+        return {f"diag/teacher_student_cos_{m}": F.cosine_similarity(
+                    t[rows, batch.labels].float(), s[rows, batch.labels].float(), dim=-1).mean()
+                for m, t, s in (("a", teacher.g_a, student.g_a), ("v", teacher.g_v, student.g_v))}
 
     def end_task(self, task: Task) -> None:
         """Drop the teacher; the next task freezes a fresh one."""

@@ -1,0 +1,31 @@
+"""How much each loss term pulls on the network, for the per-step logs (issue 10's diagnostics).
+
+``grad_ratios`` compares the gradient norm each term puts on the shared body (encoders, phi_a /
+phi_v, grouping: what every term can reach) with the grouping BCE's: a term at 1e-3 of BCE's pull
+is inert whatever its value. One extra backward pass per term, so the trainer calls it on the
+first step of each epoch only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+#: Modules of ``CIGN`` every term reaches: the heads, the token table and its classifier are not shared.
+SHARED = ("audio_encoder", "visual_encoder", "phi_a", "phi_v", "group_a", "group_v")
+
+
+def shared_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
+    return [p for name in SHARED for p in getattr(model, name).parameters() if p.requires_grad]
+
+
+def grad_ratios(losses: dict[str, torch.Tensor], params: list[torch.nn.Parameter],
+                terms: tuple[str, ...] = ("kl", "ce", "ctl"), reference: str = "bce") -> dict[str, float]:
+    """{``diag/grad_ratio_<term>``: ||d term / d params|| / ||d reference / d params||} for each term
+    with a graph (the graph is kept for the step's own backward)."""
+    def norm(loss: torch.Tensor) -> float:
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) or torch.tensor(0.0)))
+
+    ref = norm(losses[reference])
+    return {f"diag/grad_ratio_{t}": norm(losses[t]) / ref for t in terms
+            if t in losses and losses[t].requires_grad and ref > 0}
