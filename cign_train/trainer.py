@@ -316,7 +316,7 @@ class Trainer:
             values = dict(zip(names, torch.stack([losses[k].detach().float() for k in names]).tolist()))  # one sync
             if step == 0 and self.dist.world == 1:  # once an epoch: each term's pull on the shared body
                 values |= grad_ratios(losses, shared_parameters(model))
-            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            bad = [k for k, v in values.items() if not k.startswith("diag/") and not math.isfinite(v)]
             if bad:
                 raise NonFiniteLoss(
                     f"non-finite loss ({', '.join(f'{k}={values[k]}' for k in bad)}) at task {t + 1}, epoch "
