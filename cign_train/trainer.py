@@ -286,11 +286,14 @@ class Trainer:
         labels = self.plan.label_map[self.plan.store.labels[idx]]
         return 1.0 / np.bincount(labels)[labels]
 
-    def task_diagnostics(self, method) -> dict[str, float]:
-        """``method.diagnose`` averaged over the rehearsal buffer's exemplars (the old classes), by batch size."""
+    def task_diagnostics(self, method, most: int = 128) -> dict[str, float]:
+        """``method.diagnose`` averaged over up to ``most`` of the rehearsal buffer's exemplars (the old
+        classes; an even stride through the buffer's class-ordered list), by batch size."""
+        idx = self.buffer.indices
+        idx = idx[np.linspace(0, len(idx) - 1, min(most, len(idx))).astype(int)]
         sums: dict[str, float] = {}
         n = 0
-        for batch in batch_loader(self.plan.store, self.buffer.indices, self.s.batch_size, shuffle=False, workers=0):
+        for batch in batch_loader(self.plan.store, idx, self.s.batch_size, shuffle=False, workers=0):
             with self.autocast():
                 values = method.diagnose(self.inputs(batch))
             for k, v in values.items():
@@ -314,8 +317,8 @@ class Trainer:
                 losses = method.observe(x)
             names = list(losses)
             values = dict(zip(names, torch.stack([losses[k].detach().float() for k in names]).tolist()))  # one sync
-            if step == 0 and self.dist.world == 1:  # once an epoch: each term's pull on the shared body
-                values |= grad_ratios(losses, shared_parameters(model))
+            if step == 0 and epoch in (0, s.epochs_of(t) - 1) and self.dist.world == 1:
+                values |= grad_ratios(losses, shared_parameters(model))  # a task's first and last epoch
             bad = [k for k, v in values.items() if not k.startswith("diag/") and not math.isfinite(v)]
             if bad:
                 raise NonFiniteLoss(
