@@ -92,22 +92,20 @@ def accuracy_drops(root: Path) -> dict:
 def measure(root: Path, manifest: mf.Manifest, backend: str, precision: str, batch: int, a: dict, bar) -> dict:
     """One configuration's row: latencies, statistics, GPU split where it applies."""
     frame, spectrogram = inputs(manifest.spec, batch)
+    feeds = {mf.FRAME: frame, mf.SPECTROGRAM: spectrogram}
     if backend == "torch":
         if precision != "fp32":
             raise BackendUnavailable("torch: eager runs the fp32 checkpoint only")
-        runner = TorchRunner(root, manifest, a["threads"])
-        feeds = {mf.FRAME: frame, mf.SPECTROGRAM: spectrogram}
-        call = lambda: runner.run(feeds)  # noqa: E731
-        split = None
-    else:
-        model = open_model(root, backend, precision, threads=a["threads"])
-        runner = model.runner
-        feeds = {mf.FRAME: frame, mf.SPECTROGRAM: spectrogram}
+        return timed_row(TorchRunner(root, manifest, a["threads"]).run, None, feeds, backend, precision, batch, a, bar)
+    with open_model(root, backend, precision, threads=a["threads"]) as model:
         if model.tokens is not None:
             feeds[mf.TOKENS] = model.tokens
-        call = lambda: runner.run(feeds)  # noqa: E731
-        split = runner.split_times if backend != "ort-cpu" else None
-    ms = bench.time_calls(call, a["iterations"], a["warmup"], progress=bar.update)
+        split = model.runner.split_times if backend != "ort-cpu" else None
+        return timed_row(model.runner.run, split, feeds, backend, precision, batch, a, bar)
+
+
+def timed_row(run, split, feeds: dict, backend: str, precision: str, batch: int, a: dict, bar) -> dict:
+    ms = bench.time_calls(lambda: run(feeds), a["iterations"], a["warmup"], progress=bar.update)
     row = {"backend": backend, "precision": precision, "batch": batch, **bench.latency_stats(ms),
            "samples_per_s": float(batch * 1e3 / ms.mean()), "latencies_ms": [round(float(x), 4) for x in ms]}
     if split is not None:

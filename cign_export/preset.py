@@ -61,13 +61,14 @@ def export_preset(preset: str, out_dir: Path, classes: int | None = None, precis
             "cign.random_weights": f"{preset} seed {seed}"}
     fp32 = export_onnx(ExportGraph(model, store.spec), out / "model_fp32.onnx", DEFAULT_OPSET, meta)
     artefacts = [mf.Artefact.of(out, fp32, "onnx", precision="fp32")]
+    calibration = (calibration_indices(store, range(len(store.classes)), per_class=10, seed=seed)
+                   if any(p.startswith("int8-") for p in precisions) else None)
     for precision in precisions:
         path = out / f"model_{precision}.onnx"
         if precision == "fp16":
             to_fp16(fp32, path)
         elif precision.startswith("int8-"):
-            idx = calibration_indices(store, range(len(store.classes)), per_class=10, seed=seed)
-            quantize_int8(fp32, path, StoreReader(store, idx), precision.removeprefix("int8-"))
+            quantize_int8(fp32, path, StoreReader(store, calibration), precision.removeprefix("int8-"))
         elif precision != "fp32":
             raise ValueError(f"unknown precision {precision!r}; choose from {mf.PRECISIONS}")
         if precision != "fp32":

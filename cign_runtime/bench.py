@@ -26,6 +26,8 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
+from cign_runtime import manifest as mf
+
 #: ISA flags that decide fp32 / bf16 / int8 speed on x86 (``/proc/cpuinfo`` names).
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 #: Percentiles reported besides min, median, mean and max.
@@ -80,7 +82,7 @@ def graph_flops(onnx_path: str | os.PathLike, batch: int = 1, tokens: int | None
         dims = inp.type.tensor_type.shape.dim
         for j, d in enumerate(dims):
             if not d.HasField("dim_value"):
-                if j == 0 and inp.name != "tokens":
+                if j == 0 and inp.name != mf.TOKENS:
                     d.dim_value = batch
                 elif tokens is not None and j == 0:
                     d.dim_value = tokens

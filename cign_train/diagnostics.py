@@ -23,8 +23,8 @@ def grad_ratios(losses: dict[str, torch.Tensor], params: list[torch.nn.Parameter
     """{``diag/grad_ratio_<term>``: ||d term / d params|| / ||d reference / d params||} for each term
     with a graph (the graph is kept for the step's own backward)."""
     def norm(loss: torch.Tensor) -> float:
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) or torch.tensor(0.0)))
+        grads = [g for g in torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if g is not None]
+        return float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else 0.0
 
     ref = norm(losses[reference])
     return {f"diag/grad_ratio_{t}": norm(losses[t]) / ref for t in terms

@@ -91,7 +91,11 @@ def continual_grouping(
     form saturates near 0 once the positive dominates, where bf16 rounds it to exactly 0. Mean over
     anchors; a (differentiable) 0 when the batch lacks old or new samples.
     """
-    parts = _contrast(g_old, g_new, labels, old_classes)
+    return _eq9(_contrast(g_old, g_new, labels, old_classes), g_new, tau, denominator)
+
+
+def _eq9(parts, g_new: torch.Tensor, tau: float, denominator: str) -> torch.Tensor:
+    """``continual_grouping`` on ``_contrast``'s unit vectors (a differentiable 0 without them)."""
     if parts is None:
         return g_new.sum().float() * 0.0
     with torch.autocast(g_new.device.type, enabled=False):
@@ -103,17 +107,21 @@ def continual_grouping(
         return (torch.logsumexp(torch.cat([sim_pos[:, None], sim_neg], dim=1), dim=1) - sim_pos).mean()
 
 
-@torch.no_grad()
 def contrast_stats(g_old: torch.Tensor, g_new: torch.Tensor, labels: torch.Tensor, old_classes: Sequence[int],
                    tau: float) -> dict[str, torch.Tensor]:
     """What eq 9 sees on a batch: mean anchor-positive cosine ``cos_pos``, mean anchor-negative cosine
     ``cos_neg``, and ``p_pos``, the mean softmax probability of the positive among [positive,
     negatives] at tau (near 1: the InfoNCE form has saturated and gives no gradient). Empty when eq 9
     does not apply to the batch."""
-    parts = _contrast(g_old, g_new, labels, old_classes)
+    return _stats(_contrast(g_old, g_new, labels, old_classes), tau)
+
+
+@torch.no_grad()
+def _stats(parts, tau: float) -> dict[str, torch.Tensor]:
+    """``contrast_stats`` on ``_contrast``'s unit vectors."""
     if parts is None:
         return {}
-    anchor, pos, neg = parts
+    anchor, pos, neg = (x.detach() for x in parts)
     sim_pos = (anchor * pos).sum(dim=-1)  # (N,)
     sim_neg = anchor @ neg.T  # (N, M)
     p_pos = torch.softmax(torch.cat([sim_pos[:, None], sim_neg], dim=1) / tau, dim=1)[:, 0]
@@ -145,8 +153,8 @@ def cign_loss(
     ce = token_independence(token_logits, new_classes) if cfg.use_avctd and len(new_classes) else zero
     ctl, diag = zero, {}
     if cfg.use_avcg and teacher_out is not None:
-        ctl = (continual_grouping(teacher_out.g_a, out.g_a, labels, old_classes, cfg.tau, cfg.ctl_denominator)
-               + continual_grouping(teacher_out.g_v, out.g_v, labels, old_classes, cfg.tau, cfg.ctl_denominator))
         for m, g_old, g_new in (("a", teacher_out.g_a, out.g_a), ("v", teacher_out.g_v, out.g_v)):
-            diag |= {f"diag/ctl_{k}_{m}": v for k, v in contrast_stats(g_old, g_new, labels, old_classes, cfg.tau).items()}
+            parts = _contrast(g_old, g_new, labels, old_classes)  # once for the loss and its diagnostics
+            ctl = ctl + _eq9(parts, g_new, cfg.tau, cfg.ctl_denominator)
+            diag |= {f"diag/ctl_{k}_{m}": v for k, v in _stats(parts, cfg.tau).items()}
     return {"bce": bce, "kl": kl, "ce": ce, "ctl": ctl, "total": bce + kl + ce + ctl, **diag}
