@@ -68,7 +68,7 @@ def step_rate(preset: str, batch: int, steps: int, device: torch.device, dtype: 
 def loader_rate(store: PreparedStore, batch_size: int, workers: int, epochs: int = 1) -> float:
     """Samples/s of ``batch_loader`` over every row of ``store`` (shuffled), after a warm-up epoch."""
     loader = batch_loader(store, np.arange(len(store)), batch_size, shuffle=True, workers=workers)
-    for _ in loader:
+    for _ in loader:  # warm-up epoch: page cache and worker start, untimed
         pass
     n, start = 0, time.perf_counter()
     for _ in range(epochs):
