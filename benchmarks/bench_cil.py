@@ -14,6 +14,7 @@ paper-literal batches (see ``Trainer.class_balance``). Writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -32,13 +33,19 @@ RESULTS = Path(__file__).parent / "results"
 MODALITIES = ("audio_visual", "audio", "visual")
 
 
-def run_one(method: str, seed: int, sampling: str, runs: Path, data_dir: str) -> tuple[dict, float, bool]:
-    """({split: metrics}, training seconds, whether the run was already finished and only re-read)."""
-    run_dir = runs / sampling / f"{method}-seed{seed}"
+def run_one(method: str, seed: int, sampling: str, runs: Path, data_dir: str, name: str | None = None,
+            model: dict | None = None) -> tuple[dict, float, bool]:
+    """({split: metrics}, training seconds, whether the run was already finished and only re-read).
+
+    ``model`` overrides fields of the preset's model config; ``name`` (default: the method) names the
+    run folder ``runs/SAMPLING/NAME-seedS``."""
+    run_dir = runs / sampling / f"{name or method}-seed{seed}"
     n_tasks = len(get_definition("avdigits").task_classes(None))
     finished = last_finished_task(run_dir, n_tasks) == n_tasks - 1
     settings = preset_settings("cpu", method=method, seed=seed, rehearsal_sampling=sampling, data_dir=data_dir,
                                eval_split="val")
+    if model:
+        settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, **model))
     start = time.perf_counter()
     trainer = Trainer(settings, run_dir, progress=False)
     metrics = {"val": trainer.run(resume=(run_dir / "config.json").is_file())}

@@ -15,6 +15,15 @@ AUDIO_POOLS = ("mean", "time_max_mean")
 #: Denominator of eq 9 (cign_train.losses.continual_grouping): the negatives only (the paper's text),
 #: or the positive plus the negatives (InfoNCE).
 CTL_DENOMINATORS = ("infonce", "paper")
+#: Eq 9's negatives (cign_train.losses.continual_grouping): each new-class sample's class-aware feature
+#: most similar to the anchor over its K class slots (the paper's max-pooling), or the one at its label.
+CTL_NEGATIVES = ("maxpool", "label")
+#: The c_i of eq 8's KL and CE (cign_train.losses.token_distillation): the class tokens contextualised
+#: by each sample (c_hat_a,i and c_hat_v,i of eqs 1-2), or the raw input table.
+TOKEN_SOURCES = ("contextual", "table")
+#: BatchNorm statistics of the frozen teacher (cign_train.methods.cign): the batch's, as the student
+#: uses in training, or its running estimates (eval mode).
+TEACHER_BN = ("batch", "running")
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,9 @@ class CIGNConfig:
     gumbel_tau: float = 1.0  # temperature of the hard assignment
     tau: float = 0.07  # temperature of the continual-grouping contrastive loss (eq 9); not given in the paper
     ctl_denominator: str = "infonce"  # CTL_DENOMINATORS: what eq 9's denominator sums
+    ctl_negatives: str = "maxpool"  # CTL_NEGATIVES: which class slot of a new-class sample is eq 9's negative
+    token_source: str = "contextual"  # TOKEN_SOURCES: what eq 8's KL and CE read as the class tokens c_i
+    teacher_bn: str = "batch"  # TEACHER_BN: BatchNorm statistics of the frozen previous model
     use_avctd: bool = True  # eq 8's token terms (KL distillation + CE independence), Table 4
     use_avcg: bool = True  # eq 9 continual-grouping loss, Table 4
     audio_channels: int = 1  # log spectrogram planes into the audio ResNet18
@@ -43,6 +55,10 @@ class CIGNConfig:
             raise ValueError(f"audio_pool must be one of {AUDIO_POOLS}, got {self.audio_pool!r}")
         if self.ctl_denominator not in CTL_DENOMINATORS:
             raise ValueError(f"ctl_denominator must be one of {CTL_DENOMINATORS}, got {self.ctl_denominator!r}")
+        for name, choices in (("ctl_negatives", CTL_NEGATIVES), ("token_source", TOKEN_SOURCES),
+                              ("teacher_bn", TEACHER_BN)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.assign not in ("soft", "hard"):
             raise ValueError(f"assign must be 'soft' or 'hard', got {self.assign!r}")
         if self.dim % self.heads:

@@ -7,6 +7,9 @@ first step of the first and last epoch of each task only.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
@@ -29,3 +32,33 @@ def grad_ratios(losses: dict[str, torch.Tensor], params: list[torch.nn.Parameter
     ref = norm(losses[reference])
     return {f"diag/grad_ratio_{t}": norm(losses[t]) / ref for t in terms
             if t in losses and losses[t].requires_grad and ref > 0}
+
+
+class StepLog:
+    """``steps.jsonl`` in the run folder: one JSON object per optimizer step (``task``, ``epoch``,
+    ``step``, ``global_step``, ``lr``, every loss term and ``diag/*`` value of that step) and one per
+    task end (``event`` ``task_end``, with the task-end diagnostics). The KL of eq 8 at a task's first
+    step is the ``kl`` of its record with ``epoch`` 0 and ``step`` 0. ``resume`` = (task, global step)
+    where a resumed run continues: records of that task from that step on (an interrupted epoch's)
+    and of later tasks are dropped, so each step appears once (the TensorBoard curves purge alike)."""
+
+    def __init__(self, path: Path, resume: tuple[int, int] | None = None):
+        self.path = Path(path)
+        kept = []
+        if resume is not None and self.path.is_file():
+            task, step = resume
+            kept = [line for line in self.path.read_text().splitlines() if line and self._before(json.loads(line), task, step)]
+        self.path.write_text("".join(f"{line}\n" for line in kept))
+        self.file = self.path.open("a")
+
+    @staticmethod
+    def _before(record: dict, task: int, step: int) -> bool:
+        return record["task"] < task or (record["task"] == task and "event" not in record
+                                         and record["global_step"] < step)
+
+    def write(self, **record) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()

@@ -5,7 +5,7 @@ are global: the K classes seen so far, old classes first, match the rows of the 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,24 +28,32 @@ def token_distribution(tokens: torch.Tensor) -> torch.Tensor:
 
 
 def token_distillation(tokens: torch.Tensor, old_tokens: torch.Tensor) -> torch.Tensor:
-    """sum_{i <= C} KL(c^t_i || c^{t-1}_i), eq 8's first term, over token_distribution.
+    """sum_{i <= C} KL(c^t_i || c^{t-1}_i), eq 8's first term, over token_distribution; mean over samples.
 
-    tokens (K, D) are the current model's, old_tokens (C, D) the previous task's (a teacher: no
-    gradient). KL(p || q) = sum_d p (log p - log q).
+    tokens (..., K, D) are the current model's, old_tokens (..., C, D) the previous task's (a teacher:
+    no gradient). Either the table (K, D) (``token_source`` ``table``, literal) or the contextualised
+    tokens (B, K, D) of one modality, student and teacher on the same inputs (``contextual``): the
+    table is copied into the student by ``grow()``, so its KL is exactly 0 when a task starts and only
+    reaches the table; the contextualised tokens differ at once (the new tokens join the attention of
+    eqs 1-2) and carry the KL into phi and the encoders. KL(p || q) = sum_d p (log p - log q), in fp32.
     """
-    log_p = token_distribution(tokens[: old_tokens.shape[0]])  # (C, D)
-    log_q = token_distribution(old_tokens.detach())  # (C, D)
-    return (log_p.exp() * (log_p - log_q)).sum()
+    log_p = token_distribution(tokens[..., : old_tokens.shape[-2], :].float())  # (..., C, D)
+    log_q = token_distribution(old_tokens.detach().float())  # (..., C, D)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=(-2, -1)).mean()
 
 
 def token_independence(token_logits: torch.Tensor, new_classes: Sequence[int]) -> torch.Tensor:
     """sum_{i new} CE(h_i, e_i) with e_i = softmax(FC(c_i)) and h_i one-hot at i, eq 8's second term.
 
-    token_logits (K, K) is FC(c_i) for every token (CIGN.token_logits()); each new token must
-    classify as its own class.
+    token_logits (..., K, K) is FC(c_i) for every token: of the table (K, K) or of one modality's
+    contextualised tokens (B, K, K) (CIGN.token_logits); each new token must classify as its own
+    class. Summed over the new tokens, mean over samples.
     """
     idx = torch.as_tensor(list(new_classes), dtype=torch.long, device=token_logits.device)
-    return F.cross_entropy(token_logits[idx], idx, reduction="sum")
+    logits = token_logits[..., idx, :]  # (..., N, K)
+    target = idx.expand(logits.shape[:-1])  # (..., N)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1),
+                           reduction="sum") * len(idx) / target.numel()
 
 
 def grouping_bce(logits_a: torch.Tensor, logits_v: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -59,39 +67,57 @@ def grouping_bce(logits_a: torch.Tensor, logits_v: torch.Tensor, labels: torch.T
     return (bce_a + bce_v).mean()
 
 
-def _contrast(g_old: torch.Tensor, g_new: torch.Tensor, labels: torch.Tensor, old_classes: Sequence[int]):
+def _contrast(g_old: torch.Tensor, g_new: torch.Tensor, labels: torch.Tensor, old_classes: Sequence[int],
+              negatives: str = "maxpool"):
     """Eq 9's unit vectors in fp32: anchors g_old[n, y_n] (N, D), positives g_new[n, y_n] (N, D) over the
-    old-class samples n, negatives g_new[m, y_m] (M, D) over the new-class samples m; None when the
-    batch lacks either."""
+    old-class samples n, negatives over the new-class samples m: g_new[m, y_m] (M, D) for ``label``,
+    all their class slots g_new[m] (M, K, D) for ``maxpool``; None when the batch lacks either."""
     old = torch.isin(labels, torch.as_tensor(list(old_classes), dtype=labels.dtype, device=labels.device))
     if not old.any() or old.all():
         return None
     rows = torch.arange(labels.shape[0], device=labels.device)
     anchor = F.normalize(g_old.detach()[rows[old], labels[old]].float(), dim=-1)
     pos = F.normalize(g_new[rows[old], labels[old]].float(), dim=-1)
-    neg = F.normalize(g_new[rows[~old], labels[~old]].float(), dim=-1)
-    return anchor, pos, neg
+    neg = g_new[rows[~old], labels[~old]] if negatives == "label" else g_new[~old]
+    return anchor, pos, F.normalize(neg.float(), dim=-1)
+
+
+def _similarities(parts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine of each anchor with its positive (N,) and with each negative sample (N, M); a negative
+    given by all its class slots (M, K, D) counts with its most similar slot (max-pooling)."""
+    anchor, pos, neg = parts
+    sim_pos = (anchor * pos).sum(dim=-1)  # (N,)
+    if neg.dim() == 2:
+        return sim_pos, anchor @ neg.T  # (N, M)
+    return sim_pos, torch.einsum("nd,mkd->nmk", anchor, neg).amax(dim=-1)  # (N, M, K) -> (N, M)
 
 
 def continual_grouping(
     g_old: torch.Tensor, g_new: torch.Tensor, labels: torch.Tensor, old_classes: Sequence[int], tau: float,
-    denominator: str = "infonce",
+    denominator: str = "infonce", negatives: str = "maxpool",
 ) -> torch.Tensor:
     """One modality's term of L_ctl (eq 9), computed in fp32 (autocast off).
 
     g_old (B, C, D) comes from the frozen previous model (teacher, no gradient), g_new (B, K, D) from
     the current model on the same inputs; labels (B,). Each sample n whose label is an old class
     (from the rehearsal buffer) is an anchor g_old[n, y_n], with positive g_new[n, y_n]; the negatives
-    are the batch's new-class samples m at their ground-truth classes, g_new[m, y_m]. sim is the
-    cosine similarity over tau (0.07 by default: the paper gives no value). ``denominator``:
-    ``paper`` sums only the negatives, as eq 9 is written: -sim_pos + log sum exp sim_neg, which
-    with cosine similarity is bounded below by log M - 2 / tau; ``infonce`` adds the positive
-    (>= 0, the form of most contrastive losses). The paper's max-pooling of the similarities is
-    not modelled: each anchor has one positive, at its own class slot. fp32 because the InfoNCE
-    form saturates near 0 once the positive dominates, where bf16 rounds it to exactly 0. Mean over
-    anchors; a (differentiable) 0 when the batch lacks old or new samples.
+    are the batch's new-class samples m. sim is the cosine similarity over tau (0.07 by default: the
+    paper gives no value).
+
+    ``negatives``: the paper computes the old-new similarities "by max-pooling" the cosine
+    similarities of the class-aware features. ``maxpool`` (default) reads it as the max over the new
+    sample's K class slots, which includes the anchor's own slot: the negative then shares the
+    anchor's class token, so only the sample's content can rank the positive first. ``label`` takes
+    the negative at its ground-truth class, y_m != y_n: the class tokens dominate g_i (eq 7's c_hat_i
+    residual), so token identity alone ranked the positive first (p_pos median 0.999, see README).
+
+    ``denominator``: ``paper`` sums only the negatives, as eq 9 is written: -sim_pos + log sum exp
+    sim_neg, which with cosine similarity is bounded below by log M - 2 / tau; ``infonce`` adds the
+    positive (>= 0, the form of most contrastive losses). fp32 because the InfoNCE form saturates
+    near 0 once the positive dominates, where bf16 rounds it to exactly 0. Mean over anchors; a
+    (differentiable) 0 when the batch lacks old or new samples.
     """
-    return _eq9(_contrast(g_old, g_new, labels, old_classes), g_new, tau, denominator)
+    return _eq9(_contrast(g_old, g_new, labels, old_classes, negatives), g_new, tau, denominator)
 
 
 def _eq9(parts, g_new: torch.Tensor, tau: float, denominator: str) -> torch.Tensor:
@@ -99,21 +125,19 @@ def _eq9(parts, g_new: torch.Tensor, tau: float, denominator: str) -> torch.Tens
     if parts is None:
         return g_new.sum().float() * 0.0
     with torch.autocast(g_new.device.type, enabled=False):
-        anchor, pos, neg = parts
-        sim_pos = (anchor * pos).sum(dim=-1) / tau  # (N,)
-        sim_neg = anchor @ neg.T / tau  # (N, M)
+        sim_pos, sim_neg = (x / tau for x in _similarities(parts))  # (N,), (N, M)
         if denominator == "paper":
             return (torch.logsumexp(sim_neg, dim=1) - sim_pos).mean()
         return (torch.logsumexp(torch.cat([sim_pos[:, None], sim_neg], dim=1), dim=1) - sim_pos).mean()
 
 
 def contrast_stats(g_old: torch.Tensor, g_new: torch.Tensor, labels: torch.Tensor, old_classes: Sequence[int],
-                   tau: float) -> dict[str, torch.Tensor]:
+                   tau: float, negatives: str = "maxpool") -> dict[str, torch.Tensor]:
     """What eq 9 sees on a batch: mean anchor-positive cosine ``cos_pos``, mean anchor-negative cosine
-    ``cos_neg``, and ``p_pos``, the mean softmax probability of the positive among [positive,
-    negatives] at tau (near 1: the InfoNCE form has saturated and gives no gradient). Empty when eq 9
-    does not apply to the batch."""
-    return _stats(_contrast(g_old, g_new, labels, old_classes), tau)
+    ``cos_neg`` (after max-pooling for ``maxpool``), and ``p_pos``, the mean softmax probability of the
+    positive among [positive, negatives] at tau (near 1: the InfoNCE form has saturated and gives no
+    gradient). Empty when eq 9 does not apply to the batch."""
+    return _stats(_contrast(g_old, g_new, labels, old_classes, negatives), tau)
 
 
 @torch.no_grad()
@@ -121,9 +145,7 @@ def _stats(parts, tau: float) -> dict[str, torch.Tensor]:
     """``contrast_stats`` on ``_contrast``'s unit vectors."""
     if parts is None:
         return {}
-    anchor, pos, neg = (x.detach() for x in parts)
-    sim_pos = (anchor * pos).sum(dim=-1)  # (N,)
-    sim_neg = anchor @ neg.T  # (N, M)
+    sim_pos, sim_neg = _similarities(tuple(x.detach() for x in parts))  # (N,), (N, M)
     p_pos = torch.softmax(torch.cat([sim_pos[:, None], sim_neg], dim=1) / tau, dim=1)[:, 0]
     return {"cos_pos": sim_pos.mean(), "cos_neg": sim_neg.mean(), "p_pos": p_pos.mean()}
 
@@ -133,7 +155,7 @@ def cign_loss(
     labels: torch.Tensor,
     *,
     cfg: CIGNConfig,
-    token_logits: torch.Tensor,
+    token_logits: Callable[[torch.Tensor | None], torch.Tensor],
     tokens: torch.Tensor,
     old_tokens: torch.Tensor | None = None,
     teacher_out: CIGNOutput | None = None,
@@ -143,18 +165,32 @@ def cign_loss(
     """L = L_ctl + L_group (eq 10) as named terms `bce`, `kl`, `ce`, `ctl` and their sum `total`.
 
     L_group (eq 8) = kl + ce + bce; L_ctl (eq 9) = ctl, audio plus visual. cfg.use_avctd = False drops
-    kl and ce, cfg.use_avcg = False drops ctl (Table 4). kl needs old_tokens and ctl needs teacher_out
-    (the previous task's model on the same batch); terms that do not apply are 0. Where eq 9 applies,
-    ``diag/ctl_<stat>_<a|v>`` keys add its ``contrast_stats`` per modality (diagnostics, not losses).
+    kl and ce, cfg.use_avcg = False drops ctl (Table 4). ``token_logits`` maps tokens to FC(c_i)
+    (CIGN.token_logits; None: the table). cfg.token_source ``table`` reads eq 8's c_i as the token
+    table (kl needs old_tokens, the previous task's table); ``contextual`` as each modality's
+    contextualised tokens out.c_a / out.c_v (kl needs teacher_out, the previous task's model on the
+    same batch), kl and ce summed over the two modalities. ctl needs teacher_out. Terms that do not
+    apply are 0. Where eq 9 applies, ``diag/ctl_<stat>_<a|v>`` keys add its ``contrast_stats`` per
+    modality (diagnostics, not losses).
     """
-    zero = out.logits_a.new_zeros(())
+    zero = out.logits_a.new_zeros((), dtype=torch.float32)
     bce = grouping_bce(out.logits_a, out.logits_v, labels)
-    kl = token_distillation(tokens, old_tokens) if cfg.use_avctd and old_tokens is not None else zero
-    ce = token_independence(token_logits, new_classes) if cfg.use_avctd and len(new_classes) else zero
-    ctl, diag = zero, {}
+    kl, ce, ctl, diag = zero, zero, zero, {}
+    if cfg.use_avctd and cfg.token_source == "table":
+        if old_tokens is not None:
+            kl = token_distillation(tokens, old_tokens)
+        if len(new_classes):
+            ce = token_independence(token_logits(None), new_classes)
+    elif cfg.use_avctd:
+        for c_new, c_old in ((out.c_a, None if teacher_out is None else teacher_out.c_a),
+                             (out.c_v, None if teacher_out is None else teacher_out.c_v)):
+            if c_old is not None and len(old_classes):
+                kl = kl + token_distillation(c_new, c_old)
+            if len(new_classes):
+                ce = ce + token_independence(token_logits(c_new), new_classes)
     if cfg.use_avcg and teacher_out is not None:
         for m, g_old, g_new in (("a", teacher_out.g_a, out.g_a), ("v", teacher_out.g_v, out.g_v)):
-            parts = _contrast(g_old, g_new, labels, old_classes)  # once for the loss and its diagnostics
+            parts = _contrast(g_old, g_new, labels, old_classes, cfg.ctl_negatives)  # once for loss and diagnostics
             ctl = ctl + _eq9(parts, g_new, cfg.tau, cfg.ctl_denominator)
             diag |= {f"diag/ctl_{k}_{m}": v for k, v in _stats(parts, cfg.tau).items()}
     return {"bce": bce, "kl": kl, "ce": ce, "ctl": ctl, "total": bce + kl + ce + ctl, **diag}

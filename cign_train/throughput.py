@@ -46,7 +46,7 @@ def step_rate(preset: str, batch: int, steps: int, device: torch.device, dtype: 
             out = model(spectrograms, frames)
             with torch.no_grad():
                 t_out = teacher(spectrograms, frames)
-            loss = cign_loss(out, labels, cfg=cfg, token_logits=model.token_logits(), tokens=model.tokens,
+            loss = cign_loss(out, labels, cfg=cfg, token_logits=model.token_logits, tokens=model.tokens,
                              old_tokens=teacher.tokens, teacher_out=t_out, old_classes=range(old),
                              new_classes=range(old, old + new))["total"]
         opt.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ from cign_train.data.definitions import DatasetDefinition, get_definition
 from cign_train.data.ingest import prepare_dataset, store_dir
 from cign_train.data.loader import Batch, batch_loader
 from cign_train.data.store import PreparedStore
-from cign_train.diagnostics import grad_ratios, shared_parameters
+from cign_train.diagnostics import StepLog, grad_ratios, shared_parameters
 from cign_train.evaluate import MODALITIES, evaluate_tasks
 from cign_train.methods import Inputs, Method, Task, get_method
 from cign_train.model import CIGN, load_encoder_weights
@@ -111,6 +111,7 @@ class Trainer:
         self.eval_clips: list[int] = []
         self.global_step = 0  # optimizer steps over all tasks: the x axis of the TensorBoard losses
         self.writer: SummaryWriter | None = None
+        self.steplog: StepLog | None = None
         self.amp_dtype = precision.autocast_dtype(settings.amp, self.dist.device)
         self.augment = Augment(self.spec) if settings.augment else None
 
@@ -177,6 +178,7 @@ class Trainer:
         summary = write_metrics(self.run_dir, self.rows, self.seen, self.eval_clips, s.eval_split) if self.dist.main else {}
         if self.writer is not None:
             self.writer.close()
+            self.steplog.close()
         D.teardown(self.dist)
         return summary
 
@@ -198,14 +200,16 @@ class Trainer:
             acc.append_to(rows, seen)
         return metrics_document(rows, seen, acc.eval_clips, split)
 
-    def open_writer(self, resume: bool) -> None:
+    def open_writer(self, t: int, resume: bool) -> None:
         """TensorBoard event files in ``run_dir/tensorboard``: every loss term per optimizer step
-        (``loss/*``), and per task t the seen-class accuracy (``accuracy_seen/<modality>``) and each
-        task's (``accuracy_task<i>/<modality>``). Opened when training starts (after a resume has
-        restored the step count), a resume purges what the interrupted run logged past that step,
-        so the curves do not double back."""
+        (``loss/*``), the ``diag/*`` diagnostics, and per task t the seen-class accuracy
+        (``accuracy_seen/<modality>``) and each task's (``accuracy_task<i>/<modality>``); the same
+        per-step values in ``run_dir/steps.jsonl`` (``StepLog``). Opened when training starts (task
+        ``t``, after a resume has restored the step count), a resume purges what the interrupted run
+        logged past that step, so the curves do not double back."""
         purge = self.global_step if resume else None
         self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge)
+        self.steplog = StepLog(self.run_dir / "steps.jsonl", (t, self.global_step) if resume else None)
 
     def task(self, t: int) -> Task:
         old = tuple(k for tc in self.plan.task_classes[:t] for k in tc)
@@ -236,7 +240,7 @@ class Trainer:
         scheduler = task_scheduler(optimizer, s.lr_schedule, steps, s.warmup)
         start_epoch = self.restore_last(t, model, optimizer, scaler, scheduler) if resume else 0
         if self.dist.main and self.writer is None:
-            self.open_writer(resume)
+            self.open_writer(t, resume)
         if resume and self.dist.main:
             tqdm.write(self.resume_point(t, start_epoch))
         last = {}
@@ -244,9 +248,11 @@ class Trainer:
             last = self.train_epoch(method, model, optimizer, scaler, scheduler, idx, t, epoch, weights)
             self.save_last(t, epoch + 1, model, optimizer, scaler, scheduler)
         D.check_in_sync(model, self.dist)
-        if self.writer is not None and len(self.buffer.indices):
-            for k, v in self.task_diagnostics(method).items():
+        if self.writer is not None:
+            diagnostics = self.task_diagnostics(method) if len(self.buffer.indices) else {}
+            for k, v in diagnostics.items():
                 self.writer.add_scalar(k, v, t)
+            self.steplog.write(task=t, event="task_end", global_step=self.global_step, **diagnostics)
         method.end_task(task)
         if method.NEEDS_BUFFER:
             self.update_buffer(model, new_idx)
@@ -329,8 +335,10 @@ class Trainer:
             scaler.scale(losses["total"]).backward()
             scaler.step(optimizer)
             scaler.update()
+            lr = scheduler.get_last_lr()[0]
             if self.writer is not None:
-                self.writer.add_scalar("lr", scheduler.get_last_lr()[0], self.global_step)
+                self.writer.add_scalar("lr", lr, self.global_step)
+                self.steplog.write(task=t, epoch=epoch, step=step, global_step=self.global_step, lr=lr, **values)
             scheduler.step()
             for k, v in values.items():
                 diagnostic = k.startswith("diag/")  # logged per step as is, not a loss term

@@ -73,6 +73,33 @@ def test_token_independence_gradient_reaches_token_cls_and_new_tokens_only(tiny_
     assert tiny_model.group_v.w_q.weight.grad is None
 
 
+def test_token_distillation_contextual_value_and_gradient():
+    """Per sample (B, K, D): the sum over old classes of the KL, then the mean over samples."""
+    cur = [[[0.2, -0.4], [1.0, 0.5], [3.0, -3.0]], [[1.0, 1.0], [-0.5, 2.0], [0.1, 0.1]]]  # B 2, K 3, D 2
+    old = [[[0.0, 0.3], [1.5, -0.5]], [[1.0, 1.0], [0.5, 0.5]]]  # C 2
+    expected = 0.0
+    for sample_cur, sample_old in zip(cur, old):
+        for c, o in zip(sample_cur, sample_old):
+            p = softmax([x * math.sqrt(2) / math.hypot(*c) for x in c])
+            q = softmax([x * math.sqrt(2) / math.hypot(*o) for x in o])
+            expected += sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q)) / 2
+    tokens = torch.tensor(cur, requires_grad=True)
+    kl = token_distillation(tokens, torch.tensor(old))
+    assert kl.item() == pytest.approx(expected, rel=1e-5)
+    kl.backward()
+    assert torch.all(tokens.grad[:, 2] == 0)  # the new class's tokens are free
+    assert tokens.grad[1, 0].abs().sum() == 0  # sample 1's token 0 already matches the teacher's
+    assert tokens.grad[0, :2].abs().sum() > 0
+
+
+def test_token_independence_contextual_value():
+    rows = [[[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 0.0]],
+            [[0.0, 1.0, 0.0], [1.0, -1.0, 2.0], [0.3, 0.2, 0.1]]]  # FC(c_hat_i) per sample, B 2, K 3
+    expected = sum(-math.log(softmax(r[1])[1]) - math.log(softmax(r[2])[2]) for r in rows) / 2  # new: 1, 2
+    ce = token_independence(torch.tensor(rows), new_classes=[1, 2])
+    assert ce.item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_grouping_bce_value():
     la, lv, labels = [[0.5, -1.0], [2.0, 0.0]], [[-0.3, 0.8], [1.0, -2.0]], [0, 1]
 
@@ -122,7 +149,7 @@ def test_continual_grouping_value():
         pos = math.exp(cos(anchor, positive) / tau)
         denom = pos + sum(math.exp(cos(anchor, m) / tau) for m in negatives)
         expected += -math.log(pos / denom) / 2
-    got = continual_grouping(g_old, g_new, labels, old_classes=[0, 1], tau=tau)
+    got = continual_grouping(g_old, g_new, labels, old_classes=[0, 1], tau=tau, negatives="label")
     assert got.item() == pytest.approx(expected, rel=1e-5)
     assert got.item() > 0  # the positive is in the denominator: bounded below by 0
 
@@ -135,7 +162,7 @@ def test_continual_grouping_paper_denominator_value_and_bound():
     for anchor, positive in (([1.0, 0.0], [1.0, 1.0]), ([0.0, 2.0], [0.5, 1.0])):
         denom = sum(math.exp(cos(anchor, m) / tau) for m in negatives)  # negatives only, as eq 9 is written
         expected += (math.log(denom) - cos(anchor, positive) / tau) / 2
-    got = continual_grouping(g_old, g_new, labels, old_classes=[0, 1], tau=tau, denominator="paper")
+    got = continual_grouping(g_old, g_new, labels, old_classes=[0, 1], tau=tau, denominator="paper", negatives="label")
     assert got.item() == pytest.approx(expected, rel=1e-5)
     # bounded below with cosine similarity: >= log M - 2 / tau (M = 2 negatives); here it goes negative
     assert math.log(2) - 2 / tau <= got.item() < 0
@@ -150,9 +177,10 @@ def test_continual_grouping_runs_in_fp32_under_bf16_autocast():
     g_old[0, 0] = g_old[1, 1] = g_new[0, 0] = g_new[1, 1] = torch.tensor([1.0, 0.0])
     g_new[2, 2], g_new[3, 2] = torch.tensor([0.5, 0.75**0.5]), torch.tensor([0.5, -(0.75**0.5)])
     expected = math.log(1 + 2 * math.exp(-5))
-    assert continual_grouping(g_old, g_new, labels, [0, 1], tau=0.1).item() == pytest.approx(expected, rel=1e-5)
+    assert continual_grouping(g_old, g_new, labels, [0, 1], tau=0.1, negatives="label").item() == pytest.approx(
+        expected, rel=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = continual_grouping(g_old.bfloat16(), g_new.bfloat16(), labels, [0, 1], tau=0.1)
+        mixed = continual_grouping(g_old.bfloat16(), g_new.bfloat16(), labels, [0, 1], tau=0.1, negatives="label")
     assert mixed.dtype == torch.float32 and mixed.item() == pytest.approx(expected, rel=1e-2)  # bf16 inputs
     in_bf16 = torch.logsumexp(torch.tensor([10.0, 5.0, 5.0]).bfloat16(), 0) - 10  # the same sums in bf16
     assert in_bf16.item() == 0.0
@@ -163,7 +191,7 @@ def test_contrast_stats_by_hand():
     tau = 0.5
     negatives = [[0.0, 1.0], [-1.0, 0.0]]
     pairs = (([1.0, 0.0], [1.0, 1.0]), ([0.0, 2.0], [0.5, 1.0]))
-    stats = contrast_stats(g_old, g_new, labels, old_classes=[0, 1], tau=tau)
+    stats = contrast_stats(g_old, g_new, labels, old_classes=[0, 1], tau=tau, negatives="label")
     assert stats["cos_pos"].item() == pytest.approx(sum(cos(a, p) for a, p in pairs) / 2, rel=1e-5)
     assert stats["cos_neg"].item() == pytest.approx(sum(cos(a, m) for a, _ in pairs for m in negatives) / 4, rel=1e-5)
     p_pos = [softmax([cos(a, p) / tau] + [cos(a, m) / tau for m in negatives])[0] for a, p in pairs]
@@ -171,11 +199,45 @@ def test_contrast_stats_by_hand():
     assert contrast_stats(g_old, g_new, torch.tensor([2, 2, 2, 2]), [0, 1], tau) == {}
 
 
+def test_continual_grouping_maxpool_value():
+    """``maxpool``: each new-class sample's negative is its class slot most similar to the anchor,
+    the anchor's own slot included (the paper's max-pooling of the similarities)."""
+    g_old, g_new, labels = continual_case()
+    g_new[2] = torch.tensor([[0.9, 0.1], [0.1, 1.0], [1.0, -1.0]])  # sample 2: slot 0 is anchor 0's nearest
+    g_new[3] = torch.tensor([[-1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]])  # sample 3: slot 1 is nearest to both
+    tau = 0.5
+    expected = 0.0
+    for anchor, positive in (([1.0, 0.0], [1.0, 1.0]), ([0.0, 2.0], [0.5, 1.0])):
+        negs = [max(cos(anchor, slot) for slot in g_new[m].tolist()) for m in (2, 3)]
+        pos = math.exp(cos(anchor, positive) / tau)
+        expected += -math.log(pos / (pos + sum(math.exp(x / tau) for x in negs))) / 2
+    got = continual_grouping(g_old, g_new, labels, old_classes=[0, 1], tau=tau, negatives="maxpool")
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    label = continual_grouping(g_old, g_new, labels, old_classes=[0, 1], tau=tau, negatives="label")
+    assert got.item() > label.item()  # a harder negative than the one at the sample's own class
+    stats = contrast_stats(g_old, g_new, labels, [0, 1], tau)
+    assert stats["cos_neg"].item() == pytest.approx(
+        sum(max(cos(a, slot) for slot in g_new[m].tolist()) for a in ([1.0, 0.0], [0.0, 2.0]) for m in (2, 3)) / 4,
+        rel=1e-5)
+
+
+def test_continual_grouping_maxpool_gradient_reaches_the_chosen_slots_only():
+    g_old, g_new, labels = continual_case()
+    g_new[2] = torch.tensor([[0.9, 0.1], [0.1, 1.0], [1.0, -1.0]])
+    g_new[3] = torch.tensor([[-1.0, 0.0], [1.0, 1.0], [-1.0, 0.0]])
+    g_new.requires_grad_(True)
+    continual_grouping(g_old, g_new, labels, old_classes=[0, 1], tau=0.5).backward()
+    used = torch.zeros(4, 3, dtype=torch.bool)
+    used[[0, 1, 2, 2, 3], [0, 1, 0, 1, 1]] = True  # positives; sample 2's max slots 0 (anchor 0), 1 (anchor 1)
+    norms = g_new.grad.abs().sum(dim=-1)  # (B, K)
+    assert torch.all(norms[used] > 0) and torch.all(norms[~used] == 0)
+
+
 def test_continual_grouping_gradient_reaches_student_only():
     g_old, g_new, labels = continual_case()
     g_old.requires_grad_(True)
     g_new.requires_grad_(True)
-    continual_grouping(g_old, g_new, labels, old_classes=[0, 1], tau=0.1).backward()
+    continual_grouping(g_old, g_new, labels, old_classes=[0, 1], tau=0.1, negatives="label").backward()
     assert g_old.grad is None
     used = torch.zeros(4, 3, dtype=torch.bool)
     used[[0, 1, 2, 3], [0, 1, 2, 2]] = True
@@ -197,21 +259,26 @@ def test_continual_grouping_is_zero_without_old_or_new_samples(labels):
 def synthetic_step():
     torch.manual_seed(1)
     b, k, c, d = 4, 3, 2, 8
-    out = CIGNOutput(torch.randn(b, k), torch.randn(b, k), torch.randn(b, k, d), torch.randn(b, k, d))
-    teacher = CIGNOutput(torch.randn(b, c), torch.randn(b, c), torch.randn(b, c, d), torch.randn(b, c, d))
-    kwargs = dict(token_logits=torch.randn(k, k), tokens=torch.randn(k, d), old_tokens=torch.randn(c, d),
-                  teacher_out=teacher, old_classes=[0, 1], new_classes=[2])
+    out = CIGNOutput(*(torch.randn(b, k) for _ in range(2)), *(torch.randn(b, k, d) for _ in range(4)))
+    teacher = CIGNOutput(*(torch.randn(b, c) for _ in range(2)), *(torch.randn(b, c, d) for _ in range(4)))
+    tokens, fc = torch.randn(k, d), torch.nn.Linear(d, k)
+    kwargs = dict(token_logits=lambda t=None: fc(tokens if t is None else t), tokens=tokens,
+                  old_tokens=torch.randn(c, d), teacher_out=teacher, old_classes=[0, 1], new_classes=[2])
     return out, torch.tensor([0, 2, 1, 2]), kwargs
 
 
 def test_cign_loss_sums_all_terms():
     out, labels, kw = synthetic_step()
     terms = cign_loss(out, labels, cfg=TINY, **kw)
+    t, logits = kw["teacher_out"], kw["token_logits"]
     assert terms["bce"].item() == pytest.approx(grouping_bce(out.logits_a, out.logits_v, labels).item())
-    assert terms["kl"].item() == pytest.approx(token_distillation(kw["tokens"], kw["old_tokens"]).item())
-    assert terms["ce"].item() == pytest.approx(token_independence(kw["token_logits"], [2]).item())
-    ctl = sum(continual_grouping(t, s, labels, [0, 1], TINY.tau).item()
-              for t, s in ((kw["teacher_out"].g_a, out.g_a), (kw["teacher_out"].g_v, out.g_v)))
+    # contextual (default): both modalities' contextualised tokens, against the teacher's on the same batch
+    kl = token_distillation(out.c_a, t.c_a) + token_distillation(out.c_v, t.c_v)
+    assert terms["kl"].item() == pytest.approx(kl.item(), rel=1e-6)
+    ce = token_independence(logits(out.c_a), [2]) + token_independence(logits(out.c_v), [2])
+    assert terms["ce"].item() == pytest.approx(ce.item(), rel=1e-6)
+    ctl = sum(continual_grouping(g_t, g_s, labels, [0, 1], TINY.tau).item()
+              for g_t, g_s in ((t.g_a, out.g_a), (t.g_v, out.g_v)))
     assert terms["ctl"].item() == pytest.approx(ctl, rel=1e-6)
     assert all(terms[n].item() > 0 for n in ("bce", "kl", "ce", "ctl"))
     parts = terms["bce"] + terms["kl"] + terms["ce"] + terms["ctl"]
@@ -219,8 +286,15 @@ def test_cign_loss_sums_all_terms():
     # eq 9's diagnostics per modality, not part of the total
     assert {k for k in terms if k.startswith("diag/")} == {f"diag/ctl_{s}_{m}" for s in ("cos_pos", "cos_neg", "p_pos")
                                                           for m in "av"}
-    stats = contrast_stats(kw["teacher_out"].g_v, out.g_v, labels, [0, 1], TINY.tau)
+    stats = contrast_stats(t.g_v, out.g_v, labels, [0, 1], TINY.tau)
     assert terms["diag/ctl_p_pos_v"].item() == pytest.approx(stats["p_pos"].item())
+
+
+def test_cign_loss_table_source_reads_the_token_table():
+    out, labels, kw = synthetic_step()
+    terms = cign_loss(out, labels, cfg=CIGNConfig(dim=32, depth=1, heads=4, token_source="table"), **kw)
+    assert terms["kl"].item() == pytest.approx(token_distillation(kw["tokens"], kw["old_tokens"]).item())
+    assert terms["ce"].item() == pytest.approx(token_independence(kw["token_logits"](), [2]).item())
 
 
 @pytest.mark.parametrize(
@@ -241,7 +315,7 @@ def test_cign_loss_switches_drop_terms(avctd, avcg, dropped):
 def test_cign_loss_first_task_has_no_teacher_terms():
     out, labels, kw = synthetic_step()
     terms = cign_loss(out, labels, cfg=TINY, token_logits=kw["token_logits"], tokens=kw["tokens"],
-                      new_classes=[0, 1, 2])
+                      new_classes=[0, 1, 2])  # first task: no teacher, no old classes
     assert terms["kl"].item() == 0.0 and terms["ctl"].item() == 0.0
     assert terms["ce"].item() > 0
     assert terms["total"].item() == pytest.approx(terms["bce"].item() + terms["ce"].item())

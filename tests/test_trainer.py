@@ -295,6 +295,14 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tiny_avdigits, tmp_pat
         assert all(a > b for a, b in zip(annealing[1:], annealing[2:])) and 0 < task[-1] < 1e-4
     for tag in whole_tb:
         assert resumed_tb[tag] == whole_tb[tag], tag
+    # and steps.jsonl: each step once, the interrupted epoch's records replaced by the resumed ones
+    assert steplog(run) == steplog(tmp_path / "whole")
+
+
+def steplog(run) -> list[dict]:
+    """steps.jsonl's records, values rounded as ``scalars`` rounds them."""
+    return [{k: round(v, 5) if isinstance(v, float) else v for k, v in json.loads(line).items()}
+            for line in (run / "steps.jsonl").read_text().splitlines()]
 
 
 def scalars(run) -> dict[str, list[tuple[int, float]]]:
@@ -323,12 +331,25 @@ def test_tensorboard_logs_every_loss_per_step_and_accuracy_per_task(tiny_run):
     second = steps - first_task_steps  # two epochs a task (tiny_run)
     epoch_starts = [0, first_task_steps // 2, first_task_steps, first_task_steps + second // 2]
     assert [step for step, _ in tb["diag/grad_ratio_ce"]] == epoch_starts
-    assert all(v == 0.0 for _, v in tb["diag/grad_ratio_ce"])  # token CE reaches the token table only
+    assert all(v > 0 for _, v in tb["diag/grad_ratio_ce"])  # on the contextualised tokens: reaches the body
     assert all(first_task_steps <= step and v > 0 for step, v in tb["diag/grad_ratio_ctl"])
+    assert all(first_task_steps <= step and v > 0 for step, v in tb["diag/grad_ratio_kl"])
     # task end: teacher-student cosine of g_i on the buffer's exemplars, after the second task only
     for m in "av":
         (task, cosine), = tb[f"diag/teacher_student_cos_{m}"]
         assert task == 1 and -1 <= cosine < 0.99999  # the student has moved away from the teacher
+    # the same per-step values in steps.jsonl, and a task-end record per task
+    records = steplog(tiny_run)
+    per_step = [r for r in records if "event" not in r]
+    assert [r["global_step"] for r in per_step] == list(range(steps))
+    for term in ("total", "bce", "kl", "ce", "ctl"):
+        assert [(r["global_step"], r[term]) for r in per_step] == tb[f"loss/{term}"], term
+    assert [(r["global_step"], r["diag/ctl_p_pos_a"]) for r in per_step if "diag/ctl_p_pos_a" in r] == tb["diag/ctl_p_pos_a"]
+    ends = [r for r in records if r.get("event") == "task_end"]
+    assert [(r["task"], r["global_step"]) for r in ends] == [(0, first_task_steps), (1, steps)]
+    assert ends[1]["diag/teacher_student_cos_a"] == tb["diag/teacher_student_cos_a"][0][1]
+    first_step = next(r for r in per_step if r["task"] == 1)
+    assert (first_step["epoch"], first_step["step"]) == (0, 0) and first_step["kl"] > 0  # eq 8's KL at once
     for m in ("audio", "visual", "audio_visual"):
         assert [v for _, v in tb[f"accuracy_seen/{m}"]] == [round(x, 5) for x in metrics["seen_accuracy"][m]]
         assert [v for _, v in tb[f"accuracy_task0/{m}"]] == [round(r[0], 5) for r in metrics["accuracy_matrix"][m]]

@@ -9,7 +9,7 @@ import click
 import torch
 from click.core import ParameterSource
 
-from cign_train.config import CTL_DENOMINATORS
+from cign_train.config import CTL_DENOMINATORS, CTL_NEGATIVES, TEACHER_BN, TOKEN_SOURCES
 from cign_train.data.definitions import DATASETS, get_definition
 from cign_train.methods import available
 from cign_train.precision import AMP_CHOICES
@@ -21,7 +21,7 @@ from cign_train.trainer import NonFiniteLoss, Trainer
 #: Options that do not change a run's results: a resume may give them other values.
 OPERATIONAL_OPTIONS = {"threads", "workers", "out", "resume", "no_progress"}
 #: Options that set a field of the model config.
-MODEL_OPTIONS = {"dim", "depth", "heads", "assign", "ctl_denominator"}
+MODEL_OPTIONS = {"dim", "depth", "heads", "assign", "ctl_denominator", "ctl_negatives", "token_source", "teacher_bn"}
 
 
 def as_setting(name: str, value, saved: TrainSettings) -> tuple[str, object, object]:
@@ -103,6 +103,12 @@ def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
 @click.option("--no-avcg", is_flag=True, help="Drop the continual-grouping loss (Table 4).")
 @click.option("--ctl-denominator", type=click.Choice(CTL_DENOMINATORS),
               help="Eq 9's denominator: infonce (positive + negatives, default) or paper (negatives only, as written).")
+@click.option("--ctl-negatives", type=click.Choice(CTL_NEGATIVES), help="Eq 9's negative per new-class sample: "
+              "maxpool (its class slot most similar to the anchor, default) or label (the slot of its own class).")
+@click.option("--token-source", type=click.Choice(TOKEN_SOURCES), help="What eq 8's KL and CE read as the class "
+              "tokens: contextual (each sample's c_hat_a,i, c_hat_v,i of eqs 1-2, default) or table (the raw tokens).")
+@click.option("--teacher-bn", type=click.Choice(TEACHER_BN), help="BatchNorm statistics of the frozen previous "
+              "model: batch (as the student's in training, default) or running (eval mode).")
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder [default: runs/DATASET-METHOD-seedSEED].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished task and epoch, with "
               "the settings of its config.json (other options may only repeat them; --threads, --workers, "
@@ -110,7 +116,7 @@ def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
 @click.option("--no-progress", is_flag=True, help="No progress bars (one line per task still prints).")
 def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, batch_size, lr, lr_schedule, warmup, tasks, class_order, max_per_class,
          buffer_per_class, buffer_select, rehearsal_sampling, augment, seed, device, amp, threads, workers, eval_split, encoder_weights, dim, depth, heads,
-         assign, no_avctd, no_avcg, ctl_denominator, out, resume, no_progress):
+         assign, no_avctd, no_avcg, ctl_denominator, ctl_negatives, token_source, teacher_bn, out, resume, no_progress):
     """Train CIGN (or another --method) task by task, evaluate, and print the results table."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -129,7 +135,9 @@ def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, bat
         except ValueError as e:
             raise click.UsageError(str(e)) from e
         model_overrides = {k: v for k, v in dict(dim=dim, depth=depth, heads=heads, assign=assign,
-                                                 ctl_denominator=ctl_denominator).items() if v is not None}
+                                                 ctl_denominator=ctl_denominator, ctl_negatives=ctl_negatives,
+                                                 token_source=token_source, teacher_bn=teacher_bn).items()
+                           if v is not None}
         if no_avctd:
             model_overrides["use_avctd"] = False
         if no_avcg:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from cign_train.losses import cign_loss
@@ -19,40 +20,42 @@ class CignMethod(Method):
     teacher: CIGN | None = None
 
     def begin_task(self, task: Task) -> None:
-        """Freeze the previous task's model: its tokens c^{t-1} (eq 8) and features g^{t-1} (eq 9)."""
+        """Freeze the previous task's model: its tokens c^{t-1} (eq 8) and features g^{t-1} (eq 9).
+
+        cfg.teacher_bn ``batch`` (default) runs the frozen model's BatchNorm on the batch's statistics,
+        as the student's are in training (momentum 0 keeps its running estimates unchanged), so that
+        teacher and student differ only by their weights and the new tokens; ``running`` uses its
+        running estimates (eval mode), which alone moved eq 9's anchor-positive cosine below 1 at a
+        task's first step with identical weights (README, Table 4).
+        """
         if task.index == 0:
             self.teacher = None
             return
-        self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.teacher = copy.deepcopy(self.model).requires_grad_(False)
+        self.teacher.train(self.cfg.teacher_bn == "batch")
+        for m in self.teacher.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.0
 
     @torch.no_grad()
-    def teacher_features(self, batch: Inputs, out: CIGNOutput) -> CIGNOutput | None:
-        """The teacher's g^{t-1} on the batch's old-class samples, the only anchors of eq 9.
-
-        Rows of other samples are left zero: eq 9 never reads them, so the teacher skips them.
-        """
-        if self.teacher is None or not self.cfg.use_avcg:
+    def teacher_features(self, batch: Inputs) -> CIGNOutput | None:
+        """The teacher's outputs on the whole batch (the KL of eq 8 reads every sample's old-class
+        tokens; eq 9 reads the old-class samples' g^{t-1}), or None when no term needs them."""
+        needs = self.cfg.use_avcg or (self.cfg.use_avctd and self.cfg.token_source == "contextual")
+        if self.teacher is None or not needs:
             return None
-        old = torch.isin(batch.labels, torch.as_tensor(self.task.old_classes, device=batch.labels.device))
-        b, c = batch.labels.shape[0], self.teacher.n_classes
-        g_a = out.g_a.new_zeros(b, c, out.g_a.shape[-1])  # (B, C, D)
-        g_v = out.g_v.new_zeros(b, c, out.g_v.shape[-1])  # (B, C, D)
-        if old.any():
-            t = self.teacher(batch.spectrograms[old], batch.frames[old])
-            g_a[old], g_v[old] = t.g_a.to(g_a.dtype), t.g_v.to(g_v.dtype)
-        return CIGNOutput(None, None, g_a, g_v)  # eq 9 reads only the class-aware features
+        return self.teacher(batch.spectrograms, batch.frames)
 
     def observe(self, batch: Inputs) -> dict[str, torch.Tensor]:
         out = self.forward(batch.spectrograms, batch.frames)
-        teacher_out = self.teacher_features(batch, out)
         return cign_loss(
             out,
             batch.labels,
             cfg=self.cfg,
-            token_logits=self.model.token_logits(),
+            token_logits=self.model.token_logits,
             tokens=self.model.tokens,
             old_tokens=None if self.teacher is None else self.teacher.tokens,
-            teacher_out=teacher_out,
+            teacher_out=self.teacher_features(batch),
             old_classes=self.task.old_classes,
             new_classes=self.task.new_classes,
         )
@@ -65,11 +68,12 @@ class CignMethod(Method):
         if self.teacher is None:
             return {}
         rows = torch.arange(batch.labels.shape[0], device=batch.labels.device)
-        was_training = self.model.training
-        self.model.eval()
+        modes = [(m, m.training) for m in (self.model, self.teacher)]
+        self.model.eval(), self.teacher.eval()
         student = self.model(batch.spectrograms, batch.frames)
-        self.model.train(was_training)
         teacher = self.teacher(batch.spectrograms, batch.frames)
+        for m, training in modes:
+            m.train(training)
         return {f"diag/teacher_student_cos_{m}": F.cosine_similarity(
                     t[rows, batch.labels].float(), s[rows, batch.labels].float(), dim=-1).mean()
                 for m, t, s in (("a", teacher.g_a, student.g_a), ("v", teacher.g_v, student.g_v))}

@@ -23,6 +23,8 @@ class CIGNOutput(NamedTuple):
     logits_v: torch.Tensor  # (B, K) FC(g_v,i) before the sigmoid
     g_a: torch.Tensor  # (B, K, D) class-aware audio features (eq 7)
     g_v: torch.Tensor  # (B, K, D) class-aware visual features (eq 7)
+    c_a: torch.Tensor  # (B, K, D) class tokens contextualised by the audio, c_hat_a,i (eq 1)
+    c_v: torch.Tensor  # (B, K, D) class tokens contextualised by the visual features, c_hat_v,i (eq 2)
 
 
 class Prediction(NamedTuple):
@@ -86,9 +88,10 @@ class CIGN(nn.Module):
         cls.requires_grad_(old_cls.weight.requires_grad)
         self.token_cls = cls
 
-    def token_logits(self) -> torch.Tensor:
-        """FC(c_i) for every token, (K, K); softmax over the last dim gives e_i (Sec. 3.2)."""
-        return self.token_cls(self.tokens)
+    def token_logits(self, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """FC(c_i) for every token, (..., K, K); softmax over the last dim gives e_i (Sec. 3.2). ``tokens``
+        (..., K, D) replaces the table, e.g. by the contextualised tokens of CIGNOutput."""
+        return self.token_cls(self.tokens if tokens is None else tokens)
 
     def forward(self, spectrograms: torch.Tensor, frames: torch.Tensor, tokens: torch.Tensor | None = None) -> CIGNOutput:
         """spectrograms (B, F, T) and frames (B, 3, H, W), both normalised -> CIGNOutput.
@@ -104,4 +107,4 @@ class CIGN(nn.Module):
         g_v, _ = self.group_v(f_v_hat, c_v_hat)  # (B, K, D)
         logits_a = self.head_a(g_a).squeeze(-1)  # (B, K, 1) -> (B, K)
         logits_v = self.head_v(g_v).squeeze(-1)  # (B, K, 1) -> (B, K)
-        return CIGNOutput(logits_a, logits_v, g_a, g_v)
+        return CIGNOutput(logits_a, logits_v, g_a, g_v, c_a_hat, c_v_hat)
