@@ -2,7 +2,8 @@
 
 A task checkpoint is self-describing (``../DESIGN.md``): the weights, the :class:`CIGNConfig` that
 built the model, the preprocessing spec, the class names in task order, the classes per task, the
-token table, the run settings, the buffer and the evaluation so far. :class:`TaskCheckpoint` is
+token table, the run settings, the buffer, what the method keeps between tasks (EWC's Fisher) and
+the evaluation so far. :class:`TaskCheckpoint` is
 its one definition; on disk it is a dict of plain values and tensors, so
 ``torch.load(weights_only=True)`` reads it, and :meth:`TaskCheckpoint.build_model` rebuilds the
 model without the trainer (as nanoGPT's ``model_args``).
@@ -40,6 +41,7 @@ class TaskCheckpoint:
     buffer: dict[str, Any]  # cign_train.buffer.RehearsalBuffer.state_dict()
     evaluation: dict[str, Any]  # rows, seen, eval_clips, global_step so far (cign_train.reporting)
     world_size: int = 1
+    method_state: dict[str, Any] = dataclasses.field(default_factory=dict)  # Method.state_dict()
 
     def __post_init__(self) -> None:
         k = len(self.classes)
@@ -55,7 +57,7 @@ class TaskCheckpoint:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TaskCheckpoint":
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - set(d) - {"world_size"})
+        missing = sorted(names - set(d) - {"world_size", "method_state"})
         if missing:
             raise ValueError(f"task checkpoint lacks {missing}")
         values = {k: d[k] for k in names if k in d}

@@ -48,6 +48,7 @@ class TrainSettings:
     encoder_weights: str | None = None  # local encoder checkpoint (cign-pretrain; ResNet18: ImageNet or audio-visual)
     eval_split: str = "test"  # "val" while choosing hyperparameters, "test" only to report
     model: CIGNConfig = field(default_factory=CIGNConfig)
+    method_options: dict[str, Any] = field(default_factory=dict)  # the method's OPTIONS given (cign_train.methods)
 
     def __post_init__(self) -> None:
         if self.class_order not in ("definition", "seeded"):

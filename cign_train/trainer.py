@@ -169,7 +169,9 @@ class Trainer:
             self.global_step = int(ev.get("global_step", 0))
         else:
             model = self.build_model(len(plan.task_classes[0]))
-        method: Method = method_cls(model, s.model)
+        method: Method = method_cls(model, s.model, s.method_options)
+        if done >= 0:
+            method.load_state_dict(saved.method_state)
         if resume and done == n_tasks - 1 and self.dist.main:
             tqdm.write(f"resuming {self.run_dir}: all {n_tasks} tasks are done already")
         for t in range(done + 1, n_tasks):
@@ -253,7 +255,8 @@ class Trainer:
             for k, v in diagnostics.items():
                 self.writer.add_scalar(k, v, t)
             self.steplog.write(task=t, event="task_end", global_step=self.global_step, **diagnostics)
-        method.end_task(task)
+        method.end_task(task, lambda: (self.inputs(b) for b in batch_loader(
+            self.plan.store, new_idx, s.batch_size, shuffle=False, workers=s.workers)))
         if method.NEEDS_BUFFER:
             self.update_buffer(model, new_idx)
         acc = evaluate_tasks(model, self.plan, t, self.inputs, self.autocast, s.batch_size, s.workers, self.dist,
@@ -267,7 +270,7 @@ class Trainer:
                     self.writer.add_scalar(f"accuracy_task{i}/{m}", a, t)
             self.writer.flush()
         if self.dist.main:
-            self.save_task(t, model)
+            self.save_task(t, model, method)
             write_metrics(self.run_dir, self.rows, self.seen, self.eval_clips, s.eval_split)
             (self.run_dir / "last.pt").unlink(missing_ok=True)
             loss_txt = " ".join(f"{k} {v:.3f}" for k, v in last.items())
@@ -368,7 +371,7 @@ class Trainer:
         self.buffer.update(new_idx, labels, features)
 
     # ----------------------------------------------------------------------------- checkpoints
-    def save_task(self, t: int, model: CIGN) -> None:
+    def save_task(self, t: int, model: CIGN, method: Method) -> None:
         ck.TaskCheckpoint(
             task=t,
             model={k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -383,6 +386,7 @@ class Trainer:
             evaluation={"rows": self.rows, "seen": self.seen, "eval_clips": self.eval_clips,
                         "global_step": self.global_step},
             world_size=self.dist.world,
+            method_state=method.state_dict(),
         ).save(ck.task_path(self.run_dir, t))
 
     def save_last(self, t: int, epochs_done: int, model, optimizer, scaler, scheduler) -> None:

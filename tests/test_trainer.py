@@ -31,7 +31,7 @@ def tiny_settings(data_dir, **kw) -> TrainSettings:
     return TrainSettings(**{**base, **kw})
 
 
-@pytest.mark.parametrize("method", ["cign", "finetune", "joint"])
+@pytest.mark.parametrize("method", ["cign", "finetune", "joint", "ewc"])
 def test_each_method_runs_two_tasks_and_writes_every_output(tiny_avdigits, tmp_path, method):
     run = tmp_path / method
     metrics = Trainer(tiny_settings(tiny_avdigits, method=method), run, progress=False).run()
@@ -130,6 +130,40 @@ def test_joint_trains_each_task_on_every_seen_class(tiny_avdigits, tmp_path, cap
         clips[method] = int(lines[0].split("| ")[-1].split(" train clips")[0])
         assert torch.load(tmp_path / method / "task_1.pt", weights_only=True)["buffer"]["classes"] == []
     assert clips == {"joint": 40, "finetune": 20}
+
+
+def test_method_state_and_options_are_saved_and_a_resume_continues_them(tiny_avdigits, tmp_path):
+    """EWC's Fisher and anchor live in each task checkpoint; a run killed after its first task
+    resumes with them (without, the second task would train unregularised) and equals the whole run."""
+    settings = tiny_settings(tiny_avdigits, method="ewc", method_options={"ewc_lambda": 100.0})
+    whole = Trainer(settings, tmp_path / "whole", progress=False).run()
+    assert json.loads((tmp_path / "whole" / "config.json").read_text())["method_options"] == {"ewc_lambda": 100.0}
+    state = torch.load(tmp_path / "whole" / "task_0.pt", weights_only=True)["method_state"]
+    assert set(state) == {"fisher", "anchor"} and state["fisher"]["phi_a.norm.weight"].abs().sum() > 0
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    (tmp_path / "cut" / "task_1.pt").unlink()
+    resumed = Trainer(settings, tmp_path / "cut", progress=False).run(resume=True)
+    assert resumed == whole
+    losses = [json.loads(x) for x in (tmp_path / "cut" / "steps.jsonl").read_text().splitlines()]
+    assert all(r["ewc"] > 0 for r in losses if r["task"] == 1 and r.get("step", 0) > 0)
+
+
+def test_method_help_lists_its_own_options():
+    own = CliRunner().invoke(train_main, ["--method", "ewc", "--help"])
+    assert own.exit_code == 0 and "--ewc-lambda" in own.output and "FACIL" in own.output
+    assert "--ewc-lambda" not in CliRunner().invoke(train_main, ["--help"]).output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "finetune", "--no-avcg"], "--no-avcg does not apply to --method finetune: it does not use it"),
+    (["--method", "ewc", "--buffer-per-class", "10"], "--buffer-per-class does not apply to --method ewc: it keeps no rehearsal buffer"),
+    (["--method", "joint", "--token-source", "table"], "--token-source does not apply to --method joint"),
+    (["--ewc-lambda", "1"], "No such option '--ewc-lambda'"),  # cign (the default) has no such option
+])
+def test_options_that_do_not_apply_to_the_method_are_refused(args, message, tmp_path):
+    refused = CliRunner().invoke(train_main, [*args, "--out", str(tmp_path / "run")])
+    assert refused.exit_code == 2 and message in refused.output, refused.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_methods_are_discovered_by_file_name():

@@ -11,7 +11,7 @@ from click.core import ParameterSource
 
 from cign_train.config import CTL_DENOMINATORS, CTL_NEGATIVES, TEACHER_BN, TOKEN_SOURCES
 from cign_train.data.definitions import DATASETS, get_definition
-from cign_train.methods import available
+from cign_train.methods import Option, available, get_method
 from cign_train.precision import AMP_CHOICES
 from cign_train.reporting import results_table
 from cign_train.schedule import LR_SCHEDULES
@@ -22,6 +22,51 @@ from cign_train.trainer import NonFiniteLoss, Trainer
 OPERATIONAL_OPTIONS = {"threads", "workers", "out", "resume", "no_progress"}
 #: Options that set a field of the model config.
 MODEL_OPTIONS = {"dim", "depth", "heads", "assign", "ctl_denominator", "ctl_negatives", "token_source", "teacher_bn"}
+#: Options of the rehearsal buffer: only for methods that keep one (NEEDS_BUFFER).
+BUFFER_OPTIONS = ("buffer_per_class", "buffer_select", "rehearsal_sampling")
+
+
+def method_option(option: Option) -> click.Option:
+    """The click option of a method's ``Option`` (flagged ``method_option`` for the command to find)."""
+    flag = "--" + option.name.replace("_", "-")
+    default_text = f"[{option.default}]"
+    if isinstance(option.default, bool):
+        opt = click.Option([f"{flag}/--no-{flag[2:]}"], default=None, help=f"{option.help} {default_text}")
+    else:
+        kind = click.Choice(option.choices) if option.choices else type(option.default)
+        opt = click.Option([flag], type=kind, help=f"{option.help} {default_text}")
+    opt.method_option = True
+    return opt
+
+
+class MethodCommand(click.Command):
+    """``cign-train`` with the chosen ``--method``'s own options added (``--method NAME --help`` lists them)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        name = "cign"
+        for i, arg in enumerate(args):
+            if arg == "--method" and i + 1 < len(args):
+                name = args[i + 1]
+            elif arg.startswith("--method="):
+                name = arg.split("=", 1)[1]
+        base = [p for p in self.params if not getattr(p, "method_option", False)]
+        extra = [method_option(o) for o in get_method(name).OPTIONS] if name in available() else []
+        taken = {p.name for p in base} & {p.name for p in extra}
+        if taken:
+            raise click.UsageError(f"method {name!r} declares options that cign-train already has: {sorted(taken)}")
+        self.params = base + extra
+        return super().parse_args(ctx, args)
+
+
+def refuse_inapplicable(ctx: click.Context, method: str) -> None:
+    """A click error for an option given on the command line that the chosen method does not read."""
+    cls = get_method(method)
+    cign_only = set(get_method("cign").MODEL_OPTIONS) - set(cls.MODEL_OPTIONS)
+    not_applicable = cign_only | (set() if cls.NEEDS_BUFFER else set(BUFFER_OPTIONS))
+    for param in ctx.command.params:
+        if param.name in not_applicable and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE:
+            why = "keeps no rehearsal buffer" if param.name in BUFFER_OPTIONS else "does not use it"
+            raise click.UsageError(f"{param.opts[0]} does not apply to --method {method}: it {why}")
 
 
 def as_setting(name: str, value, saved: TrainSettings) -> tuple[str, object, object]:
@@ -30,6 +75,8 @@ def as_setting(name: str, value, saved: TrainSettings) -> tuple[str, object, obj
         return "spec", saved.spec, PRESETS[value]["spec"]
     if name in MODEL_OPTIONS:
         return f"model.{name}", getattr(saved.model, name), value
+    if name in saved_method_options(saved):
+        return f"method_options.{name}", saved_method_options(saved)[name], value
     if name in ("no_avctd", "no_avcg"):
         field = "use_" + name[3:]
         return f"model.{field}", getattr(saved.model, field), not value
@@ -38,6 +85,11 @@ def as_setting(name: str, value, saved: TrainSettings) -> tuple[str, object, obj
     if name in ("data_dir", "encoder_weights"):
         return name, None if getattr(saved, name) is None else Path(getattr(saved, name)), Path(value)
     return name, getattr(saved, name), value
+
+
+def saved_method_options(saved: TrainSettings) -> dict:
+    """The saved run's method options, its method's defaults filled in."""
+    return get_method(saved.method).resolve_options(saved.method_options)
 
 
 def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
@@ -66,13 +118,14 @@ def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
     return saved if workers is None else dataclasses.replace(saved, workers=workers)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=MethodCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--dataset", type=click.Choice(DATASETS), default="avdigits", show_default=True)
 @click.option("--name", help="csv: the store's folder name under --data-dir (cign-prepare --name; default there: the CSV's stem).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Training preset [default: the data set's: cpu for "
               "avdigits, else paper; csv: paper, like cign-prepare].")
-@click.option("--method", type=click.Choice(available()), default="cign", show_default=True)
+@click.option("--method", type=click.Choice(available()), default="cign", show_default=True,
+              help="Continual-learning method; `--method NAME --help` adds its own options to this list.")
 @click.option("--epochs", type=int, help="Epochs per task.")
 @click.option("--first-task-epochs", type=int, help="Epochs of the first task [default: --epochs if given, else the preset's (cpu 12)].")
 @click.option("--batch-size", type=int)
@@ -116,21 +169,24 @@ def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
 @click.option("--no-progress", is_flag=True, help="No progress bars (one line per task still prints).")
 def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, batch_size, lr, lr_schedule, warmup, tasks, class_order, max_per_class,
          buffer_per_class, buffer_select, rehearsal_sampling, augment, seed, device, amp, threads, workers, eval_split, encoder_weights, dim, depth, heads,
-         assign, no_avctd, no_avcg, ctl_denominator, ctl_negatives, token_source, teacher_bn, out, resume, no_progress):
+         assign, no_avctd, no_avcg, ctl_denominator, ctl_negatives, token_source, teacher_bn, out, resume, no_progress, **method_options):
     """Train CIGN (or another --method) task by task, evaluate, and print the results table."""
     if threads is not None:
         torch.set_num_threads(threads)
     out = out or Path("runs") / f"{name if dataset == 'csv' and name else dataset}-{method}-seed{seed}"
+    ctx = click.get_current_context()
     if resume:
-        settings = resume_settings(click.get_current_context(), out)
+        settings = resume_settings(ctx, out)
     else:
         preset = preset or ("paper" if dataset == "csv" else get_definition(dataset).preset)
+        refuse_inapplicable(ctx, method)
         try:
             settings = preset_settings(
                 preset, dataset=dataset, name=name, data_dir=str(data_dir), method=method, epochs=epochs, first_task_epochs=first_task_epochs, batch_size=batch_size,
                 lr=lr, lr_schedule=lr_schedule, warmup=warmup, tasks=tasks, class_order=class_order, max_per_class=max_per_class,
                 buffer_per_class=buffer_per_class, buffer_select=buffer_select, rehearsal_sampling=rehearsal_sampling, augment=augment, seed=seed, device=device, amp=amp,
                 workers=workers, encoder_weights=encoder_weights, eval_split=eval_split,
+                method_options=get_method(method).resolve_options({k: v for k, v in method_options.items() if v is not None}),
             )
         except ValueError as e:
             raise click.UsageError(str(e)) from e

@@ -8,11 +8,18 @@ model learns from one batch, plus what it keeps between tasks. Per task the trai
    moment to keep a frozen copy of it;
 2. it grows the model by ``task.new_classes`` and trains: ``observe(batch)`` once per step,
    returning named loss terms whose ``total`` it back-propagates;
-3. ``end_task(task)`` after the last epoch, before the buffer update and evaluation.
+3. ``end_task(task, data)`` after the last epoch, before the buffer update and evaluation; ``data()``
+   iterates over the task's training clips (un-augmented batches), e.g. for EWC's Fisher.
+
+A method declares its own settings as ``OPTIONS`` (``cign-train --method NAME --help`` lists them;
+their values reach it as ``self.options``), the ``cign-train`` options that set model-config fields
+it reads as ``MODEL_OPTIONS``, and whether it keeps a rehearsal buffer as ``NEEDS_BUFFER``; the
+command line refuses an option that does not apply to the chosen method.
 """
 from __future__ import annotations
 
-from typing import ClassVar, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -33,6 +40,17 @@ class Inputs(NamedTuple):
     labels: torch.Tensor  # (B,) model class indices
 
 
+class Option(NamedTuple):
+    """A setting of one method: ``cign-train --NAME`` (underscores as dashes), saved in the run's
+    ``config.json`` under ``method_options``. Its type is the default's; ``help`` says where the
+    default comes from (paper, section or equation)."""
+
+    name: str
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+
+
 class Method:
     """Base class: subclasses set ``NAME`` and ``NEEDS_BUFFER`` and implement ``observe``."""
 
@@ -41,15 +59,40 @@ class Method:
     #: True: each task trains on every seen class's full training data (the joint upper bound),
     #: not only the new classes' (plus the buffer when ``NEEDS_BUFFER``).
     TRAINS_ON_SEEN: ClassVar[bool] = False
+    #: The method's own settings.
+    OPTIONS: ClassVar[tuple[Option, ...]] = ()
+    #: ``cign-train`` options that set fields of the model config this method's losses read.
+    MODEL_OPTIONS: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model: CIGN, cfg: CIGNConfig):
+    def __init__(self, model: CIGN, cfg: CIGNConfig, options: dict[str, Any] | None = None):
         for attr in ("NAME", "NEEDS_BUFFER"):
             if not hasattr(type(self), attr):
                 raise TypeError(f"{type(self).__name__} must define {attr}")
         self.model = model  # the bare module: token table, teacher copies
         self.forward: nn.Module = model  # what to call for outputs (the DDP wrapper when distributed)
         self.cfg = cfg
+        self.options = self.resolve_options(options or {})
         self.task: Task | None = None
+
+    @classmethod
+    def resolve_options(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """Every option of the method: ``given`` values (checked) over the defaults; a ValueError names
+        an unknown option or a bad value."""
+        known = {o.name: o for o in cls.OPTIONS}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ValueError(f"method {cls.NAME!r} has no option(s) {unknown}; its options: {sorted(known) or 'none'}")
+        values = {}
+        for o in cls.OPTIONS:
+            value = given.get(o.name, o.default)
+            try:
+                value = type(o.default)(value)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"method {cls.NAME!r}: option {o.name} = {value!r} is not a {type(o.default).__name__}") from e
+            if o.choices and value not in o.choices:
+                raise ValueError(f"method {cls.NAME!r}: option {o.name} must be one of {o.choices}, got {value!r}")
+            values[o.name] = value
+        return values
 
     def begin_task(self, task: Task) -> None:
         """Called before the model grows by ``task.new_classes``; the default keeps nothing."""
@@ -62,5 +105,14 @@ class Method:
         ``end_task``; each value is a batch mean, logged as is. The default has none."""
         return {}
 
-    def end_task(self, task: Task) -> None:
-        """Called after the task's last epoch; the default keeps nothing."""
+    def state_dict(self) -> dict[str, Any]:
+        """What the method keeps between tasks beyond the model and the buffer (tensors and plain
+        values), saved in each task checkpoint so that a resume continues it; the default: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s value (a resume)."""
+
+    def end_task(self, task: Task, data: Callable[[], Iterable[Inputs]]) -> None:
+        """Called after the task's last epoch with ``data()``, the task's training clips as un-augmented
+        batches; the default keeps nothing."""

@@ -16,6 +16,7 @@ from cign_train.model import CIGN, CIGNOutput
 class CignMethod(Method):
     NAME = "cign"
     NEEDS_BUFFER = True
+    MODEL_OPTIONS = ("no_avctd", "no_avcg", "ctl_denominator", "ctl_negatives", "token_source", "teacher_bn")
 
     teacher: CIGN | None = None
 
@@ -78,6 +79,6 @@ class CignMethod(Method):
                     t[rows, batch.labels].float(), s[rows, batch.labels].float(), dim=-1).mean()
                 for m, t, s in (("a", teacher.g_a, student.g_a), ("v", teacher.g_v, student.g_v))}
 
-    def end_task(self, task: Task) -> None:
+    def end_task(self, task: Task, data) -> None:
         """Drop the teacher; the next task freezes a fresh one."""
         self.teacher = None
