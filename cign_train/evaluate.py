@@ -3,7 +3,9 @@
 The split is ``val`` while choosing hyperparameters and ``test`` only to report (``--eval-split``).
 
 Prediction is class-incremental (no task id): argmax over all classes seen so far of p_a, of p_v,
-and of p_av = p_a * p_v (Sec. 3.3). Under DDP each rank scores a shard and the counts are summed.
+and of p_av = p_a * p_v (Sec. 3.3), as the method's ``predict`` gives them (the model's heads by
+default; e.g. iCaRL's nearest-mean classifier replaces them). Under DDP each rank scores a shard and
+the counts are summed.
 """
 from __future__ import annotations
 
@@ -14,7 +16,6 @@ import torch
 from cign_train import distributed as D
 from cign_train.data.loader import batch_loader
 from cign_train.metrics import seen_accuracy
-from cign_train.model import predict
 
 MODALITIES = ("audio", "visual", "audio_visual")
 
@@ -32,10 +33,10 @@ class TaskAccuracy(NamedTuple):
 
 
 @torch.no_grad()
-def evaluate_tasks(model, plan, t: int, to_inputs, autocast, batch_size: int, workers: int, dist: D.Dist,
+def evaluate_tasks(method, plan, t: int, to_inputs, autocast, batch_size: int, workers: int, dist: D.Dist,
                    split: str = "test") -> TaskAccuracy:
-    """Score the model after task ``t`` on the ``split`` clips of tasks 0..t."""
-    model.eval()
+    """Score ``method.predict`` after task ``t`` on the ``split`` clips of tasks 0..t (the model in eval mode)."""
+    method.model.eval()
     # correct per modality, then total; kept on the device so scoring a batch needs no host sync
     counts = torch.zeros(t + 1, len(MODALITIES) + 1, dtype=torch.float64, device=dist.device)
     for i in range(t + 1):
@@ -45,7 +46,7 @@ def evaluate_tasks(model, plan, t: int, to_inputs, autocast, batch_size: int, wo
         for batch in batch_loader(plan.store, idx, batch_size, shuffle=False, workers=workers):
             x = to_inputs(batch)
             with autocast():
-                p = predict(model(x.spectrograms, x.frames))
+                p = method.predict(x)
             for m, probs in enumerate((p.p_a, p.p_v, p.p_av)):
                 counts[i, m] += (probs.float().argmax(dim=1) == x.labels).sum()
             counts[i, -1] += len(x.labels)

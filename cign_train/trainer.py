@@ -27,7 +27,7 @@ from cign_train.data.loader import Batch, batch_loader
 from cign_train.data.store import PreparedStore
 from cign_train.diagnostics import StepLog, grad_ratios, shared_parameters
 from cign_train.evaluate import MODALITIES, evaluate_tasks
-from cign_train.methods import Inputs, Method, Task, get_method
+from cign_train.methods import Inputs, Method, Task, TaskData, get_method
 from cign_train.model import CIGN, load_encoder_weights
 from cign_train.preprocess import stored_inputs
 from cign_train.reporting import metrics_document, write_metrics
@@ -195,9 +195,12 @@ class Trainer:
         seen: dict[str, list[float]] = {m: [] for m in MODALITIES}
         acc = None
         for t in range(n_tasks):
-            model = ck.TaskCheckpoint.load(ck.task_path(self.run_dir, t)).build_model()
-            model = model.to(self.dist.device, memory_format=torch.channels_last)
-            acc = evaluate_tasks(model, self.plan, t, self.inputs, self.autocast, self.s.batch_size, self.s.workers,
+            saved = ck.TaskCheckpoint.load(ck.task_path(self.run_dir, t))
+            model = saved.build_model().to(self.dist.device, memory_format=torch.channels_last)
+            method = get_method(self.s.method)(model, self.s.model, self.s.method_options)
+            method.task = self.task(t)
+            method.load_state_dict(saved.method_state)
+            acc = evaluate_tasks(method, self.plan, t, self.inputs, self.autocast, self.s.batch_size, self.s.workers,
                                  self.dist, split)
             acc.append_to(rows, seen)
         return metrics_document(rows, seen, acc.eval_clips, split)
@@ -255,11 +258,10 @@ class Trainer:
             for k, v in diagnostics.items():
                 self.writer.add_scalar(k, v, t)
             self.steplog.write(task=t, event="task_end", global_step=self.global_step, **diagnostics)
-        method.end_task(task, lambda: (self.inputs(b) for b in batch_loader(
-            self.plan.store, new_idx, s.batch_size, shuffle=False, workers=s.workers)))
         if method.NEEDS_BUFFER:
             self.update_buffer(model, new_idx)
-        acc = evaluate_tasks(model, self.plan, t, self.inputs, self.autocast, s.batch_size, s.workers, self.dist,
+        method.end_task(task, TaskData(self.batches(new_idx), self.batches(self.buffer.indices)))
+        acc = evaluate_tasks(method, self.plan, t, self.inputs, self.autocast, s.batch_size, s.workers, self.dist,
                              s.eval_split)
         acc.append_to(self.rows, self.seen)
         self.eval_clips = acc.eval_clips
@@ -280,6 +282,13 @@ class Trainer:
                 f"visual {acc.seen['visual']:.1f}% | {loss_txt} | {len(idx)} train clips, "
                 f"{time.perf_counter() - started:.0f} s"
             )
+
+    def batches(self, idx: np.ndarray):
+        """A callable that iterates over the store clips ``idx`` as un-augmented Inputs batches."""
+        if len(idx) == 0:
+            return lambda: iter(())
+        return lambda: (self.inputs(b) for b in batch_loader(self.plan.store, idx, self.s.batch_size, shuffle=False,
+                                                             workers=self.s.workers))
 
     def class_balance(self, idx: np.ndarray) -> np.ndarray | None:
         """Sampling weights 1 / (clips of the class) over a task's clips plus buffer, or None for uniform.

@@ -7,7 +7,7 @@ import torch
 
 from cign_train.config import CIGNConfig
 from cign_train.losses import grouping_bce
-from cign_train.methods import Inputs, Task
+from cign_train.methods import Inputs, Task, TaskData
 from cign_train.methods.ewc import EWC, GROWING
 from cign_train.model import CIGN
 
@@ -32,7 +32,7 @@ def trained_ewc(**options) -> EWC:
     torch.manual_seed(0)
     method = EWC(CIGN(TINY, n_classes=2), TINY, options)
     method.task = Task(0, (), (0, 1))
-    method.end_task(method.task, lambda: iter(batches(0)))
+    method.end_task(method.task, TaskData(lambda: iter(batches(0)), lambda: iter(())))
     return method
 
 
@@ -87,7 +87,7 @@ def test_fisher_is_the_mean_squared_gradient_and_merges_with_alpha():
         for p in method.model.parameters():
             p.mul_(1.1)
     second = fisher_by_hand(method.model, batches(1))
-    method.end_task(Task(1, (0, 1), (2,)), lambda: iter(batches(1)))
+    method.end_task(Task(1, (0, 1), (2,)), TaskData(lambda: iter(batches(1)), lambda: iter(())))
     for name in first:
         torch.testing.assert_close(method.fisher[name], 0.25 * first[name] + 0.75 * second[name], rtol=1e-4, atol=1e-10)
         torch.testing.assert_close(method.anchor[name], dict(method.model.named_parameters())[name].detach())

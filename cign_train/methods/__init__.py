@@ -5,9 +5,9 @@ import importlib
 import inspect
 import pkgutil
 
-from cign_train.methods.base import Inputs, Method, Option, Task
+from cign_train.methods.base import Inputs, Method, Option, Task, TaskData
 
-__all__ = ["Inputs", "Method", "Option", "Task", "available", "get_method"]
+__all__ = ["Inputs", "Method", "Option", "Task", "TaskData", "available", "get_method"]
 
 
 def _registry() -> dict[str, type[Method]]:

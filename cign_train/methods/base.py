@@ -8,8 +8,10 @@ model learns from one batch, plus what it keeps between tasks. Per task the trai
    moment to keep a frozen copy of it;
 2. it grows the model by ``task.new_classes`` and trains: ``observe(batch)`` once per step,
    returning named loss terms whose ``total`` it back-propagates;
-3. ``end_task(task, data)`` after the last epoch, before the buffer update and evaluation; ``data()``
-   iterates over the task's training clips (un-augmented batches), e.g. for EWC's Fisher.
+3. ``end_task(task, data)`` after the last epoch and the buffer update, before evaluation;
+   ``data.clips()`` iterates over the task's training clips and ``data.exemplars()`` over the
+   rehearsal buffer's (un-augmented batches), e.g. for EWC's Fisher or iCaRL's class means;
+4. ``predict(batch)`` for evaluation.
 
 A method declares its own settings as ``OPTIONS`` (``cign-train --method NAME --help`` lists them;
 their values reach it as ``self.options``), the ``cign-train`` options that set model-config fields
@@ -25,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from cign_train.config import CIGNConfig
-from cign_train.model import CIGN
+from cign_train.model import CIGN, Prediction, predict
 
 
 class Task(NamedTuple):
@@ -38,6 +40,13 @@ class Inputs(NamedTuple):
     spectrograms: torch.Tensor  # (B, F, T) normalised
     frames: torch.Tensor  # (B, 3, H, W) normalised
     labels: torch.Tensor  # (B,) model class indices
+
+
+class TaskData(NamedTuple):
+    """What ``end_task`` may read, as un-augmented batches of Inputs (each call starts a new pass)."""
+
+    clips: Callable[[], Iterable[Inputs]]  # the task's training clips
+    exemplars: Callable[[], Iterable[Inputs]]  # the rehearsal buffer's, every seen class (empty without one)
 
 
 class Option(NamedTuple):
@@ -100,6 +109,11 @@ class Method:
     def observe(self, batch: Inputs) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} does not implement observe")
 
+    def predict(self, batch: Inputs) -> Prediction:
+        """Class probabilities p_a, p_v, p_av for evaluation (the model is in eval mode): the heads'
+        sigmoids and their product (Sec. 3.3) by default."""
+        return predict(self.model(batch.spectrograms, batch.frames))
+
     def diagnose(self, batch: Inputs) -> dict[str, torch.Tensor]:
         """Task-end diagnostics on a batch of rehearsal exemplars (old classes), called before
         ``end_task``; each value is a batch mean, logged as is. The default has none."""
@@ -113,6 +127,5 @@ class Method:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``'s value (a resume)."""
 
-    def end_task(self, task: Task, data: Callable[[], Iterable[Inputs]]) -> None:
-        """Called after the task's last epoch with ``data()``, the task's training clips as un-augmented
-        batches; the default keeps nothing."""
+    def end_task(self, task: Task, data: TaskData) -> None:
+        """Called after the task's last epoch and the buffer update; the default keeps nothing."""

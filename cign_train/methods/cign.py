@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cign_train.losses import cign_loss
-from cign_train.methods.base import Inputs, Method, Task
+from cign_train.methods.base import Inputs, Method, Task, TaskData
 from cign_train.model import CIGN, CIGNOutput
 
 
@@ -79,6 +79,6 @@ class CignMethod(Method):
                     t[rows, batch.labels].float(), s[rows, batch.labels].float(), dim=-1).mean()
                 for m, t, s in (("a", teacher.g_a, student.g_a), ("v", teacher.g_v, student.g_v))}
 
-    def end_task(self, task: Task, data) -> None:
+    def end_task(self, task: Task, data: TaskData) -> None:
         """Drop the teacher; the next task freezes a fresh one."""
         self.teacher = None

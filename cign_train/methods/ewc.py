@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cign_train.losses import grouping_bce
-from cign_train.methods.base import Inputs, Option, Task
+from cign_train.methods.base import Inputs, Option, Task, TaskData
 from cign_train.methods.finetune import Finetune
 
 #: Parameters whose shape grows with the classes (the token table and its classifier) are not
@@ -57,14 +57,14 @@ class EWC(Finetune):
             device = self.model.tokens.device
             self.fisher, self.anchor = ({n: t.to(device) for n, t in state[k].items()} for k in ("fisher", "anchor"))
 
-    def end_task(self, task: Task, data) -> None:
+    def end_task(self, task: Task, data: TaskData) -> None:
         """Estimate the task's Fisher, merge it into the running one and anchor at the current weights."""
         params = self.regularised()
         new = {n: torch.zeros_like(p) for n, p in params.items()}
         was_training = self.model.training
         self.model.eval()
         seen = 0
-        for batch in data():
+        for batch in data.clips():
             out = self.model(batch.spectrograms, batch.frames)
             grads = torch.autograd.grad(grouping_bce(out.logits_a, out.logits_v, batch.labels), list(params.values()),
                                         allow_unused=True)
