@@ -26,7 +26,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import machine as bench_machine
-from bench_cil import COLUMNS, MODALITIES, RESULTS, mean_std, run_one, summarize_seeds
+from bench_cil import RESULTS, mean_std, print_table, run_one, summarize_seeds
 
 #: row -> (method, model-config overrides); the order of the printed table.
 ROWS = {
@@ -81,14 +81,8 @@ def main() -> None:
                                       for k in DIAGNOSTICS if all(k in r["diagnostics"] for r in per_seed)}}
     machine = bench_machine.describe() | {"torch_threads": torch.get_num_threads()}
     for split in ("val", "test"):
-        print(f"\nTable 4 on avdigits, cpu preset, {split} split, seeds {args.seeds}: mean +- std (%); "
-              f"{bench_machine.label(machine)}")
-        print(f"{'row':<10}{'modality':<14}" + "".join(f"{c:>20}" for c in COLUMNS))
-        for row, entry in table.items():
-            for m in MODALITIES:
-                cells = "".join(f"{entry['summary'][split][m][c][0]:>13.1f} +- {entry['summary'][split][m][c][1]:<4.1f}"
-                                for c in COLUMNS)
-                print(f"{row:<10}{m:<14}{cells}")
+        print_table(table, split, f"Table 4 on avdigits, cpu preset, {split} split, seeds {args.seeds}: mean +- std (%); "
+                                  f"{bench_machine.label(machine)}")
     print("\ndiagnostics: median over steps, mean +- std over seeds")
     for row, entry in table.items():
         print(f"{row:<10}" + "  ".join(f"{k.split('/')[1]} {v[0]:.3g}+-{v[1]:.2g}" for k, v in entry["diagnostics"].items()))

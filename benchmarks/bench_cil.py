@@ -79,6 +79,17 @@ def summarize_seeds(per_seed: list[dict], split: str) -> dict:
     return out
 
 
+def print_table(table: dict[str, dict], split: str, title: str) -> None:
+    """One row per method (or ablation row) and modality: mean +- std of each of COLUMNS on ``split``."""
+    print(f"\n{title}")
+    print(f"{'row':<10}{'modality':<14}" + "".join(f"{c:>20}" for c in COLUMNS))
+    for row, entry in table.items():
+        for m in MODALITIES:
+            cells = "".join(f"{entry['summary'][split][m][c][0]:>13.1f} +- {entry['summary'][split][m][c][1]:<4.1f}"
+                            for c in COLUMNS)
+            print(f"{row:<10}{m:<14}{cells}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -98,14 +109,8 @@ def main() -> None:
                          "runs": per_seed}
     machine = bench_machine.describe()
     for split in ("val", "test"):
-        print(f"\navdigits, cpu preset, {args.rehearsal_sampling} rehearsal batches, {split} split, seeds {args.seeds}: "
-              f"mean +- std (%); {bench_machine.label(machine)}")
-        print(f"{'method':<10}{'modality':<14}" + "".join(f"{c:>20}" for c in COLUMNS))
-        for method, entry in table.items():
-            for m in MODALITIES:
-                cells = "".join(f"{entry['summary'][split][m][c][0]:>13.1f} +- {entry['summary'][split][m][c][1]:<4.1f}"
-                                for c in COLUMNS)
-                print(f"{method:<10}{m:<14}{cells}")
+        print_table(table, split, f"avdigits, cpu preset, {args.rehearsal_sampling} rehearsal batches, {split} split, "
+                                  f"seeds {args.seeds}: mean +- std (%); {bench_machine.label(machine)}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     machine |= {"torch_threads": torch.get_num_threads()}
     out = RESULTS / f"cil_avdigits_{args.rehearsal_sampling}.json"

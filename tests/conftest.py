@@ -7,6 +7,19 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny-model tests: tiny convolutions are dominated by
+    thread hand-offs (tens of times slower on a busy 2-core box). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_avdigits(tmp_path_factory) -> Path:
     """A data dir holding a small generated + prepared avdigits (cpu preset): 10 classes x (6 train, 1 val, 3 test)."""

@@ -17,12 +17,7 @@ TINY = CIGNConfig(dim=32, depth=1, heads=4)
 BODY = ("audio_encoder", "visual_encoder", "phi_a", "phi_v")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch() -> Inputs:

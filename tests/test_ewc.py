@@ -14,12 +14,7 @@ from cign_train.model import CIGN
 TINY = CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batches(seed: int, n: int = 2) -> list[Inputs]:

@@ -20,13 +20,7 @@ def tiny_batch(b: int = 2, side: int = 64):
     return torch.randn(b, 33, 40, generator=g), torch.randn(b, 3, side, side, generator=g)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions are dominated by thread hand-offs (tens of times slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
