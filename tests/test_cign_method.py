@@ -103,6 +103,10 @@ def test_teacher_batchnorm(teacher_bn, same):
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert torch.allclose(teacher.g_v, student.g_v, atol=1e-5) == same
     assert torch.allclose(teacher.c_a, student.c_a, atol=1e-5) == same
+    method.diagnose(x)  # evaluates both in eval mode, then restores every module's mode
+    with torch.no_grad():
+        assert torch.allclose(method.teacher_features(x).g_v, student.g_v, atol=1e-5) == same
+    assert model.training
 
 
 def test_shared_parameters_cover_the_body():

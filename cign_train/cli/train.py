@@ -61,7 +61,7 @@ class MethodCommand(click.Command):
 def refuse_inapplicable(ctx: click.Context, method: str) -> None:
     """A click error for an option given on the command line that the chosen method does not read."""
     cls = get_method(method)
-    cign_only = set(get_method("cign").MODEL_OPTIONS) - set(cls.MODEL_OPTIONS)
+    cign_only = set(get_method("cign").LOSS_OPTIONS) - set(cls.LOSS_OPTIONS)
     not_applicable = cign_only | (set() if cls.NEEDS_BUFFER else set(BUFFER_OPTIONS))
     for param in ctx.command.params:
         if param.name in not_applicable and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE:

@@ -15,7 +15,7 @@ model learns from one batch, plus what it keeps between tasks. Per task the trai
 
 A method declares its own settings as ``OPTIONS`` (``cign-train --method NAME --help`` lists them;
 their values reach it as ``self.options``), the ``cign-train`` options that set model-config fields
-it reads as ``MODEL_OPTIONS``, and whether it keeps a rehearsal buffer as ``NEEDS_BUFFER``; the
+it reads as ``LOSS_OPTIONS``, and whether it keeps a rehearsal buffer as ``NEEDS_BUFFER``; the
 command line refuses an option that does not apply to the chosen method.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ class Method:
     #: The method's own settings.
     OPTIONS: ClassVar[tuple[Option, ...]] = ()
     #: ``cign-train`` options that set fields of the model config this method's losses read.
-    MODEL_OPTIONS: ClassVar[tuple[str, ...]] = ()
+    LOSS_OPTIONS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: CIGN, cfg: CIGNConfig, options: dict[str, Any] | None = None):
         for attr in ("NAME", "NEEDS_BUFFER"):
