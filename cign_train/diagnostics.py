@@ -22,16 +22,19 @@ def shared_parameters(model: nn.Module) -> list[torch.nn.Parameter]:
 
 
 def grad_ratios(losses: dict[str, torch.Tensor], params: list[torch.nn.Parameter],
-                terms: tuple[str, ...] = ("kl", "ce", "ctl"), reference: str = "bce") -> dict[str, float]:
-    """{``diag/grad_ratio_<term>``: ||d term / d params|| / ||d reference / d params||} for each term
-    with a graph (the graph is kept for the step's own backward)."""
+                reference: str = "bce") -> dict[str, float]:
+    """{``diag/grad_ratio_<term>``: ||d term / d params|| / ||d reference / d params||} for every loss term
+    with a graph but the reference and ``total`` (the graph is kept for the step's own backward); empty
+    when the method has no ``reference`` term."""
     def norm(loss: torch.Tensor) -> float:
         grads = [g for g in torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) if g is not None]
         return float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) if grads else 0.0
 
+    if reference not in losses:
+        return {}
     ref = norm(losses[reference])
-    return {f"diag/grad_ratio_{t}": norm(losses[t]) / ref for t in terms
-            if t in losses and losses[t].requires_grad and ref > 0}
+    terms = [k for k in losses if k not in (reference, "total") and not k.startswith("diag/")]
+    return {f"diag/grad_ratio_{t}": norm(losses[t]) / ref for t in terms if losses[t].requires_grad and ref > 0}
 
 
 class StepLog:

@@ -15,12 +15,7 @@ from cign_train.model import CIGN, CIGNOutput, predict
 TINY = CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inputs(labels: list[int], seed: int) -> Inputs:

@@ -51,7 +51,7 @@ def test_distillation_matches_a_hand_computation_over_the_old_classes_only():
     # Row 1: y' = [1/2, 1/2], log y_hat' = [-log 2, -log 2].
     row1 = math.log(2)
     assert distillation(student, teacher, 2.0).item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
-    # T = 1 on row 1 alone is the same uniform cross-entropy; on row 0 it is softmax([0, 2]) against log softmax([2, 0]).
+    # T = 1 on row 0: softmax([0, 2]) against log softmax([2, 0]).
     p = 1 / (1 + math.exp(2))
     row0_t1 = -(p * (2 - math.log(1 + math.exp(2))) + (1 - p) * -math.log(1 + math.exp(2)))
     assert distillation(student[:1], teacher[:1], 1.0).item() == pytest.approx(row0_t1, rel=1e-6)

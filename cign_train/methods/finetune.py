@@ -6,6 +6,7 @@ import torch
 
 from cign_train.losses import grouping_bce, token_independence
 from cign_train.methods.base import Inputs, Method
+from cign_train.model import CIGNOutput
 
 
 class Finetune(Method):
@@ -15,7 +16,11 @@ class Finetune(Method):
     NEEDS_BUFFER = False
 
     def observe(self, batch: Inputs) -> dict[str, torch.Tensor]:
-        out = self.forward(batch.spectrograms, batch.frames)
+        return self.terms(self.forward(batch.spectrograms, batch.frames), batch)
+
+    def terms(self, out: CIGNOutput, batch: Inputs) -> dict[str, torch.Tensor]:
+        """``bce``, ``ce`` and their sum ``total`` on the model's outputs for the batch (for subclasses
+        that add a term to them)."""
         bce = grouping_bce(out.logits_a, out.logits_v, batch.labels)
         ce = token_independence(self.model.token_logits(), self.task.new_classes)
         return {"bce": bce, "ce": ce, "total": bce + ce}

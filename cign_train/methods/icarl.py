@@ -13,7 +13,8 @@ from cign_train.methods.base import Inputs, Method, Option, Task, TaskData
 from cign_train.model import CIGN, Prediction
 
 
-def icarl_bce(logits: torch.Tensor, labels: torch.Tensor, old_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def icarl_bce(logits: torch.Tensor, labels: torch.Tensor,
+              old_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One modality's Algorithm 3 loss as (new, old) terms, each summed over its classes, batch mean, fp32.
 
     logits (B, K) are the current model's, old_logits (B, C) the previous model's on the same batch
@@ -97,6 +98,7 @@ class ICaRL(Method):
         self.teacher = None if task.index == 0 else copy.deepcopy(self.model).requires_grad_(False).eval()
 
     def observe(self, batch: Inputs) -> dict[str, torch.Tensor]:
+        """Terms ``bce`` (the new classes' BCE), ``distill`` (the old classes'), ``ce`` and ``total``."""
         out = self.forward(batch.spectrograms, batch.frames)
         if self.teacher is None:
             prev_a = prev_v = out.logits_a[:, :0]  # no old classes

@@ -43,7 +43,8 @@ class IL2M(Finetune):
         k, device = self.model.n_classes, self.model.tokens.device
         wanted = torch.zeros(k, dtype=torch.bool, device=device)
         wanted[list(classes)] = True
-        sums, counts, top = torch.zeros(2, k, device=device), torch.zeros(k, device=device), torch.zeros(2, device=device)
+        sums, counts, top = (torch.zeros(2, k, device=device), torch.zeros(k, device=device),
+                             torch.zeros(2, device=device))
         for b in batches:
             out = self.model(b.spectrograms, b.frames)
             keep = wanted[b.labels]

@@ -7,7 +7,6 @@ import copy
 
 import torch
 
-from cign_train.losses import grouping_bce, token_independence
 from cign_train.methods.base import Inputs, Option, Task, TaskData
 from cign_train.methods.finetune import Finetune
 from cign_train.model import CIGN
@@ -29,17 +28,18 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
 
 
 class LwF(Finetune):
-    """L = L_finetune + lambda_o * sum_{m in a, v} L_old(z_m, z_m^{t-1}) (LwF Algorithm 1: L_new + lambda_o L_old).
+    """L = L_finetune + lambda_o * sum_{m in a, v} L_old(z_m, z_m^{t-1}) (LwF Sec. 3: L_new + lambda_o L_old + R).
 
     Fine-tuning's terms (Finetune: eq 8's BCE over every seen class, the new tokens' CE) stand for
-    L_new. The heads are per-class sigmoids, but one FC(g_i) -> 1 produces every class's logit and
-    prediction is their argmax, so the old classes' logits are comparable: L_old is the paper's
-    temperature-softened softmax over them (eqs 2-3), which keeps how the old model ranks the old
-    classes against each other on new data; per-class sigmoid targets are iCaRL's distillation
-    (``icarl``). Audio and visual logits are distilled separately and summed. The teacher is the
-    model before it grows, frozen, in eval mode (LwF records the old network's responses before
-    training). Defaults are the paper's: T = 2, lambda_o = 1 (Sec. 3). Not done: the warm-up that
-    first trains only the new parameters (Sec. 3), as fine-tuning has none.
+    L_new; R, LwF's weight decay, is left out as for every method here. The heads are per-class
+    sigmoids, but one FC(g_i) -> 1 produces every class's logit and prediction is their argmax, so
+    the old classes' logits are comparable: L_old is the paper's temperature-softened softmax over
+    them (eqs 2-3), which keeps how the old model ranks the old classes against each other on new
+    data; per-class sigmoid targets are iCaRL's distillation (``icarl``). Audio and visual logits
+    are distilled separately and summed. The teacher is the model before it grows, frozen, in eval
+    mode (LwF records the old network's responses before training). Defaults are the paper's: T = 2,
+    lambda_o = 1 (Sec. 3). Not done: the warm-up that first trains only the new parameters (Sec. 3),
+    as fine-tuning has none.
     """
 
     NAME = "lwf"
@@ -57,16 +57,15 @@ class LwF(Finetune):
 
     def observe(self, batch: Inputs) -> dict[str, torch.Tensor]:
         out = self.forward(batch.spectrograms, batch.frames)
-        bce = grouping_bce(out.logits_a, out.logits_v, batch.labels)
-        ce = token_independence(self.model.token_logits(), self.task.new_classes)
-        lwf = bce.new_zeros(())
+        terms = self.terms(out, batch)
+        lwf = terms["bce"].new_zeros(())
         if self.teacher is not None:
             with torch.no_grad():
                 old = self.teacher(batch.spectrograms, batch.frames)
             t = self.options["lwf_temperature"]
             lwf = self.options["lwf_lambda"] * (distillation(out.logits_a, old.logits_a, t)
                                                 + distillation(out.logits_v, old.logits_v, t))
-        return {"bce": bce, "ce": ce, "lwf": lwf, "total": bce + ce + lwf}
+        return {**terms, "lwf": lwf, "total": terms["total"] + lwf}
 
     def end_task(self, task: Task, data: TaskData) -> None:
         """Drop the teacher; the next task freezes a fresh one."""
