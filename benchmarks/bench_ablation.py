@@ -13,7 +13,8 @@ accuracy metrics it reads each run's TensorBoard diagnostics (issue 10): median 
 to BCE's on the shared body. Runs live in ``runs/bench-cil/balanced/NAME-seedS`` (finished ones are
 re-read, interrupted ones resumed), so a killed sweep continues where it stopped; ``--rows`` and
 ``--seeds`` split a sweep across processes (``--threads 1`` each on a 2-core machine). Writes
-``benchmarks/results/ablation_avdigits.json`` with the CPU named; ``--no-write`` only prints.
+``benchmarks/results/ablation_avdigits.json`` with the CPU named and the tables as markdown in
+``ablation_avdigits.md``; ``--no-write`` only prints.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import machine as bench_machine
-from bench_cil import RESULTS, mean_std, print_table, run_one, summarize_seeds
+from bench_cil import RESULTS, markdown_table, mean_std, print_table, run_one, summarize_seeds
 
 #: row -> (method, model-config overrides); the order of the printed table.
 ROWS = {
@@ -92,7 +93,10 @@ def main() -> None:
     out = RESULTS / "ablation_avdigits.json"
     out.write_text(json.dumps({"machine": machine, "seeds": args.seeds, "chosen_on": "val", "reported_on": "test",
                                "rows": table}, indent=1))
-    print(f"wrote {out}")
+    md = RESULTS / "ablation_avdigits.md"
+    md.write_text("".join(f"### {split} split, seeds {args.seeds}, mean ± std (%); {bench_machine.label(machine)}\n\n"
+                          + markdown_table(table, split) + "\n" for split in ("test", "val")))
+    print(f"wrote {out} and {md}")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,17 @@ def print_table(table: dict[str, dict], split: str, title: str) -> None:
             print(f"{row:<10}{m:<14}{cells}")
 
 
+def markdown_table(table: dict[str, dict], split: str, columns: tuple[str, ...] = COLUMNS) -> str:
+    """``print_table``'s rows as a markdown table, mean ± std."""
+    lines = ["| row | modality | " + " | ".join(c.replace("_", " ") for c in columns) + " |",
+             "| --- | --- |" + " --- |" * len(columns)]
+    for row, entry in table.items():
+        for m in MODALITIES:
+            cells = " | ".join("{:.1f} ± {:.1f}".format(*entry["summary"][split][m][c]) for c in columns)
+            lines.append(f"| {row} | {m} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
