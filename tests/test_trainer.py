@@ -31,7 +31,7 @@ def tiny_settings(data_dir, **kw) -> TrainSettings:
     return TrainSettings(**{**base, **kw})
 
 
-@pytest.mark.parametrize("method", ["cign", "finetune", "joint", "ewc", "lwf", "icarl", "il2m", "ss_il"])
+@pytest.mark.parametrize("method", ["cign", "finetune", "joint", "ewc", "lwf", "icarl", "il2m", "ss_il", "podnet"])
 def test_each_method_runs_two_tasks_and_writes_every_output(tiny_avdigits, tmp_path, method):
     run = tmp_path / method
     metrics = Trainer(tiny_settings(tiny_avdigits, method=method), run, progress=False).run()
