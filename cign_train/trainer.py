@@ -234,7 +234,7 @@ class Trainer:
         if self.dist.world > 1:
             method.forward = DistributedDataParallel(model, device_ids=[self.dist.device] if
                                                      self.dist.device.type == "cuda" else None)
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in (*model.parameters(), *method.parameters()) if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=s.lr)
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         new_idx = train_indices(self.plan, task.old_classes + task.new_classes if method.TRAINS_ON_SEEN
@@ -243,7 +243,7 @@ class Trainer:
         weights = self.class_balance(idx) if len(idx) > len(new_idx) else None
         steps = s.epochs_of(t) * batches_per_epoch(len(idx), s.batch_size, self.dist.world)
         scheduler = task_scheduler(optimizer, s.lr_schedule, steps, s.warmup)
-        start_epoch = self.restore_last(t, model, optimizer, scaler, scheduler) if resume else 0
+        start_epoch = self.restore_last(t, model, method, optimizer, scaler, scheduler) if resume else 0
         if self.dist.main and self.writer is None:
             self.open_writer(t, resume)
         if resume and self.dist.main:
@@ -251,7 +251,7 @@ class Trainer:
         last = {}
         for epoch in range(start_epoch, s.epochs_of(t)):
             last = self.train_epoch(method, model, optimizer, scaler, scheduler, idx, t, epoch, weights)
-            self.save_last(t, epoch + 1, model, optimizer, scaler, scheduler)
+            self.save_last(t, epoch + 1, model, method, optimizer, scaler, scheduler)
         D.check_in_sync(model, self.dist)
         if self.writer is not None:
             diagnostics = self.task_diagnostics(method) if len(self.buffer.indices) else {}
@@ -398,7 +398,7 @@ class Trainer:
             method_state=method.state_dict(),
         ).save(ck.task_path(self.run_dir, t))
 
-    def save_last(self, t: int, epochs_done: int, model, optimizer, scaler, scheduler) -> None:
+    def save_last(self, t: int, epochs_done: int, model, method, optimizer, scaler, scheduler) -> None:
         if not self.dist.main:
             return
         ck.save_atomic(
@@ -408,6 +408,7 @@ class Trainer:
                 "task": t,
                 "epochs_done": epochs_done,
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "method": method.state_dict(),  # e.g. L2P's prompts, trained with the model
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -417,10 +418,10 @@ class Trainer:
             self.run_dir / "last.pt",
         )
 
-    def restore_last(self, t: int, model, optimizer, scaler, scheduler) -> int:
+    def restore_last(self, t: int, model, method, optimizer, scaler, scheduler) -> int:
         """Epochs of task ``t`` already done according to ``last.pt`` (0 when there is none or it is of
-        another task); the model, optimizer, scaler, lr schedule and RNG continue from there. Only a
-        resume calls it."""
+        another task); the model, the method's state, optimizer, scaler, lr schedule and RNG continue
+        from there. Only a resume calls it."""
         path = self.run_dir / "last.pt"
         if not path.is_file():
             return 0
@@ -428,6 +429,7 @@ class Trainer:
         if state["task"] != t:
             return 0
         model.load_state_dict(state["model"])
+        method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])

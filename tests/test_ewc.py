@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cign_train.config import CIGNConfig
 from cign_train.losses import grouping_bce
 from cign_train.methods import Inputs, Task, TaskData
 from cign_train.methods.ewc import EWC, GROWING
 from cign_train.model import CIGN
-
-TINY = CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4)
+from tiny import TINY
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

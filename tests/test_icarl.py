@@ -10,21 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cign_train.config import CIGNConfig
 from cign_train.losses import grouping_bce
 from cign_train.methods import Inputs, Task, TaskData, get_method
 from cign_train.methods.icarl import ICaRL, icarl_bce, nme_probabilities
 from cign_train.model import CIGN
+from tiny import TINY, inputs
 
-TINY = CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def inputs(seed: int, labels: list[int]) -> Inputs:
-    g = torch.Generator().manual_seed(seed)
-    n = len(labels)
-    return Inputs(torch.randn(n, 32, 40, generator=g), torch.randn(n, 3, 64, 64, generator=g), torch.tensor(labels))
 
 
 def method_for(n_classes: int, task: Task) -> ICaRL:

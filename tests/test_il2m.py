@@ -7,12 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cign_train.config import CIGNConfig
 from cign_train.methods import Inputs, Task, TaskData
 from cign_train.methods.il2m import IL2M
 from cign_train.model import CIGN, CIGNOutput, predict
-
-TINY = CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4)
+from tiny import TINY
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

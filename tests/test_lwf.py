@@ -8,33 +8,13 @@ import math
 import pytest
 import torch
 
-from cign_train.config import CIGNConfig
 from cign_train.losses import grouping_bce, token_independence
-from cign_train.methods import Inputs, Task, TaskData, get_method
+from cign_train.methods import TaskData, get_method
 from cign_train.methods.lwf import LwF, distillation
-from cign_train.model import CIGN
+from tiny import at_task, inputs
 
-TINY = CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def inputs(seed: int, labels: list[int]) -> Inputs:
-    g = torch.Generator().manual_seed(seed)
-    n = len(labels)
-    return Inputs(torch.randn(n, 32, 40, generator=g), torch.randn(n, 3, 64, 64, generator=g), torch.tensor(labels))
-
-
-def at_task(index: int, **options) -> LwF:
-    """An LwF over a 2-class model at task ``index``: begin_task, then the trainer's grow by one class."""
-    torch.manual_seed(0)
-    model = CIGN(TINY, n_classes=2)
-    method = LwF(model, TINY, options)
-    method.task = Task(index, (0, 1), (2,)) if index else Task(0, (), (0, 1))
-    method.begin_task(method.task)
-    if index:
-        model.grow(1)
-    return method
 
 
 def test_defaults_are_the_papers():
@@ -80,7 +60,7 @@ def test_gradient_reaches_the_students_old_classes_only_and_never_the_teacher():
 
 
 def test_first_task_is_fine_tuning():
-    method = at_task(0)
+    method = at_task(LwF, 0)
     assert method.teacher is None
     x = inputs(0, [0, 1, 1, 0])
     terms = method.observe(x)
@@ -91,7 +71,7 @@ def test_first_task_is_fine_tuning():
 
 
 def test_observe_adds_lambda_times_both_modalities_distillation_from_the_frozen_previous_model():
-    method = at_task(1, lwf_lambda=0.5, lwf_temperature=3.0)
+    method = at_task(LwF, 1, lwf_lambda=0.5, lwf_temperature=3.0)
     teacher = method.teacher
     assert teacher is not method.model and not teacher.training
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -115,7 +95,7 @@ def test_observe_adds_lambda_times_both_modalities_distillation_from_the_frozen_
 
 
 def test_the_teacher_is_a_copy_that_training_does_not_move_and_end_task_drops_it():
-    method = at_task(1)
+    method = at_task(LwF, 1)
     bias = method.teacher.head_a.bias.clone()
     with torch.no_grad():
         method.model.head_a.bias += 1.0

@@ -11,6 +11,7 @@ from cign_train.losses import token_independence
 from cign_train.model import CIGN, CIGNOutput, load_encoder_weights, predict
 from cign_train.model.encoders import ResNet18Trunk
 from cign_train.model.grouping import Grouping
+from cign_train.model.transformer import ModalityTransformer
 
 TINY = CIGNConfig(dim=32, depth=1, heads=4)
 
@@ -228,3 +229,81 @@ def test_audio_pool_time_max_mean_is_max_plus_mean_over_time_of_the_frequency_me
         torch.testing.assert_close(model.audio_encoder(spec), proj(fmap.mean(dim=(2, 3))))
     with pytest.raises(ValueError, match="audio_pool must be one of"):
         CIGNConfig(audio_pool="max")
+
+
+CNN8 = CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4)
+
+
+def unprompted(phi: ModalityTransformer, feats: torch.Tensor, tokens: torch.Tensor):
+    """phi as it was before prompts: layers over [features; class tokens], LayerNorm, split."""
+    n = feats.shape[1]
+    x = torch.cat([feats, tokens], dim=1)
+    for layer in phi.layers:
+        x = layer(x)
+    x = phi.norm(x)
+    return x[:, :n], x[:, n:]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_without_prompts_phi_and_the_model_compute_exactly_as_before(train):
+    """prompts None (every method but L2P / DualPrompt, and the export) is bit-identical to the unprompted phi."""
+    torch.manual_seed(0)
+    model = CIGN(CNN8, n_classes=3).train(train)
+    g = torch.Generator().manual_seed(1)
+    spec, frames = torch.randn(2, 32, 40, generator=g), torch.randn(2, 3, 64, 64, generator=g)
+    feats, tokens = torch.randn(2, 4, 32, generator=g), torch.randn(2, 3, 32, generator=g)
+    with torch.set_grad_enabled(train):
+        for got, want in zip(model.phi_v(feats, tokens, None), unprompted(model.phi_v, feats, tokens)):
+            assert torch.equal(got, want)
+        if not train:  # eval: the BatchNorm statistics of the first call do not move
+            plain = model(spec, frames)
+            passed = model(spec, frames, None, prompts_a=None, prompts_v=None)
+            for x, y in zip(plain, passed):
+                assert torch.equal(x, y)
+
+
+def test_prompts_enter_their_layer_and_their_outputs_are_dropped():
+    torch.manual_seed(0)
+    phi = ModalityTransformer(CIGNConfig(encoder="cnn8", dim=32, depth=2, heads=4)).eval()
+    g = torch.Generator().manual_seed(1)
+    feats, tokens = torch.randn(2, 4, 32, generator=g), torch.randn(2, 3, 32, generator=g)
+    p0, p1 = torch.randn(2, 5, 32, generator=g), torch.randn(2, 7, 32, generator=g)
+    f_hat, c_hat = phi(feats, tokens, {0: p0, 1: p1})
+    assert f_hat.shape == (2, 4, 32) and c_hat.shape == (2, 3, 32)
+    x = phi.layers[0](torch.cat([p0, feats, tokens], dim=1))  # p0 enters layer 0 ...
+    x = phi.norm(phi.layers[1](torch.cat([p1, x], dim=1)))  # ... and p1 layer 1, after p0's outputs
+    torch.testing.assert_close(f_hat, x[:, 12:16])
+    torch.testing.assert_close(c_hat, x[:, 16:])
+    plain_f, plain_c = phi(feats, tokens)
+    assert not torch.allclose(f_hat, plain_f, atol=1e-3) and not torch.allclose(c_hat, plain_c, atol=1e-3)
+    only_1 = phi(feats, tokens, {1: p1})
+    torch.testing.assert_close(only_1[1], phi.norm(phi.layers[1](torch.cat([p1, phi.layers[0](
+        torch.cat([feats, tokens], dim=1))], dim=1)))[:, 11:])
+
+
+def test_the_export_graph_is_unchanged_by_the_prompt_arguments(monkeypatch):
+    """cign_export calls model(spectrograms, frames, tokens) positionally (ExportGraph.forward): the
+    torch.export program (the ONNX exporter's input, tokens as a dynamic input) records the same ops
+    as with the unprompted phi, and computes the same outputs."""
+    from cign_export.graph import ExportGraph
+    from cign_export.onnx_format import example_inputs
+
+    torch.manual_seed(0)
+    graph = ExportGraph(CIGN(CNN8, n_classes=3), get_preset("cpu"), tokens_as_input=True)
+    args = example_inputs(graph)
+    batch, classes = torch.export.Dim("batch", min=1), torch.export.Dim("classes", min=1)
+
+    def program():
+        ep = torch.export.export(graph, args, dynamic_shapes=({0: batch}, {0: batch}, {0: classes}))
+        return [str(n.target) for n in ep.graph.nodes if n.op == "call_function"], ep.module()(*args)
+
+    def former(phi, feats, tokens, prompts):
+        assert prompts is None
+        return unprompted(phi, feats, tokens)
+
+    ops, outputs = program()
+    monkeypatch.setattr(ModalityTransformer, "forward", former)
+    before_ops, before_outputs = program()
+    assert ops == before_ops and ops.count("aten.cat.default") == 2
+    for x, y in zip(outputs, before_outputs):
+        assert torch.equal(x, y)

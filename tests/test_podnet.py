@@ -11,24 +11,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cign_train.config import CIGNConfig
 from cign_train.losses import grouping_bce
 from cign_train.methods import Inputs, Task, TaskData, get_method
 from cign_train.methods.podnet import PODNet, adaptive_weight, pod_flat, pod_spatial, record, stages
 from cign_train.model import CIGN
 from cign_train.model.encoders import CNN8, CNN8_STAGES, ResNet18Trunk
+from tiny import TINY, inputs
 
-TINY = CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4)
 TASK_1 = Task(1, (0, 1, 2, 3), (4, 5))  # adaptive weight sqrt(6 / 2)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def inputs(seed: int, labels: list[int], channels: int = 3) -> Inputs:
-    g = torch.Generator().manual_seed(seed)
-    n = len(labels)
-    return Inputs(torch.randn(n, 32, 40, generator=g), torch.randn(n, channels, 64, 64, generator=g),
-                  torch.tensor(labels))
 
 
 def at_task(index: int, **options) -> PODNet:

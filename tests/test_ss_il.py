@@ -9,13 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cign_train.config import CIGNConfig
 from cign_train.losses import token_independence
 from cign_train.methods import Inputs, Task, TaskData
 from cign_train.methods.ss_il import SSIL, separated_softmax, task_distillation
 from cign_train.model import CIGN
+from tiny import TINY
 
-TINY = CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4)
 NO_DATA = TaskData(lambda: iter(()), lambda: iter(()))
 
 

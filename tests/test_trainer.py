@@ -31,7 +31,8 @@ def tiny_settings(data_dir, **kw) -> TrainSettings:
     return TrainSettings(**{**base, **kw})
 
 
-@pytest.mark.parametrize("method", ["cign", "finetune", "joint", "ewc", "lwf", "icarl", "il2m", "ss_il", "podnet"])
+@pytest.mark.parametrize("method", ["cign", "finetune", "joint", "ewc", "lwf", "icarl", "il2m", "ss_il", "podnet", "l2p",
+                                    "dualprompt"])
 def test_each_method_runs_two_tasks_and_writes_every_output(tiny_avdigits, tmp_path, method):
     run = tmp_path / method
     metrics = Trainer(tiny_settings(tiny_avdigits, method=method), run, progress=False).run()
@@ -146,6 +147,31 @@ def test_method_state_and_options_are_saved_and_a_resume_continues_them(tiny_avd
     assert resumed == whole
     losses = [json.loads(x) for x in (tmp_path / "cut" / "steps.jsonl").read_text().splitlines()]
     assert all(r["ewc"] > 0 for r in losses if r["task"] == 1 and r.get("step", 0) > 0)
+
+
+@pytest.mark.parametrize("method", ["l2p", "dualprompt"])
+def test_resume_inside_a_task_restores_the_methods_own_parameters(tiny_avdigits, tmp_path, monkeypatch, method):
+    """last.pt carries the method's state (the prompts trained with the model): a run stopped after the
+    first epoch of its second task resumes to the uninterrupted run's result. Without it the resumed
+    epochs would start from the prompts the first task left."""
+    settings = tiny_settings(tiny_avdigits, method=method, epochs=2)
+    whole = Trainer(settings, tmp_path / "whole", progress=False).run()
+    train_epoch = Trainer.train_epoch
+
+    def stop_in_task_2(self, method_, model, optimizer, scaler, scheduler, idx, t, epoch, weights=None):
+        if (t, epoch) == (1, 1):
+            raise KeyboardInterrupt
+        return train_epoch(self, method_, model, optimizer, scaler, scheduler, idx, t, epoch, weights)
+
+    monkeypatch.setattr(Trainer, "train_epoch", stop_in_task_2)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(settings, tmp_path / "cut", progress=False).run()
+    assert ck.load(tmp_path / "cut" / "last.pt")["epochs_done"] == 1
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
+    assert Trainer(settings, tmp_path / "cut", progress=False).run(resume=True) == whole
+    a = torch.load(tmp_path / "cut" / "task_1.pt", weights_only=True)["method_state"]
+    b = torch.load(tmp_path / "whole" / "task_1.pt", weights_only=True)["method_state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_method_help_lists_its_own_options():

@@ -119,6 +119,13 @@ class Method:
         ``end_task``; each value is a batch mean, logged as is. The default has none."""
         return {}
 
+    def parameters(self) -> list[nn.Parameter]:
+        """The method's own trainable parameters, outside the model (e.g. L2P's prompts): the trainer adds
+        them to each task's optimizer, built after ``begin_task`` and the grow. The model's state_dict
+        (what exports read) does not hold them, so a method keeps them in ``state_dict``; DDP does not
+        average their gradients across processes. The default: none."""
+        return []
+
     def state_dict(self) -> dict[str, Any]:
         """What the method keeps between tasks beyond the model and the buffer (tensors and plain
         values), saved in each task checkpoint so that a resume continues it; the default: nothing."""

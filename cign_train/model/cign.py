@@ -5,6 +5,7 @@ eqs 8-10 live in ``cign_train.losses`` so the exported graph never needs labels.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -93,16 +94,20 @@ class CIGN(nn.Module):
         (..., K, D) replaces the table, e.g. by the contextualised tokens of CIGNOutput."""
         return self.token_cls(self.tokens if tokens is None else tokens)
 
-    def forward(self, spectrograms: torch.Tensor, frames: torch.Tensor, tokens: torch.Tensor | None = None) -> CIGNOutput:
+    def forward(self, spectrograms: torch.Tensor, frames: torch.Tensor, tokens: torch.Tensor | None = None,
+                prompts_a: Mapping[int, torch.Tensor] | None = None,
+                prompts_v: Mapping[int, torch.Tensor] | None = None) -> CIGNOutput:
         """spectrograms (B, F, T) and frames (B, 3, H, W), both normalised -> CIGNOutput.
 
         ``tokens`` (K', D) replaces the model's table (exports with the table as a graph input).
+        ``prompts_a`` / ``prompts_v`` {layer: (B, L, D)} are prompts for phi_a / phi_v
+        (``ModalityTransformer.forward``; the L2P and DualPrompt baselines); None leaves phi unprompted.
         """
         f_a = self.audio_encoder(spectrograms).unsqueeze(1)  # (B, 1, D)
         f_v = self.visual_encoder(frames)  # (B, P, D)
         tokens = (self.tokens if tokens is None else tokens).expand(f_a.shape[0], -1, -1)  # (B, K, D)
-        f_a_hat, c_a_hat = self.phi_a(f_a, tokens)  # eq 1: (B, 1, D), (B, K, D)
-        f_v_hat, c_v_hat = self.phi_v(f_v, tokens)  # eq 2: (B, P, D), (B, K, D)
+        f_a_hat, c_a_hat = self.phi_a(f_a, tokens, prompts_a)  # eq 1: (B, 1, D), (B, K, D)
+        f_v_hat, c_v_hat = self.phi_v(f_v, tokens, prompts_v)  # eq 2: (B, P, D), (B, K, D)
         g_a, _ = self.group_a(f_a_hat, c_a_hat)  # eqs 5-7: (B, K, D)
         g_v, _ = self.group_v(f_v_hat, c_v_hat)  # (B, K, D)
         logits_a = self.head_a(g_a).squeeze(-1)  # (B, K, 1) -> (B, K)

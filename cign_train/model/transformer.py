@@ -1,6 +1,8 @@
 """Self-attention over features and class tokens, phi_a and phi_v of eqs 1-4."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn as nn
 
@@ -33,11 +35,23 @@ class ModalityTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """feats (B, P, D), tokens (B, K, D) -> (f_hat (B, P, D), c_hat (B, K, D))."""
-        n_feats = feats.shape[1]
+    def forward(self, feats: torch.Tensor, tokens: torch.Tensor,
+                prompts: Mapping[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """feats (B, P, D), tokens (B, K, D) -> (f_hat (B, P, D), c_hat (B, K, D)).
+
+        ``prompts`` {i: (B, L_i, D)} prepends L_i prompt vectors to the sequence entering layer i
+        (prompt tuning, as L2P and DualPrompt attach prompts; ``cign_train.methods.l2p``): from there
+        on they pass through the layers with the rest, and their outputs are dropped. None (every
+        other caller, the export included) computes exactly the unprompted phi.
+        """
+        n_feats, n_prompts = feats.shape[1], 0
         x = torch.cat([feats, tokens], dim=1)  # (B, P+K, D)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if prompts is not None and i in prompts:
+                x = torch.cat([prompts[i], x], dim=1)  # (B, L_i + ..., D)
+                n_prompts += prompts[i].shape[1]
             x = layer(x)
         x = self.norm(x)
+        if n_prompts:
+            x = x[:, n_prompts:]  # drop the prompt positions: (B, P+K, D)
         return x[:, :n_feats], x[:, n_feats:]  # (B, P, D), (B, K, D)
