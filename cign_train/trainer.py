@@ -94,6 +94,19 @@ def train_indices(plan: Plan, classes, max_per_class: int | None, seed: int) -> 
     return np.sort(np.concatenate(keep))
 
 
+def withheld(plan: Plan, idx: np.ndarray, classes, per_class: int, seed: int) -> np.ndarray:
+    """``per_class`` of each class's clips among ``idx`` (a seeded choice, a stream apart from
+    train_indices'), sorted: what a method's HOLDOUT keeps out of a task's training."""
+    labels = plan.label_map[plan.store.labels[idx]]
+    held = [np.zeros(0, dtype=np.int64)]
+    for k in classes:
+        mine = np.sort(idx[labels == k])
+        if len(mine) <= per_class:
+            raise ValueError(f"withholding {per_class} clips of class {k} leaves none of its {len(mine)} to train on")
+        held.append(np.random.default_rng([seed, k, 1]).choice(mine, per_class, replace=False))
+    return np.sort(np.concatenate(held))
+
+
 class Trainer:
     def __init__(self, settings: TrainSettings, run_dir: Path, progress: bool = True):
         self.s = settings
@@ -170,6 +183,9 @@ class Trainer:
         else:
             model = self.build_model(len(plan.task_classes[0]))
         method: Method = method_cls(model, s.model, s.method_options)
+        if method.HOLDOUT >= s.buffer_per_class:
+            raise ValueError(f"method {s.method!r} withholds {method.HOLDOUT} clips per class, which leaves an old "
+                             f"class none of its {s.buffer_per_class} exemplars (--buffer-per-class) to train on")
         if done >= 0:
             method.load_state_dict(saved.method_state)
         if resume and done == n_tasks - 1 and self.dist.main:
@@ -239,7 +255,12 @@ class Trainer:
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         new_idx = train_indices(self.plan, task.old_classes + task.new_classes if method.TRAINS_ON_SEEN
                                 else task.new_classes, s.max_per_class, s.seed)
-        idx = np.union1d(new_idx, self.buffer.indices) if method.NEEDS_BUFFER else new_idx
+        exemplars, held = self.buffer.indices, np.zeros(0, dtype=np.int64)
+        if method.HOLDOUT:
+            held = np.union1d(withheld(self.plan, new_idx, task.new_classes, method.HOLDOUT, s.seed),
+                              withheld(self.plan, exemplars, task.old_classes, method.HOLDOUT, s.seed))
+            new_idx, exemplars = np.setdiff1d(new_idx, held), np.setdiff1d(exemplars, held)
+        idx = np.union1d(new_idx, exemplars) if method.NEEDS_BUFFER else new_idx
         weights = self.class_balance(idx) if len(idx) > len(new_idx) else None
         steps = s.epochs_of(t) * batches_per_epoch(len(idx), s.batch_size, self.dist.world)
         scheduler = task_scheduler(optimizer, s.lr_schedule, steps, s.warmup)
@@ -260,7 +281,7 @@ class Trainer:
             self.steplog.write(task=t, event="task_end", global_step=self.global_step, **diagnostics)
         if method.NEEDS_BUFFER:
             self.update_buffer(model, new_idx)
-        method.end_task(task, TaskData(self.batches(new_idx), self.batches(self.buffer.indices)))
+        method.end_task(task, TaskData(self.batches(new_idx), self.batches(self.buffer.indices), self.batches(held)))
         acc = evaluate_tasks(method, self.plan, t, self.inputs, self.autocast, s.batch_size, s.workers, self.dist,
                              s.eval_split)
         acc.append_to(self.rows, self.seen)

@@ -32,10 +32,11 @@ def tiny_settings(data_dir, **kw) -> TrainSettings:
 
 
 @pytest.mark.parametrize("method", ["cign", "finetune", "joint", "ewc", "lwf", "icarl", "il2m", "ss_il", "podnet", "l2p",
-                                    "dualprompt"])
+                                    "dualprompt", "bic"])
 def test_each_method_runs_two_tasks_and_writes_every_output(tiny_avdigits, tmp_path, method):
     run = tmp_path / method
-    metrics = Trainer(tiny_settings(tiny_avdigits, method=method), run, progress=False).run()
+    options = {"bic_holdout": 1} if method == "bic" else {}  # 2 exemplars per class here
+    metrics = Trainer(tiny_settings(tiny_avdigits, method=method, method_options=options), run, progress=False).run()
     for name in ("config.json", "metrics.json", "metrics.csv", "accuracy_matrix.png", "task_0.pt", "task_1.pt"):
         assert (run / name).is_file(), name
     assert not (run / "last.pt").exists()

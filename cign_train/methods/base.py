@@ -10,7 +10,8 @@ model learns from one batch, plus what it keeps between tasks. Per task the trai
    returning named loss terms whose ``total`` it back-propagates;
 3. ``end_task(task, data)`` after the last epoch and the buffer update, before evaluation;
    ``data.clips()`` iterates over the task's training clips and ``data.exemplars()`` over the
-   rehearsal buffer's (un-augmented batches), e.g. for EWC's Fisher or iCaRL's class means;
+   rehearsal buffer's (un-augmented batches), e.g. for EWC's Fisher or iCaRL's class means, and
+   ``data.holdout()`` over the clips kept out of this task's training (``HOLDOUT``);
 4. ``predict(batch)`` for evaluation.
 
 A method declares its own settings as ``OPTIONS`` (``cign-train --method NAME --help`` lists them;
@@ -47,6 +48,7 @@ class TaskData(NamedTuple):
 
     clips: Callable[[], Iterable[Inputs]]  # the task's training clips
     exemplars: Callable[[], Iterable[Inputs]]  # the rehearsal buffer's, every seen class (empty without one)
+    holdout: Callable[[], Iterable[Inputs]] = lambda: iter(())  # Method.HOLDOUT per seen class, not trained on
 
 
 class Option(NamedTuple):
@@ -72,6 +74,11 @@ class Method:
     OPTIONS: ClassVar[tuple[Option, ...]] = ()
     #: ``cign-train`` options that set fields of the model config this method's losses read.
     LOSS_OPTIONS: ClassVar[tuple[str, ...]] = ()
+    #: Clips per seen class withheld from each task's training (e.g. BiC's validation split; read after
+    #: ``__init__``, so an option may set it): a seeded choice of each new class's training clips (not
+    #: trained on, nor selected for the buffer) and of each old class's exemplars (they stay in the
+    #: buffer, so a method with a HOLDOUT needs one); ``end_task`` reads them as ``data.holdout()``.
+    HOLDOUT: ClassVar[int] = 0
 
     def __init__(self, model: CIGN, cfg: CIGNConfig, options: dict[str, Any] | None = None):
         for attr in ("NAME", "NEEDS_BUFFER"):
