@@ -77,9 +77,8 @@ def test_eval_split_scores_val_or_test_and_training_never_sees_either(tiny_avdig
         assert torch.load(run / "task_1.pt", weights_only=True)["evaluation"]["eval_clips"] == metrics[split]["eval_clips"]
     # the run chosen on val, re-scored on test from its checkpoints, reports what a test run reports
     val_run = Trainer(tiny_settings(tiny_avdigits, eval_split="val"), tmp_path / "val", progress=False)
-    assert val_run.rescore("test") == json.loads(json.dumps(metrics["test"]))
+    assert val_run.rescore("test") == json.loads(json.dumps(metrics["test"]))  # its eval_clips say test's
     assert val_run.rescore("val") == json.loads(json.dumps(metrics["val"]))
-    assert metrics["val"]["accuracy_matrix"] != metrics["test"]["accuracy_matrix"]
     plan = make_plan(tiny_settings(tiny_avdigits))
     splits = np.asarray(plan.store.splits)
     for classes in plan.task_classes:
@@ -235,7 +234,8 @@ def test_fresh_run_into_a_run_killed_in_its_first_task_is_refused(tiny_avdigits,
     model = killed.build_model(len(killed.plan.task_classes[0]))
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
     scheduler = task_scheduler(optimizer, "constant", 3, s.warmup)
-    killed.save_last(0, 1, model, optimizer, torch.amp.GradScaler("cuda", enabled=False), scheduler)  # epoch 1 of 3
+    method = get_method(s.method)(model, s.model)
+    killed.save_last(0, 1, model, method, optimizer, torch.amp.GradScaler("cuda", enabled=False), scheduler)  # epoch 1 of 3
     state = (run / "last.pt").read_bytes()
     config = (run / "config.json").read_text()
 
