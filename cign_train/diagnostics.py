@@ -3,7 +3,8 @@
 ``grad_ratios`` compares the gradient norm each term puts on the shared body (encoders, phi_a /
 phi_v, grouping: what every term can reach) with the grouping BCE's: a term at 1e-3 of BCE's pull
 is inert whatever its value. One extra backward pass per term, so the trainer calls it on the
-first step of the first and last epoch of each task only.
+first step of the first and last epoch of each task only. ``StepLog`` writes every step's loss
+terms and diagnostics to the run's ``steps.jsonl``.
 """
 from __future__ import annotations
 
