@@ -11,7 +11,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from cign_train.buffer import RehearsalBuffer
@@ -19,27 +18,16 @@ from cign_train.losses import grouping_bce, token_independence
 from cign_train.methods import Inputs, Method, Task, TaskData, get_method
 from cign_train.methods.bic import BiC
 from cign_train.methods.lwf import distillation
-from cign_train.model import CIGN, CIGNOutput
+from cign_train.model import CIGN
 from cign_train.settings import TrainSettings
 from cign_train.trainer import Trainer, make_plan, train_indices
-from tiny import TINY, at_task, inputs
+from tiny import TINY, GivenLogits, at_task, inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def nothing():
     return iter(())
-
-
-class GivenLogits(nn.Module):
-    """Stands in for the model: its inputs are the audio and visual logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.tokens = nn.Parameter(torch.zeros(1, 1))  # where the method reads the device
-
-    def forward(self, logits_a, logits_v):
-        return CIGNOutput(logits_a, logits_v, None, None, None, None)
 
 
 def test_defaults_and_holdout_follow_the_options():

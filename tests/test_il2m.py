@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 from cign_train.methods import Inputs, Task, TaskData
 from cign_train.methods.il2m import IL2M
-from cign_train.model import CIGN, CIGNOutput, predict
-from tiny import TINY
+from cign_train.model import CIGN, predict
+from tiny import TINY, GivenLogits
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,17 +23,6 @@ def inputs(labels: list[int], seed: int) -> Inputs:
 
 def data(clips: list[Inputs], exemplars: list[Inputs]) -> TaskData:
     return TaskData(lambda: iter(clips), lambda: iter(exemplars))
-
-
-class GivenLogits(nn.Module):
-    """Stands in for the model: its inputs are the audio and visual logits."""
-
-    def __init__(self):
-        super().__init__()
-        self.tokens = nn.Parameter(torch.zeros(1, 1))  # where the method reads the device
-
-    def forward(self, logits_a, logits_v):
-        return CIGNOutput(logits_a, logits_v, None, None, None, None)
 
 
 def logit(p: list[list[float]]) -> torch.Tensor:
