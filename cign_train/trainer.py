@@ -394,8 +394,7 @@ class Trainer:
             for batch in batch_loader(self.plan.store, new_idx, self.s.batch_size, shuffle=False, workers=self.s.workers):
                 x = self.inputs(batch)
                 with self.autocast():
-                    f_a = model.audio_encoder(x.spectrograms)  # (B, D)
-                    f_v = model.visual_encoder(x.frames).mean(dim=1)  # (B, P, D) -> (B, D)
+                    f_a, f_v = model.encoder_features(x.spectrograms, x.frames)
                 feats.append(torch.cat([f_a, f_v], dim=1).float().cpu())
             features = torch.cat(feats).numpy()
         self.buffer.update(new_idx, labels, features)

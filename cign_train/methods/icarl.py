@@ -33,8 +33,7 @@ def icarl_bce(logits: torch.Tensor, labels: torch.Tensor,
 def features(model: CIGN, x: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
     """phi(x) per modality, L2-normalised (Sec. 2.1, Architecture), fp32: the audio encoder's (B, D) and
     the visual encoder's averaged over its P patches (B, P, D) -> (B, D), as herding reads them."""
-    f_a = model.audio_encoder(x.spectrograms)  # (B, D)
-    f_v = model.visual_encoder(x.frames).mean(dim=1)  # (B, D)
+    f_a, f_v = model.encoder_features(x.spectrograms, x.frames)
     return F.normalize(f_a.float(), dim=-1), F.normalize(f_v.float(), dim=-1)
 
 

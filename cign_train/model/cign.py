@@ -94,6 +94,11 @@ class CIGN(nn.Module):
         (..., K, D) replaces the table, e.g. by the contextualised tokens of CIGNOutput."""
         return self.token_cls(self.tokens if tokens is None else tokens)
 
+    def encoder_features(self, spectrograms: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoders' features before the class tokens: f_a (B, D) and f_v averaged over its P
+        patches (B, D). What herding, iCaRL's class means and the t-SNE figure read."""
+        return self.audio_encoder(spectrograms), self.visual_encoder(frames).mean(dim=1)
+
     def forward(self, spectrograms: torch.Tensor, frames: torch.Tensor, tokens: torch.Tensor | None = None,
                 prompts_a: Mapping[int, torch.Tensor] | None = None,
                 prompts_v: Mapping[int, torch.Tensor] | None = None) -> CIGNOutput:
