@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: setup demo test bench bench-cil bench-default bench-export bench-live bench-latency
+.PHONY: setup demo test bench experiments bench-default bench-export bench-live bench-latency
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -31,9 +31,10 @@ bench-export: setup
 bench-latency: setup
 	$(PYTHON) benchmarks/bench_latency.py
 
-# CIGN between fine-tuning and joint training on avdigits, 3 seeds, val + test (about 45 min on 2 cores)
-bench-cil: setup
-	$(PYTHON) benchmarks/bench_cil.py
+# The paper's tables and figures on avdigits, 3 seeds, val + test (cign-experiment; runs are shared and
+# resumed, about 8 h on 2 cores from scratch; README "Experiments")
+experiments: setup
+	for e in methods ablation depth tasks buffer tsne; do $(PYTHON) -m cign_train.cli.experiment $$e || exit 1; done
 
 # wall time of the default cign-train, native and with oneDNN/ATen held to AVX2 in fp32 (about 12 min)
 bench-default: setup

@@ -1,7 +1,8 @@
 """What eqs 8-9 see at the first step of an incremental task, before any update, under each reading.
 
-The teacher is a trained task-1 model (``task_0.pt`` of the ``bench_cil.py`` CIGN runs, one per
-seed); the student is that model grown by task 2's classes. On real task-2 training batches (the new
+The teacher is a trained task-1 model (``task_0.pt`` of the default CIGN runs of ``cign-experiment
+methods``, one per seed; the committed JSON was measured on the task-1 models of the CIGN runs made
+before issue 10's rework, since replaced); the student is that model grown by task 2's classes. On real task-2 training batches (the new
 clips plus the run's buffer exemplars, class-balanced and augmented as in training) it measures, per
 teacher BatchNorm mode (``batch`` / ``running``): eq 9's anchor-positive cosine, mean (max-pooled)
 anchor-negative cosine and the positive's softmax share p_pos at tau, for ``label`` and ``maxpool``
@@ -22,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 import machine as bench_machine
-from bench_cil import RESULTS
 from cign_train import checkpoint as ck
 from cign_train.config import CTL_NEGATIVES, TEACHER_BN
 from cign_train.data.loader import batch_loader
@@ -72,7 +72,7 @@ def probe(run: Path, seed: int, teacher_bn: str, batches: int, data_dir: str) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--runs", type=Path, default=Path("runs/bench-cil/balanced"), help="cign-seedS run folders")
+    ap.add_argument("--runs", type=Path, default=Path("runs/experiments/avdigits-cpu"), help="cign-seedS run folders")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--data-dir", default="data")
     args = ap.parse_args()
@@ -88,7 +88,7 @@ def main() -> None:
     print(f"{'quantity':<24}" + "".join(f"{'teacher BN ' + bn:>24}" for bn in table))
     for k in table[TEACHER_BN[0]]:
         print(f"{k:<24}" + "".join(f"{table[bn][k][0]:>15.4f} +- {table[bn][k][1]:<6.4f}" for bn in table))
-    out = RESULTS / "first_step_avdigits.json"
+    out = Path(__file__).parent / "results" / "first_step_avdigits.json"
     out.write_text(json.dumps({"machine": machine, "seeds": args.seeds, "batches": args.batches, "split": "train",
                                "teacher_bn": table}, indent=1))
     print(f"wrote {out}")

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+from matplotlib.ticker import MaxNLocator
 
 from cign_train import checkpoint as ck
 from cign_train.data.loader import batch_loader
@@ -219,33 +221,25 @@ def full_table(rows: Mapping[str, dict], split: str, modality: str = "audio_visu
 # ----------------------------------------------------------------------------- figures
 def plot_seen(rows: Mapping[str, dict], split: str, path: Path, title: str) -> None:
     """Audio-visual accuracy on the classes seen so far after each task, mean ± std over seeds, per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for entry in rows.values():
         curve = np.array(entry["summary"][split]["audio_visual"]["seen_accuracy"])
         x = np.arange(1, len(curve) + 1)
         ax.errorbar(x, curve[:, 0], yerr=curve[:, 1], marker="o", capsize=3, label=entry["label"])
     ax.set(xlabel="tasks learned", ylabel=f"audio-visual accuracy on seen classes, {split} (%)", title=title, ylim=(0, 100))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_buffer(rows: Mapping[str, dict], split: str, path: Path, title: str) -> None:
     """Figure 4: Average Acc (left) and Forgetting (right) against exemplars per class, per modality."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sizes = [entry["run_settings"]["buffer_per_class"] for entry in rows.values()]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, column, name in zip(axes, PAPER_COLUMNS, ("Average Acc (%)", "Forgetting (%)")):
         for m in MODALITIES:
             v = np.array([entry["summary"][split][m][column] for entry in rows.values()])
@@ -256,7 +250,6 @@ def plot_buffer(rows: Mapping[str, dict], split: str, path: Path, title: str) ->
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 @torch.no_grad()
@@ -281,14 +274,11 @@ def tsne_panels(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], class_name
                 title: str, seed: int = 0) -> dict[str, float]:
     """Figure 3: one scikit-learn t-SNE panel per method (colour = class). Returns each method's
     silhouette score of the features by class (cosine; before t-SNE), the number the picture shows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
     from sklearn.metrics import silhouette_score
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4.2), squeeze=False)
+    fig = Figure(figsize=(4 * len(panels), 4.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     scores = {}
     for ax, (label, feats, labels) in zip(axes[0], panels):
         xy = TSNE(perplexity=min(30.0, len(feats) - 1.0), init="pca", random_state=seed).fit_transform(feats)
@@ -300,7 +290,6 @@ def tsne_panels(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], class_name
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return scores
 
 
