@@ -128,8 +128,8 @@ def run_name(settings: TrainSettings, preset: str) -> str:
 
 def row_settings(row: Row, preset: str, seed: int, dataset: str, name: str | None, data_dir: str,
                  **operational: Any) -> TrainSettings:
-    """The preset with the row's overrides, scored on val while training. ``operational`` sets
-    fields that do not change results (``settings.OPERATIONAL``: device, amp, workers)."""
+    """The preset with the row's overrides, scored on val while training. ``operational``: device,
+    amp, workers (device and amp change results, so a run made with other ones has another name)."""
     s = preset_settings(preset, method=row.method, seed=seed, dataset=dataset, name=name, data_dir=data_dir,
                         eval_split="val", **row.settings, **operational)
     return dataclasses.replace(s, model=dataclasses.replace(s.model, **row.model))
@@ -145,7 +145,8 @@ def run_dir(runs: Path, settings: TrainSettings, preset: str) -> Path:
 
 
 def finished(path: Path, settings: TrainSettings) -> bool:
-    return ck.last_finished_task(path, n_tasks(settings)) == n_tasks(settings) - 1
+    n = n_tasks(settings)
+    return ck.last_finished_task(path, n) == n - 1
 
 
 def train(settings: TrainSettings, path: Path, progress: bool = False) -> float:
