@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 from matplotlib.ticker import MaxNLocator
 
@@ -227,15 +228,16 @@ def full_table(rows: Mapping[str, dict], split: str, modality: str = "audio_visu
 # ----------------------------------------------------------------------------- figures
 def plot_seen(rows: Mapping[str, dict], split: str, path: Path, title: str) -> None:
     """Audio-visual accuracy on the classes seen so far after each task, mean ± std over seeds, per row."""
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(9, 4.5))
     ax = fig.subplots()
-    for entry in rows.values():
+    colors = colormaps["tab20"] if len(rows) > 10 else colormaps["tab10"]
+    for i, entry in enumerate(rows.values()):
         curve = np.array(entry["summary"][split]["audio_visual"]["seen_accuracy"])
         x = np.arange(1, len(curve) + 1)
-        ax.errorbar(x, curve[:, 0], yerr=curve[:, 1], marker="o", capsize=3, label=entry["label"])
+        ax.errorbar(x, curve[:, 0], yerr=curve[:, 1], marker="o", capsize=3, label=entry["label"], color=colors(i))
     ax.set(xlabel="tasks learned", ylabel=f"audio-visual accuracy on seen classes, {split} (%)", title=title, ylim=(0, 100))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
