@@ -199,8 +199,9 @@ def summarize(runs: Sequence[dict], split: str) -> dict[str, dict]:
     return out
 
 
-def cell(v: Sequence[float]) -> str:
-    return f"{v[0]:.1f} ± {v[1]:.1f}"
+def cell(v: Sequence[float], seeds: int) -> str:
+    """mean ± std; the mean alone for one seed (its std of 0 would claim a spread never measured)."""
+    return f"{v[0]:.1f} ± {v[1]:.1f}" if seeds > 1 else f"{v[0]:.1f}"
 
 
 def paper_table(rows: Mapping[str, dict], split: str) -> str:
@@ -209,8 +210,8 @@ def paper_table(rows: Mapping[str, dict], split: str) -> str:
     head = "".join(f" {MODALITY_NAMES[m]} Avg Acc ↑ | {MODALITY_NAMES[m]} Forgetting ↓ |" for m in MODALITIES)
     lines = ["| Method |" + head + " seeds |", "| --- |" + " ---: | ---: |" * len(MODALITIES) + " ---: |"]
     for entry in rows.values():
-        s = entry["summary"][split]
-        cells = "".join(f" {cell(s[m][PAPER_COLUMNS[0]])} | {cell(s[m][PAPER_COLUMNS[1]])} |" for m in MODALITIES)
+        s, n = entry["summary"][split], len(entry["runs"])
+        cells = "".join(f" {cell(s[m][PAPER_COLUMNS[0]], n)} | {cell(s[m][PAPER_COLUMNS[1]], n)} |" for m in MODALITIES)
         lines.append(f"| {entry['label']} |{cells} {len(entry['runs'])} |")
     return "\n".join(lines) + "\n"
 
@@ -221,7 +222,7 @@ def full_table(rows: Mapping[str, dict], split: str, modality: str = "audio_visu
              "| --- |" + " ---: |" * len(ALL_COLUMNS)]
     for entry in rows.values():
         s = entry["summary"][split][modality]
-        lines.append(f"| {entry['label']} | " + " | ".join(cell(s[c]) for c in ALL_COLUMNS) + " |")
+        lines.append(f"| {entry['label']} | " + " | ".join(cell(s[c], len(entry["runs"])) for c in ALL_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
