@@ -336,14 +336,14 @@ def run_experiment(exp: Experiment, sweep: Sweep, keys: Iterable[str] | None = N
                    log=print) -> None:
     """Train (or resume) the runs of the rows named in ``keys`` (all by default) for every seed."""
     keys = set(keys) if keys is not None else {r.key for r in exp.rows}
+    ensure_avdigits(sweep.settings(exp.rows[0], sweep.seeds[0]))  # run names read the store's classes
     for seed in sweep.seeds:  # seed-major: a sweep cut short has every row at its first seeds
         for row in exp.rows:
             if row.key not in keys:
                 continue
-            settings, path = sweep.settings(row, seed), sweep.path(row, seed)
-            ensure_avdigits(settings)
             if not sweep.applies(row, log if seed == sweep.seeds[0] else None):
                 continue
+            settings, path = sweep.settings(row, seed), sweep.path(row, seed)
             if finished(path, settings):
                 continue
             if not train_missing:
