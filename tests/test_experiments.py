@@ -31,8 +31,8 @@ def sweep(tiny_avdigits, tmp_path, monkeypatch) -> Sweep:
     return Sweep("avdigits", None, str(tiny_avdigits), "tiny", (0, 1), tmp_path / "runs")
 
 
-def test_rows_with_equal_settings_share_one_run_across_experiments():
-    s = Sweep()
+def test_rows_with_equal_settings_share_one_run_across_experiments(tiny_avdigits):
+    s = Sweep(data_dir=str(tiny_avdigits))
     by_path: dict = {}
     for e in EXPERIMENTS.values():
         for r in e.rows:
@@ -50,9 +50,9 @@ def test_rows_with_equal_settings_share_one_run_across_experiments():
     assert names["tasks/cign-10"] == "cign+tasks=10-seed0" and names["buffer/buffer10"] == "cign+buffer_per_class=10-seed0"
 
 
-def test_a_task_count_that_does_not_divide_the_classes_is_skipped_with_a_message():
+def test_a_task_count_that_does_not_divide_the_classes_is_skipped_with_a_message(tiny_avdigits):
     said = []
-    assert not Sweep().applies(Row("x", "x", settings={"tasks": 4}), said.append)
+    assert not Sweep(data_dir=str(tiny_avdigits)).applies(Row("x", "x", settings={"tasks": 4}), said.append)
     assert "10 classes do not split into 4 equal tasks" in said[0]
 
 
