@@ -66,10 +66,8 @@ class Experiment:
 
 BASELINES = (("ewc", "EWC"), ("lwf", "LwF"), ("icarl", "iCaRL"), ("il2m", "IL2M"), ("bic", "BiC"), ("podnet", "PODNet"),
              ("ss_il", "SS-IL"), ("l2p", "L2P"), ("dualprompt", "DualPrompt"))
-#: Settings a baseline's paper prescribes beyond its loss: iCaRL selects exemplars by herding (its
-#: Algorithm 4); SS-IL draws ratio-preserving batches (its Sec. 4.2: new and old in the ratio of their counts).
-BASELINE_SETTINGS = {"icarl": {"buffer_select": "herding"}, "ss_il": {"rehearsal_sampling": "uniform"}}
-BASELINE_ROWS = tuple(Row(k, label, k, settings=BASELINE_SETTINGS.get(k, {})) for k, label in BASELINES)
+#: Each with the settings its paper prescribes beyond its loss (``Method.SETTINGS``, e.g. iCaRL's herding).
+BASELINE_ROWS = tuple(Row(k, label, k) for k, label in BASELINES)
 FINETUNE = Row("finetune", "Fine-tuning (lower bound)", "finetune")
 JOINT = Row("joint", "Joint training (upper bound)", "joint")
 CIGN_ROW = Row("cign", "CIGN (ours)")

@@ -7,6 +7,7 @@ from typing import Any
 
 from cign_runtime.records import known_fields
 from cign_train.config import CIGNConfig
+from cign_train.methods import get_method
 from cign_train.precision import AMP_CHOICES
 from cign_train.schedule import LR_SCHEDULES
 
@@ -119,7 +120,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset_settings(preset: str, **overrides: Any) -> TrainSettings:
-    """A preset with ``overrides`` (None values are ignored, so CLI defaults pass straight through).
+    """A preset with the method's own ``SETTINGS`` (its paper's, e.g. iCaRL's herding) and ``overrides``
+    over them (None values are ignored, so CLI defaults pass straight through).
 
     An explicit ``epochs`` without ``first_task_epochs`` applies to every task.
     """
@@ -128,5 +130,6 @@ def preset_settings(preset: str, **overrides: Any) -> TrainSettings:
     given = {k: v for k, v in overrides.items() if v is not None}
     if "epochs" in given:
         given.setdefault("first_task_epochs", given["epochs"])
-    values = {**PRESETS[preset], **given}
+    method = get_method(given.get("method", TrainSettings.method))
+    values = {**PRESETS[preset], **method.SETTINGS, **given}
     return TrainSettings(**values)

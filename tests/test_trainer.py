@@ -192,6 +192,23 @@ def test_options_that_do_not_apply_to_the_method_are_refused(args, message, tmp_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("method, given, setting, expected", [
+    ("icarl", [], "buffer_select", "herding"),  # iCaRL's Algorithm 4
+    ("icarl", ["--buffer-select", "random"], "buffer_select", "random"),
+    ("ss_il", [], "rehearsal_sampling", "uniform"),  # SS-IL's ratio-preserving batches (Sec. 4.2)
+    ("cign", [], "buffer_select", "random"),
+])
+def test_a_method_runs_with_its_papers_settings_unless_told_otherwise(tiny_avdigits, tmp_path, method, given, setting,
+                                                                     expected):
+    run = tmp_path / "run"
+    small = ["--tasks", "2", "--epochs", "1", "--max-per-class", "4", "--buffer-per-class", "2", "--dim", "32",
+             "--workers", "0", "--no-augment", "--no-progress"]
+    done = CliRunner().invoke(train_main, ["--data-dir", str(tiny_avdigits), "--method", method, *small, *given,
+                                           "--out", str(run)])
+    assert done.exit_code == 0, done.output
+    assert json.loads((run / "config.json").read_text())[setting] == expected
+
+
 def test_methods_are_discovered_by_file_name():
     assert {"cign", "finetune"} <= set(available())
     with pytest.raises(ValueError, match="unknown method 'ewc2'; choose from"):

@@ -10,6 +10,7 @@ import torch
 from click.core import ParameterSource
 
 from cign_train.config import CTL_DENOMINATORS, CTL_NEGATIVES, TEACHER_BN, TOKEN_SOURCES
+from cign_train.buffer import SELECTIONS
 from cign_train.data.definitions import DATASETS, get_definition
 from cign_train.methods import Option, available, get_method
 from cign_train.precision import AMP_CHOICES
@@ -24,6 +25,12 @@ OPERATIONAL_OPTIONS = {"threads", "workers", "out", "resume", "no_progress"}
 MODEL_OPTIONS = {"dim", "depth", "heads", "assign", "ctl_denominator", "ctl_negatives", "token_source", "teacher_bn"}
 #: Options of the rehearsal buffer: only for methods that keep one (NEEDS_BUFFER).
 BUFFER_OPTIONS = ("buffer_per_class", "buffer_select", "rehearsal_sampling")
+
+
+def method_defaults(setting: str) -> str:
+    """The default of a run setting, then each method's own (``Method.SETTINGS``), for help texts."""
+    own = {name: get_method(name).SETTINGS[setting] for name in available() if setting in get_method(name).SETTINGS}
+    return "; ".join([str(getattr(TrainSettings, setting)), *(f"{name}: {value}" for name, value in own.items())])
 
 
 def method_option(option: Option) -> click.Option:
@@ -137,8 +144,10 @@ def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
 @click.option("--class-order", type=click.Choice(["definition", "seeded"]), help="Benchmark class order or a permutation by --seed.")
 @click.option("--max-per-class", type=int, help="Cap on training clips per class.")
 @click.option("--buffer-per-class", type=int, help="Rehearsal exemplars per old class.")
-@click.option("--buffer-select", type=click.Choice(["random", "herding"]))
-@click.option("--rehearsal-sampling", type=click.Choice(REHEARSAL_SAMPLING), help="How batches draw from task clips + buffer [default: balanced].")
+@click.option("--buffer-select", type=click.Choice(SELECTIONS),
+              help=f"How exemplars are chosen [default: {method_defaults('buffer_select')}].")
+@click.option("--rehearsal-sampling", type=click.Choice(REHEARSAL_SAMPLING),
+              help=f"How batches draw from task clips + buffer [default: {method_defaults('rehearsal_sampling')}].")
 @click.option("--augment/--no-augment", default=None, help="Training augmentation [default: the preset's; on in cpu].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda (torchrun: one process per GPU).")

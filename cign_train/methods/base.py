@@ -16,8 +16,9 @@ model learns from one batch, plus what it keeps between tasks. Per task the trai
 
 A method declares its own settings as ``OPTIONS`` (``cign-train --method NAME --help`` lists them;
 their values reach it as ``self.options``), the ``cign-train`` options that set model-config fields
-it reads as ``LOSS_OPTIONS``, and whether it keeps a rehearsal buffer as ``NEEDS_BUFFER``; the
-command line refuses an option that does not apply to the chosen method.
+it reads as ``LOSS_OPTIONS``, whether it keeps a rehearsal buffer as ``NEEDS_BUFFER`` and the run
+settings its paper fixes (e.g. how exemplars are chosen) as ``SETTINGS``; the command line refuses
+an option that does not apply to the chosen method.
 """
 from __future__ import annotations
 
@@ -79,6 +80,9 @@ class Method:
     #: trained on, nor selected for the buffer) and of each old class's exemplars (they stay in the
     #: buffer, so a method with a HOLDOUT needs one); ``end_task`` reads them as ``data.holdout()``.
     HOLDOUT: ClassVar[int] = 0
+    #: Run settings whose default this method's paper fixes otherwise (e.g. iCaRL's herding exemplars):
+    #: ``preset_settings`` applies them under the values given, so ``cign-train --method NAME`` follows the paper.
+    SETTINGS: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, model: CIGN, cfg: CIGNConfig, options: dict[str, Any] | None = None):
         for attr in ("NAME", "NEEDS_BUFFER"):

@@ -76,13 +76,14 @@ class ICaRL(Method):
     nearest in both modalities together, and tau changes no prediction.
 
     The teacher is the model before it grows, frozen, in eval mode (Algorithm 3 stores q from the
-    previous network before training). iCaRL selects exemplars by herding (Algorithm 4): that is
-    ``--buffer-select herding`` (the trainer selects, on the encoder features; the default is
-    random), kept as a fixed number per class rather than iCaRL's fixed total (Algorithm 5).
+    previous network before training). iCaRL selects exemplars by herding (Algorithm 4): this method's
+    default ``--buffer-select herding`` (the trainer selects, on the encoder features), kept as a fixed
+    number per class rather than iCaRL's fixed total (Algorithm 5).
     """
 
     NAME = "icarl"
     NEEDS_BUFFER = True
+    SETTINGS = {"buffer_select": "herding"}  # Algorithm 4
     OPTIONS = (
         Option("icarl_temperature", 0.1,
                "Temperature tau of the softmax over cosine similarities to the class means; iCaRL only takes the "

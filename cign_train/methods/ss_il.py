@@ -51,8 +51,8 @@ class SSIL(Method):
 
     The paper draws each batch with new and old samples in the ratio of their counts
     (ratio-preserving mini-batch, Sec. 4.2): the trainer's ``--rehearsal-sampling uniform`` (every
-    clip of the task and the buffer equally likely, so that ratio in expectation), which
-    ``cign-experiment`` uses for this method; the class-balanced default starves the new classes of
+    clip of the task and the buffer equally likely, so that ratio in expectation), this method's
+    default; the trainer's class-balanced default starves the new classes of
     L_SS's new-class softmax (first look, seed 0, val: the tasks after the first reached 35-82 %
     audio-visual right after learning them). The teacher is the previous task's model, frozen in eval mode; L_TKD needs the earlier
     tasks' class lists, kept as method state so that a resume continues them.
@@ -60,6 +60,7 @@ class SSIL(Method):
 
     NAME = "ss_il"
     NEEDS_BUFFER = True
+    SETTINGS = {"rehearsal_sampling": "uniform"}  # Sec. 4.2, ratio-preserving batches
     OPTIONS = (
         Option("ss_il_temperature", 2.0, "Temperature T of L_TKD's softmaxes (Sec. 4.3; T = 2 in the authors' code)."),
         Option("ss_il_tkd_weight", 1.0, "Weight w of L_TKD (the paper adds it unweighted: L_SS-IL = L_SS + L_TKD)."),
