@@ -23,6 +23,7 @@ from cign_export.graph import ExportGraph, input_infos, output_infos
 from cign_export.onnx_format import DEFAULT_OPSET, export_onnx
 from cign_runtime import manifest as mf
 from cign_train import checkpoint as ck
+from cign_train.methods import available, get_method
 
 log = logging.getLogger("cign_export")
 
@@ -85,6 +86,16 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def refuse_methods_beyond_the_network(method: str, path: Path) -> None:
+    """A ValueError for a run whose method classifies with more than the network (iCaRL's class means,
+    IL2M's and BiC's calibrations, L2P's and DualPrompt's prompts): its export would not predict as it did.
+    A name outside the registry (``cign_export.preset``'s random weights) is the network alone."""
+    if method in available() and not get_method(method).predicts_with_heads():
+        own = ", ".join(m for m in available() if get_method(m).predicts_with_heads())
+        raise ValueError(f"{path}: method {method} classifies with more than the network's heads (its own "
+                         f"predict), which the export does not carry; runs of {own} export")
+
+
 class Exporter:
     """Export ``task_{task}.pt`` of ``run_dir`` into ``out_dir``."""
 
@@ -95,6 +106,7 @@ class Exporter:
         if not self.ckpt_path.is_file():
             raise FileNotFoundError(f"{self.ckpt_path}: no checkpoint of task {task} in {self.run_dir}")
         self.ckpt = ck.TaskCheckpoint.load(self.ckpt_path)
+        refuse_methods_beyond_the_network(self.ckpt.method, self.ckpt_path)
         self.graph = ExportGraph(self.ckpt.build_model(), self.ckpt.spec, options.tokens_as_input)
         self.ckpt_sha = mf.sha256(self.ckpt_path)
         self.metadata = {

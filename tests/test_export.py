@@ -180,6 +180,23 @@ def test_cli_refuses_bad_options_naming_the_valid_ones(tiny_run, tmp_path, args,
     assert not (tmp_path / "x").exists()
 
 
+def test_a_run_whose_method_classifies_beyond_the_network_is_refused(tiny_avdigits, tmp_path):
+    """IL2M rescales old-class scores at inference (its own predict): an export of the network alone would
+    not classify as the run did, so cign-export refuses it, naming the method, and writes nothing."""
+    from cign_train.config import CIGNConfig
+    from cign_train.settings import TrainSettings
+    from cign_train.trainer import Trainer
+
+    run = tmp_path / "il2m"
+    Trainer(TrainSettings(dataset="avdigits", data_dir=str(tiny_avdigits), method="il2m", tasks=2, epochs=1,
+                          batch_size=8, buffer_per_class=2, workers=0, max_per_class=2,
+                          model=CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4)), run, progress=False).run()
+    proc = _cli("--run", str(run), "--out", str(tmp_path / "x"))
+    assert proc.returncode == 1 and "method il2m classifies with more than the network's heads" in proc.stderr, proc.stderr
+    assert "runs of cign, ewc, finetune, joint, lwf, podnet, ss_il export" in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_every_precision_with_tokens_as_input_is_checked_and_swaps_tables(tiny_run, tmp_path):
     from calibration.fp16 import TOLERANCE
 

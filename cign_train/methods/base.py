@@ -125,6 +125,12 @@ class Method:
         sigmoids and their product (Sec. 3.3) by default."""
         return predict(self.model(batch.spectrograms, batch.frames))
 
+    @classmethod
+    def predicts_with_heads(cls) -> bool:
+        """Whether ``predict`` is the network's own (heads' sigmoids, p_av = p_a * p_v), so that the
+        exported network classifies as the method does (no class means, calibration or prompts)."""
+        return cls.predict is Method.predict
+
     def diagnose(self, batch: Inputs) -> dict[str, torch.Tensor]:
         """Task-end diagnostics on a batch of rehearsal exemplars (old classes), called before
         ``end_task``; each value is a batch mean, logged as is. The default has none."""
