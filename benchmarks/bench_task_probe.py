@@ -6,7 +6,8 @@ runs of ``cign-experiment tasks`` (``cign+tasks=10``) and, for comparison, the d
 measured per modality: the spread of the heads' logits (std over clips and seen classes: a head that
 gives every clip the same score has spread 0) and a nearest-class-mean probe of the encoder features
 (``CIGN.encoder_features``, unit class means of 60 train clips per class -> val accuracy over the ten
-classes; chance 10 %), per seed (the seeds differ: see the README). Writes ``benchmarks/results/task_probe_avdigits.json`` with the CPU named.
+classes; chance 10 %), per seed (the seeds differ: see the README). Writes
+``benchmarks/results/task_probe_avdigits.json`` with the CPU named.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def outputs(model, batches) -> tuple[list[torch.Tensor], list[torch.Tensor], tor
     feats, logits, labels = ([], []), ([], []), []
     for x in batches():
         out = model(x.spectrograms, x.frames)
-        for store, values in ((feats, model.encoder_features(x.spectrograms, x.frames)), (logits, (out.logits_a, out.logits_v))):
+        pairs = ((feats, model.encoder_features(x.spectrograms, x.frames)), (logits, (out.logits_a, out.logits_v)))
+        for store, values in pairs:
             for m in range(2):
                 store[m].append(values[m].float())
         labels.append(x.labels)
@@ -52,7 +54,8 @@ def probe(run: Path, train_per_class: int) -> list[dict[str, float]]:
     rows = []
     for t in range(ck.last_finished_task(run, len(trainer.plan.task_classes)) + 1):
         model = ck.TaskCheckpoint.load(ck.task_path(run, t)).build_model()
-        (train_f, _, train_y), (val_f, val_logits, val_y) = outputs(model, trainer.batches(train)), outputs(model, trainer.batches(val))
+        train_f, _, train_y = outputs(model, trainer.batches(train))
+        val_f, val_logits, val_y = outputs(model, trainer.batches(val))
         row = {}
         for m, name in enumerate(MODALITIES):
             means = F.normalize(torch.stack([F.normalize(train_f[m][train_y == c], dim=-1).mean(0) for c in classes]), dim=-1)
