@@ -276,27 +276,29 @@ def first_task_features(settings: TrainSettings, path: Path, split: str = "test"
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
 
-def tsne_panels(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], class_names: Sequence[str], path: Path,
-                title: str, seed: int = 0) -> dict[str, float]:
-    """Figure 3: one scikit-learn t-SNE panel per method (colour = class). Returns each method's
-    silhouette score of the features by class (cosine; before t-SNE), the number the picture shows."""
-    from sklearn.manifold import TSNE
+def class_silhouette(feats: np.ndarray, labels: np.ndarray) -> float:
+    """scikit-learn's silhouette score of ``feats`` by class (cosine, before t-SNE): the number a panel shows."""
     from sklearn.metrics import silhouette_score
+
+    return float(silhouette_score(feats, labels, metric="cosine"))
+
+
+def tsne_panels(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], class_names: Sequence[str], path: Path,
+                title: str, seed: int = 0) -> None:
+    """Figure 3: one scikit-learn t-SNE panel per method (colour = class), titled with its silhouette."""
+    from sklearn.manifold import TSNE
 
     fig = Figure(figsize=(4 * len(panels), 4.2))
     axes = fig.subplots(1, len(panels), squeeze=False)
-    scores = {}
     for ax, (label, feats, labels) in zip(axes[0], panels):
         xy = TSNE(perplexity=min(30.0, len(feats) - 1.0), init="pca", random_state=seed).fit_transform(feats)
-        scores[label] = float(silhouette_score(feats, labels, metric="cosine"))
         for k in np.unique(labels):
             ax.scatter(*xy[labels == k].T, s=10, label=class_names[k])
-        ax.set(title=f"{label} (silhouette {scores[label]:.2f})", xticks=[], yticks=[])
+        ax.set(title=f"{label} (silhouette {class_silhouette(feats, labels):.2f})", xticks=[], yticks=[])
     axes[0][0].legend(fontsize=7, markerscale=1.5)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    return scores
 
 
 # ----------------------------------------------------------------------------- the command
@@ -406,16 +408,22 @@ def write_results(exp: Experiment, sweep: Sweep, table: Mapping[str, dict], out:
     if exp.figure == "buffer":
         plot_buffer(table, "test", png, f"{exp.title} ({sweep.name or sweep.dataset}, test)")
     elif exp.figure == "tsne":
-        panels, names = [], None
+        panels, names, doc["silhouette"] = [], None, {}
         for key, entry in table.items():
             row = next(r for r in exp.rows if r.key == key)
-            seed = entry["runs"][0]["seed"]
-            feats, labels = first_task_features(sweep.settings(row, seed), sweep.path(row, seed))
-            panels.append((entry["label"], feats, labels))
-            names = names or ck.TaskCheckpoint.load(ck.task_path(sweep.path(row, seed), 0)).classes
-        doc["silhouette"] = tsne_panels(panels, names, png, f"{exp.title} (test clips, each method's first finished seed)")
+            scores = {}
+            for i, run in enumerate(entry["runs"]):  # the panel shows the first finished seed; the score is every seed's
+                feats, labels = first_task_features(sweep.settings(row, run["seed"]), sweep.path(row, run["seed"]))
+                scores[run["seed"]] = class_silhouette(feats, labels)
+                if i == 0:
+                    panels.append((entry["label"], feats, labels))
+            names = names or ck.TaskCheckpoint.load(ck.task_path(sweep.path(row, entry["runs"][0]["seed"]), 0)).classes
+            doc["silhouette"][entry["label"]] = {"per_seed": scores, "mean": float(np.mean(list(scores.values()))),
+                                                 "std": float(np.std(list(scores.values()), ddof=1)) if len(scores) > 1 else 0.0}
+        tsne_panels(panels, names, png, f"{exp.title} (test clips, each method's first finished seed)")
         md.append("\nSilhouette score of the first task's test features by class (cosine, before t-SNE; higher "
-                  "is better separated): " + ", ".join(f"{k} {v:.3f}" for k, v in doc["silhouette"].items()) + "\n")
+                  "is better separated), mean ± std over the seeds: " + ", ".join(
+                      f"{k} {v['mean']:.3f} ± {v['std']:.3f} ({len(v['per_seed'])})" for k, v in doc["silhouette"].items()) + "\n")
     else:
         plot_seen(table, "test", png, f"{exp.title} ({sweep.name or sweep.dataset}, test)")
     md.append(f"\n![{exp.title}]({png.name})\n")

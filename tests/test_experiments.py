@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from cign_train import checkpoint as ck
 from cign_train.cli.experiment import main as experiment_main
 from cign_train.config import CIGNConfig
-from cign_train.experiments import (EXPERIMENTS, Experiment, Row, Sweep, collect, first_task_features, run_experiment,
-                                    write_results)
+from cign_train.experiments import (EXPERIMENTS, Experiment, Row, Sweep, class_silhouette, collect, first_task_features,
+                                    run_experiment, write_results)
 from cign_train.settings import PRESETS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,7 +111,9 @@ def test_tsne_reads_the_first_tasks_test_clips_from_the_last_model_and_scores_ea
     assert feats.shape == (len(labels), 2 * 32) and np.allclose(np.linalg.norm(feats[:, :32], axis=1), 1, atol=1e-4)
     write_results(exp, sweep, collect(exp, sweep), tmp_path, {}, "test cpu")
     doc = json.loads((tmp_path / "experiment_tsne_tiny_avdigits.json").read_text())
-    assert set(doc["silhouette"]) == {"Fine-tuning", "CIGN"} and all(-1 <= v <= 1 for v in doc["silhouette"].values())
+    assert set(doc["silhouette"]) == {"Fine-tuning", "CIGN"}
+    assert doc["silhouette"]["CIGN"]["per_seed"] == {"0": pytest.approx(class_silhouette(feats, labels))}
+    assert all(-1 <= v["mean"] <= 1 for v in doc["silhouette"].values())
     assert matplotlib.image.imread(tmp_path / "experiment_tsne_tiny_avdigits.png").std() > 0
 
 
