@@ -196,9 +196,9 @@ def summarize(runs: Sequence[dict], split: str) -> dict[str, dict]:
     return out
 
 
-def cell(v: Sequence[float], seeds: int) -> str:
+def cell(v: Sequence[float], seeds: int, digits: int = 1) -> str:
     """mean ± std; the mean alone for one seed (its std of 0 would claim a spread never measured)."""
-    return f"{v[0]:.1f} ± {v[1]:.1f}" if seeds > 1 else f"{v[0]:.1f}"
+    return f"{v[0]:.{digits}f} ± {v[1]:.{digits}f}" if seeds > 1 else f"{v[0]:.{digits}f}"
 
 
 def paper_table(rows: Mapping[str, dict], split: str) -> str:
@@ -283,18 +283,18 @@ def class_silhouette(feats: np.ndarray, labels: np.ndarray) -> float:
     return float(silhouette_score(feats, labels, metric="cosine"))
 
 
-def tsne_panels(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], class_names: Sequence[str], path: Path,
+def tsne_panels(panels: Sequence[tuple[str, np.ndarray, np.ndarray, float]], class_names: Sequence[str], path: Path,
                 title: str, seed: int = 0) -> None:
-    """Figure 3: one scikit-learn t-SNE panel per method (colour = class), titled with its silhouette."""
+    """Figure 3: one scikit-learn t-SNE panel per (method, features, labels, silhouette), colour = class."""
     from sklearn.manifold import TSNE
 
     fig = Figure(figsize=(4 * len(panels), 4.2))
     axes = fig.subplots(1, len(panels), squeeze=False)
-    for ax, (label, feats, labels) in zip(axes[0], panels):
+    for ax, (label, feats, labels, silhouette) in zip(axes[0], panels):
         xy = TSNE(perplexity=min(30.0, len(feats) - 1.0), init="pca", random_state=seed).fit_transform(feats)
         for k in np.unique(labels):
             ax.scatter(*xy[labels == k].T, s=10, label=class_names[k])
-        ax.set(title=f"{label} (silhouette {class_silhouette(feats, labels):.2f})", xticks=[], yticks=[])
+        ax.set(title=f"{label} (silhouette {silhouette:.2f})", xticks=[], yticks=[])
     axes[0][0].legend(fontsize=7, markerscale=1.5)
     fig.suptitle(title)
     fig.tight_layout()
@@ -416,14 +416,15 @@ def write_results(exp: Experiment, sweep: Sweep, table: Mapping[str, dict], out:
                 feats, labels = first_task_features(sweep.settings(row, run["seed"]), sweep.path(row, run["seed"]))
                 scores[run["seed"]] = class_silhouette(feats, labels)
                 if i == 0:
-                    panels.append((entry["label"], feats, labels))
+                    panels.append((entry["label"], feats, labels, scores[run["seed"]]))
             names = names or ck.TaskCheckpoint.load(ck.task_path(sweep.path(row, entry["runs"][0]["seed"]), 0)).classes
-            doc["silhouette"][entry["label"]] = {"per_seed": scores, "mean": float(np.mean(list(scores.values()))),
-                                                 "std": float(np.std(list(scores.values()), ddof=1)) if len(scores) > 1 else 0.0}
+            mean, std = mean_std(list(scores.values()))
+            doc["silhouette"][entry["label"]] = {"per_seed": scores, "mean": mean, "std": std}
         tsne_panels(panels, names, png, f"{exp.title} (test clips, each method's first finished seed)")
         md.append("\nSilhouette score of the first task's test features by class (cosine, before t-SNE; higher "
                   "is better separated), mean ± std over the seeds: " + ", ".join(
-                      f"{k} {v['mean']:.3f} ± {v['std']:.3f} ({len(v['per_seed'])})" for k, v in doc["silhouette"].items()) + "\n")
+                      f"{k} {cell((v['mean'], v['std']), len(v['per_seed']), 3)} ({len(v['per_seed'])})"
+                      for k, v in doc["silhouette"].items()) + "\n")
     else:
         plot_seen(table, "test", png, f"{exp.title} ({sweep.name or sweep.dataset}, test)")
     md.append(f"\n![{exp.title}]({png.name})\n")

@@ -29,8 +29,8 @@ BUFFER_OPTIONS = ("buffer_per_class", "buffer_select", "rehearsal_sampling")
 
 def method_defaults(setting: str) -> str:
     """The default of a run setting, then each method's own (``Method.SETTINGS``), for help texts."""
-    own = {name: get_method(name).SETTINGS[setting] for name in available() if setting in get_method(name).SETTINGS}
-    return "; ".join([str(getattr(TrainSettings, setting)), *(f"{name}: {value}" for name, value in own.items())])
+    own = [f"{name}: {get_method(name).SETTINGS[setting]}" for name in available() if setting in get_method(name).SETTINGS]
+    return "; ".join([str(getattr(TrainSettings, setting)), *own])
 
 
 def method_option(option: Option) -> click.Option:
