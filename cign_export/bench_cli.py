@@ -18,13 +18,15 @@ distribution per configuration) under ``--out``.
 from __future__ import annotations
 
 import json
+import os
+import sys
 import tempfile
 from pathlib import Path
 
 import click
 import numpy as np
 
-from cign_runtime import bench
+from cign_runtime import bench, isa
 from cign_runtime import manifest as mf
 from cign_runtime.backends import PROVIDERS, BackendUnavailable, open_model
 
@@ -268,13 +270,21 @@ def _csv(choices):
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (onnxruntime intra-op, torch) [default: the libraries'].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench"), show_default=True,
               help="Folder for bench.json, bench.md and bench.png (train.json and train.md with --train).")
+@click.option("--cpu-isa", type=click.Choice(isa.ISAS), default="native", show_default=True,
+              help="Run with this instruction set: avx2 masks AVX-512 / VNNI / AMX (cign_runtime.isa).")
 @click.option("--train", is_flag=True, help="Instead: training throughput of both presets and the loader's rate beside it.")
 @click.option("--device", default="cpu", show_default=True, help="--train: torch device (cpu, cuda).")
 @click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True, help="--train: timed steps per case.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="--train: loader processes.")
-def main(model_dir, preset, classes, data_dir, backends, precision, batch, iterations, warmup, threads, out, train,
-         device, steps, workers):
+def main(model_dir, preset, classes, data_dir, backends, precision, batch, iterations, warmup, threads, out, cpu_isa,
+         train, device, steps, workers):
     """Latency of an exported CIGN on each backend / precision / batch, with the FLOPs floor of this machine."""
+    if cpu_isa != isa.current():  # start over in a process that runs with that instruction set
+        try:
+            env = isa.environ(cpu_isa)
+        except RuntimeError as e:
+            raise click.UsageError(f"--cpu-isa {cpu_isa}: {e}") from e
+        os.execve(sys.executable, [sys.executable, "-m", "cign_export.bench_cli", *sys.argv[1:]], env)
     if sum(x is not None and x is not False for x in (model_dir, preset, train)) != 1:
         raise click.UsageError("give one of --model EXPORT_DIR, --preset cpu|paper or --train")
     out.mkdir(parents=True, exist_ok=True)

@@ -20,12 +20,12 @@ import platform
 import shutil
 import subprocess
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 
+from cign_runtime import isa
 from cign_runtime import manifest as mf
 
 #: ISA flags that decide fp32 / bf16 / int8 speed on x86 (``/proc/cpuinfo`` names).
@@ -121,7 +121,6 @@ def graph_flops(onnx_path: str | os.PathLike, batch: int = 1, tokens: int | None
 
 
 def _gemm_model(kind: str, n: int):
-    import onnx
     from onnx import TensorProto, helper
 
     if kind == "fp32":
@@ -178,22 +177,17 @@ def gpu() -> dict | None:
 
 
 def environment(threads: int | None = None) -> dict:
-    """What a latency depends on besides the model: CPU and flags, cores, threads, GPU, library versions."""
-    model, flags = platform.processor() or "unknown", set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    return {"cpu": model, "flags": [f for f in CPU_FLAGS if f in flags], "cores": os.cpu_count(),
+    """What a latency depends on besides the model: CPU and the flags its kernels may use (without the
+    masked ones under ``cign_runtime.isa``), the instruction set, cores, threads, GPU, library versions."""
+    model = isa.cpuinfo().get("model name") or platform.processor() or "unknown"
+    flags = isa.cpu_flags()
+    return {"cpu": model, "flags": [f for f in CPU_FLAGS if f in flags], "cpu_isa": isa.current(), "cores": os.cpu_count(),
             "threads": threads, "platform": platform.platform(), "gpu": gpu(),
             "versions": {p: _version(p) for p in ("numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch",
                                                    "tensorrt", "cuda-python")}}
 
 
 def cpu_label(env: dict) -> str:
-    """'CPU model (N cores; flags)' for tables."""
-    return f"{env['cpu']} ({env['cores']} cores; {' '.join(env['flags']) or 'no AVX2'})"
+    """'CPU model (N cores; flags)' for tables, with the instruction set when it is masked."""
+    masked = f", CPUID-masked to {env['cpu_isa']}" if env.get("cpu_isa", "native") != "native" else ""
+    return f"{env['cpu']} ({env['cores']} cores; {' '.join(env['flags']) or 'no AVX2'}{masked})"

@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from pathlib import Path
 
 import torch
+
+from cign_runtime import isa
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """True when /proc/cpuinfo lists avx512_bf16 or amx_bf16 (False where it cannot be read)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
+    """True when the CPU has avx512_bf16 or amx_bf16 for this process (not under ``cign_runtime.isa``'s
+    AVX2 mask; False where /proc/cpuinfo cannot be read)."""
+    flags = isa.cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -8,7 +8,8 @@ PYTHON=${PYTHON:-python3}
 # libportaudio2: sounddevice's PortAudio; libgl1/libglib2.0-0: opencv-python's runtime libraries;
 # pulseaudio, pulseaudio-utils (pactl, pacat), libasound2-plugins (ALSA's "pulse" device for PortAudio):
 # tests/test_audio.py captures through a private PulseAudio null sink.
-APT_PACKAGES=(libportaudio2 libgl1 libglib2.0-0 pulseaudio pulseaudio-utils libasound2-plugins)
+# gcc, libc6-dev: cign_runtime.isa builds its CPUID mask (cign-bench --cpu-isa avx2, tests/test_isa.py).
+APT_PACKAGES=(libportaudio2 libgl1 libglib2.0-0 pulseaudio pulseaudio-utils libasound2-plugins gcc libc6-dev)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

@@ -1,0 +1,111 @@
+"""The AVX2 instruction-set mask (cign_runtime.isa) on this machine's real libraries: numpy, torch and
+onnxruntime pick their AVX2 kernels under it, the environment reports it, cign-bench runs under it, and
+the int8-cpu recipe keeps its accuracy on the AVX2 kernels (whose u8 x s8 products saturate)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader
+
+from calibration.quantize import quantize_int8
+from cign_runtime import isa
+
+REASON = isa.unavailable("avx2")
+HOST_AVX512 = "avx512f" in isa.cpu_flags()
+needs_mask = pytest.mark.skipif(REASON is not None or not HOST_AVX512,
+                                reason=f"the AVX2 mask cannot run or hides nothing here: {REASON or 'no AVX-512 on this CPU'}")
+
+PROBE = """
+import json, numpy as np, torch
+from cign_runtime import bench
+from cign_train.precision import cpu_has_native_bf16
+env = bench.environment()
+print(json.dumps({"numpy_avx512f": bool(np._core._multiarray_umath.__cpu_features__["AVX512F"]),
+                  "torch": torch.backends.cpu.get_cpu_capability(), "flags": env["flags"], "cpu_isa": env["cpu_isa"],
+                  "bf16": cpu_has_native_bf16()}))
+"""
+
+
+def probe(cpu_isa: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300,
+                          env=isa.environ(cpu_isa))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@needs_mask
+def test_the_mask_hides_avx512_from_numpy_torch_and_the_reported_environment(tmp_path):
+    native, masked = probe("native"), probe("avx2")
+    assert native["numpy_avx512f"] and native["torch"].startswith("AVX512") and native["cpu_isa"] == "native"
+    assert "avx512f" in native["flags"]
+    assert masked["numpy_avx512f"] is False and masked["torch"] == "AVX2" and masked["cpu_isa"] == "avx2"
+    assert masked["flags"] == ["avx2"] and masked["bf16"] is False  # --amp auto then trains in fp32
+
+
+def test_unknown_instruction_set_is_refused():
+    with pytest.raises(ValueError, match="choose from"):
+        isa.unavailable("avx10")
+
+
+class ArrayReader(CalibrationDataReader):
+    def __init__(self, name: str, batches):
+        self.items = iter([{name: b} for b in batches])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+SCORE = """
+import sys, numpy as np, onnxruntime as ort
+x = np.load(sys.argv[1])
+outs = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0] for p in sys.argv[2:]]
+np.save(sys.argv[1] + ".out.npy", np.stack(outs))
+"""
+
+
+@needs_mask
+def test_int8_cpu_graph_keeps_its_accuracy_on_avx2_kernels(tmp_path):
+    """A convolution whose u8 inputs and s8 weights are large: on AVX2 onnxruntime sums pairs of u8 x s8
+    products in saturating 16 bits (vpmaddubsw); with 8-bit weights (255 x 127 x 2 > 32767) the outputs
+    were clipped, the cpu recipe's 7-bit weights keep every pair in range."""
+    rng = np.random.default_rng(0)
+    w = np.where(rng.random((8, 32, 3, 3)) < 0.9, 1.0, -1.0).astype(np.float32)  # one magnitude: all at the int8 edge
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])], [numpy_helper.from_array(w, "w")])
+    fp32 = tmp_path / "conv_fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), fp32)
+    x = rng.uniform(0.5, 4.0, (1, 32, 6, 6)).astype(np.float32)  # large positive activations, as after a ReLU
+    calib = [rng.uniform(0.0, 4.0, (1, 32, 6, 6)).astype(np.float32) for _ in range(8)]
+    int8 = quantize_int8(fp32, tmp_path / "conv_int8.onnx", ArrayReader("x", calib), "cpu")
+    np.save(tmp_path / "x.npy", x)
+    for cpu_isa in ("native", "avx2"):
+        proc = subprocess.run([sys.executable, "-c", SCORE, str(tmp_path / "x.npy"), str(fp32), str(int8)],
+                              capture_output=True, text=True, timeout=300, env=isa.environ(cpu_isa))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ref, got = np.load(tmp_path / "x.npy.out.npy")
+        rel = np.abs(got - ref).max() / np.abs(ref).max()
+        assert rel < 0.05, f"{cpu_isa}: int8 output off by {rel:.1%} of the fp32 range"  # 8-bit weights: 20 % on avx2
+
+
+@needs_mask
+def test_bench_runs_under_the_mask_and_says_so(tiny_run, tmp_path):
+    from cign_export.exporter import Exporter, ExportOptions
+
+    export = tmp_path / "export"
+    Exporter(tiny_run, 1, export, ExportOptions(precisions=("fp32",), parity_samples=4, calibration_per_class=2))()
+    out = tmp_path / "b"
+    proc = subprocess.run([sys.executable, "-m", "cign_export.bench_cli", "--model", str(export), "--backends",
+                           "ort-cpu", "--precision", "fp32", "--batch", "1", "--iterations", "3", "--warmup", "0",
+                           "--cpu-isa", "avx2", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = json.loads((out / "bench.json").read_text())["environment"]
+    assert env["cpu_isa"] == "avx2" and env["flags"] == ["avx2"]
+    assert "CPUID-masked to avx2" in (out / "bench.md").read_text()
