@@ -30,7 +30,8 @@ def run(name: str, args: list[str], a: argparse.Namespace, iterations: int) -> d
     out = a.work / f"{name}{a.suffix}"
     cmd = [sys.executable, "-m", "cign_export.bench_cli", *args, "--backends", "torch,ort-cpu", "--precision",
            "fp32,fp16,int8", "--batch", "1,8", "--iterations", str(iterations), "--warmup", str(a.warmup),
-           "--threads", str(a.threads), "--out", str(out), "--data-dir", str(a.data_dir), "--cpu-isa", a.cpu_isa]
+           "--threads", str(a.threads), "--out", str(out), "--data-dir", str(a.data_dir), "--cpu-isa", a.cpu_isa,
+           "--profile", str(a.profile)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     result = json.loads((out / "bench.json").read_text())
     if name == "avdigits":  # the drop on this instruction set's kernels, not the exporting machine's
@@ -75,6 +76,14 @@ def summary(name: str, r: dict) -> str:
             f"{int8['vs_floor']:.2f}x | {'-' if drop is None else f'{drop:+.1f}'} |")
 
 
+def accounting(name: str, row: dict) -> str:
+    p = row["profile"]
+    conv, matmul, other = (p["by_part"][k] for k in ("conv", "matmul", "other"))
+    return (f"| {name} | {row['precision']} | {p['kernel_ms']:.1f} | {conv['ms']:.1f} ({100 * conv['of_peak']:.0f} %) | "
+            f"{matmul['ms']:.1f} ({100 * matmul.get('of_peak', 0):.0f} %) | {other['ms']:.1f} ({100 * other['share']:.0f} %) | "
+            f"{conv['floor_ms'] + matmul.get('floor_ms', 0):.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--export", type=Path, default=Path("exports/bench-native-task4"),
@@ -84,6 +93,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=200, help="timed calls per configuration (paper preset: a quarter)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", type=int, default=20, help="onnxruntime-profiled calls per configuration")
     ap.add_argument("--cpu-isa", choices=isa.ISAS, default="native", help="instruction set (cign_runtime.isa)")
     ap.add_argument("--score", type=Path, help="internal: print the test accuracy of this export's graphs as JSON")
     a = ap.parse_args()
@@ -103,6 +113,14 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         print(summary(name, r))
+    print("\nWhere a batch-1 call goes (onnxruntime's profiler; ms per call, rate against the peak of its arithmetic)")
+    print("| model | graph | kernels ms | conv ms (of peak) | matmul ms (of peak) | other ops ms (share) | "
+          "conv + matmul at peak ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in results.items():
+        for row in r["rows"]:
+            if row["batch"] == 1 and "profile" in row and row["precision"] in ("fp32", "int8-cpu"):
+                print(accounting(name, row))
 
 
 if __name__ == "__main__":

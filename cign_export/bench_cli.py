@@ -12,8 +12,11 @@ Per configuration: latency min / median / mean / p90 / p95 / p99 / max and throu
 s); on a GPU also the host-to-device, compute and device-to-host parts (as trtexec splits them,
 ``split_times``); on the CPU the floor, FLOPs / measured peak (fp32 MatMul for fp32 / fp16 and
 torch, u8 x s8 MatMulInteger for int8), and latency / floor. A backend or precision that cannot
-run here is listed with the reason. Writes ``bench.json``, ``bench.md`` and ``bench.png`` (latency
-distribution per configuration) under ``--out``.
+run here is listed with the reason. ``--profile N`` adds, per onnxruntime CPU configuration, where
+the time goes (``bench.op_profile``: per part, op type and node, with each kernel's rate against the
+peak). ``--cpu-isa avx2`` re-runs the command with the AVX2-only instruction set
+(``cign_runtime.isa``). Writes ``bench.json``, ``bench.md`` and ``bench.png`` (latency distribution
+per configuration) under ``--out``.
 """
 from __future__ import annotations
 
@@ -103,7 +106,11 @@ def measure(root: Path, manifest: mf.Manifest, backend: str, precision: str, bat
         if model.tokens is not None:
             feeds[mf.TOKENS] = model.tokens
         split = model.runner.split_times if backend != "ort-cpu" else None
-        return timed_row(model.runner.run, split, feeds, backend, precision, batch, a, bar)
+        row = timed_row(model.runner.run, split, feeds, backend, precision, batch, a, bar)
+    if backend == "ort-cpu" and a["profile"]:  # after the timed calls, which the profiler would slow
+        row["profile"] = bench.op_profile(root / manifest.artefact("onnx", precision).path, feeds, a["profile"],
+                                          a["threads"], a["peaks"])
+    return row
 
 
 def timed_row(run, split, feeds: dict, backend: str, precision: str, batch: int, a: dict, bar) -> dict:
@@ -123,7 +130,7 @@ def run_bench(root: Path, a: dict) -> dict:
     tokens = manifest.n_classes() if manifest.tokens_as_input else None
     fp32 = root / manifest.artefact("onnx", "fp32").path
     flops = {b: sum(bench.graph_flops(fp32, b, tokens).values()) for b in a["batch"]}
-    peaks = {kind: bench.gemm_peak(kind, a["threads"]) for kind in ("fp32", "int8")}
+    peaks = a["peaks"] = {kind: bench.gemm_peak(kind, a["threads"]) for kind in ("fp32", "int8")}
     configs = [(b, resolve_precision(b, p), n) for b in a["backends"] for p in a["precision"] for n in a["batch"]]
     configs = list(dict.fromkeys(configs))
     rows, skipped = [], []
@@ -173,7 +180,27 @@ def table(result: dict) -> str:
     if result["accuracy"]:
         lines.append("\naudio-visual test accuracy from the export's report: " + ", ".join(
             f"{p} {v['audio_visual']:.1f} % ({v['drop']:+.1f})" for p, v in result["accuracy"].items()))
+    for r in result["rows"]:
+        if "profile" in r:
+            lines += ["", profile_table(r)]
     return "\n".join(lines) + "\n"
+
+
+def profile_table(row: dict, ops: int = 12) -> str:
+    """Where one call of a configuration goes (``--profile``): parts, then the costliest op types."""
+    p = row["profile"]
+
+    def cells(name: str, x: dict) -> str:
+        rate = (f"{x['gflop']:.2f} | {x['gops']:.0f} | {100 * x['of_peak']:.0f} % | {x['floor_ms']:.2f}"
+                if "of_peak" in x else f"{x['gflop']:.2f} | {x['gops']:.0f} | - | -" if x["gflop"] else "- | - | - | -")
+        return f"| {name} | {x['nodes']} | {x['ms']:.2f} | {100 * x['share']:.1f} % | {rate} |"
+
+    lines = [f"{row['backend']} {row['precision']} batch {row['batch']}: onnxruntime profile, median of {p['calls']} "
+             f"calls, kernels {p['kernel_ms']:.2f} ms per call", "",
+             "| part / op | nodes | ms | share | GFLOP | GOP/s | of peak | floor ms |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [cells(f"**{k}**", v) for k, v in p["by_part"].items() if v["nodes"]]
+    lines += [cells(k, v) for k, v in list(p["by_op"].items())[:ops]]
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -270,14 +297,17 @@ def _csv(choices):
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (onnxruntime intra-op, torch) [default: the libraries'].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench"), show_default=True,
               help="Folder for bench.json, bench.md and bench.png (train.json and train.md with --train).")
+@click.option("--profile", type=click.IntRange(min=0), default=0, show_default=True,
+              help="ort-cpu: also profile N calls per configuration with onnxruntime's profiler (time per op, FLOPs, "
+                   "rate against the peak).")
 @click.option("--cpu-isa", type=click.Choice(isa.ISAS), default="native", show_default=True,
               help="Run with this instruction set: avx2 masks AVX-512 / VNNI / AMX (cign_runtime.isa).")
 @click.option("--train", is_flag=True, help="Instead: training throughput of both presets and the loader's rate beside it.")
 @click.option("--device", default="cpu", show_default=True, help="--train: torch device (cpu, cuda).")
 @click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True, help="--train: timed steps per case.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="--train: loader processes.")
-def main(model_dir, preset, classes, data_dir, backends, precision, batch, iterations, warmup, threads, out, cpu_isa,
-         train, device, steps, workers):
+def main(model_dir, preset, classes, data_dir, backends, precision, batch, iterations, warmup, threads, out, profile,
+         cpu_isa, train, device, steps, workers):
     """Latency of an exported CIGN on each backend / precision / batch, with the FLOPs floor of this machine."""
     if cpu_isa != isa.current():  # start over in a process that runs with that instruction set
         try:
@@ -303,7 +333,7 @@ def main(model_dir, preset, classes, data_dir, backends, precision, batch, itera
     except ValueError as e:
         raise click.BadParameter(f"--batch takes integers: {batch}") from e
     a = {"backends": backends, "precision": precision, "batch": batches, "iterations": iterations, "warmup": warmup,
-         "threads": threads}
+         "threads": threads, "profile": profile}
     with tempfile.TemporaryDirectory() as tmp:
         if preset is not None:
             try:

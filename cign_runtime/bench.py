@@ -10,16 +10,23 @@
   ones the exported graph runs): an fp32 ``MatMul`` and a u8 x s8 ``MatMulInteger`` (the integer
   kernel VNNI speeds up) of square matrices, best of several runs. ``floor = FLOPs / peak`` is
   the latency a graph would have if every FLOP ran at that rate.
+- ``op_profile``: where one call's time goes, from onnxruntime's own profiler (the kernels it runs
+  after its fusions): per part (convolutions, matrix products, everything else), per op type and
+  per node, each kernel's FLOPs from the shapes the profiler records and its rate against the
+  peak of its arithmetic (int8 kernels against the int8 peak), as trtexec's per-layer profile.
 - ``environment``: CPU model and ISA flags, cores, threads, GPU and driver, library versions.
 """
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -152,6 +159,99 @@ def gemm_peak(kind: str = "fp32", threads: int | None = None, n: int = 1024, rep
         feeds = {"a": rng.integers(0, 256, (n, n), dtype=np.uint8), "b": rng.integers(-128, 128, (n, n), dtype=np.int8)}
     best = time_calls(lambda: session.run(None, feeds), repeats, warmup=1).min()
     return 2 * n**3 / (best * 1e-3) / 1e9
+
+
+#: onnxruntime CPU kernels (after graph fusion) that convolve: the weight's input index.
+CONV_KERNELS = {"Conv": 1, "FusedConv": 1, "NhwcConv": 1, "NhwcFusedConv": 1, "ConvInteger": 1, "QLinearConv": 3}
+#: ... that multiply matrices (A is input 0; Gemm's transA is 0 in torch exports).
+MATMUL_KERNELS = frozenset({"MatMul", "FusedMatMul", "Gemm", "FusedGemm", "QLinearMatMul", "QGemm", "MatMulInteger",
+                            "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})
+
+
+def kernel_flops(op: str, a_shape: list[int], out_shape: list[int], weight_shape: list[int] | None) -> int:
+    """2 x multiply-adds of one kernel run (0 for kernels that neither convolve nor multiply matrices).
+
+    Convolutions: output elements x (Cin / groups x kh x kw) of the weight (Cout, Cin / groups, kh, kw),
+    the layout onnxruntime keeps in NCHW, NHWC and NCHWc kernels; matrix products: output elements x
+    the inner dimension, A's last.
+    """
+    if op in CONV_KERNELS:
+        return 2 * int(np.prod(out_shape)) * int(np.prod(weight_shape[1:]))
+    if op in MATMUL_KERNELS:
+        return 2 * int(np.prod(out_shape)) * int(a_shape[-1])
+    return 0
+
+
+def _part(op: str) -> str:
+    return "conv" if op in CONV_KERNELS else "matmul" if op in MATMUL_KERNELS else "other"
+
+
+def _integer(op: str) -> bool:
+    return op.startswith("QLinear") or op in ("QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+                                            "DynamicQuantizeMatMul")
+
+
+def op_profile(onnx_path: str | os.PathLike, feeds: dict[str, np.ndarray], calls: int, threads: int | None,
+               peaks: dict[str, float], top: int = 15) -> dict:
+    """Per-kernel time of ``calls`` profiled calls (median per node, ms per call) of the graph on onnxruntime's
+    CPU provider, grouped into parts and op types, with FLOPs and the rate against ``peaks`` (GFLOP/s by kind)."""
+    import onnx
+
+    per_node: dict[str, list[float]] = {}
+    info: dict[str, tuple[str, list, list]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")  # the graph the profile names
+        options.log_severity_level = 3  # not the warning that this optimized graph is specific to this CPU
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        session.run(None, feeds)  # the first call allocates; it is profiled too, and left out below
+        for _ in range(calls):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+        graph = onnx.load(str(Path(tmp) / "optimized.onnx"), load_external_data=False).graph
+    dims = {i.name: list(i.dims) for i in graph.initializer}
+    weights = {n.name: dims.get(n.input[CONV_KERNELS[n.op_type]]) for n in graph.node if n.op_type in CONV_KERNELS}
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        args = e["args"]
+        a_shape, out_shape = (list(args[k][0].values())[0] if args.get(k) else [] for k in ("input_type_shape",
+                                                                                           "output_type_shape"))
+        info[e["name"]] = (args["op_name"], a_shape, out_shape)
+        per_node.setdefault(e["name"], []).append(e["dur"] / 1e3)
+    nodes = []
+    for name, ms in per_node.items():
+        op, a_shape, out_shape = info[name]
+        node = name.removesuffix("_kernel_time")
+        flops = kernel_flops(op, a_shape, out_shape, weights.get(node))
+        nodes.append({"node": node, "op": op, "ms": float(np.median(ms[-calls:])), "gflop": flops / 1e9,
+                      "kind": "int8" if _integer(op) else "fp32"})
+    total = sum(n["ms"] for n in nodes)
+
+    def rate(group: list[dict]) -> dict:
+        ms, gflop = sum(n["ms"] for n in group), sum(n["gflop"] for n in group)
+        out = {"ms": ms, "share": ms / total if total else 0.0, "nodes": len(group), "gflop": gflop}
+        if gflop:
+            kind = group[0]["kind"] if len({n["kind"] for n in group}) == 1 else None
+            out["gops"] = gflop / (ms / 1e3)
+            if kind is not None:
+                out["of_peak"] = out["gops"] / peaks[kind]
+                out["floor_ms"] = gflop / peaks[kind] * 1e3
+        return out
+
+    by_part = {p: rate([n for n in nodes if _part(n["op"]) == p]) for p in ("conv", "matmul", "other")}
+    ops = sorted({n["op"] for n in nodes}, key=lambda o: -sum(n["ms"] for n in nodes if n["op"] == o))
+    for n in nodes:
+        if n["gflop"]:
+            n["gops"] = n["gflop"] / (n["ms"] / 1e3)
+            n["of_peak"] = n["gops"] / peaks[n["kind"]]
+    return {"calls": calls, "kernel_ms": total, "by_part": by_part,
+            "by_op": {o: rate([n for n in nodes if n["op"] == o]) for o in ops},
+            "top_nodes": sorted(nodes, key=lambda n: -n["ms"])[:top]}
 
 
 def _version(package: str) -> str | None:

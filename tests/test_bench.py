@@ -1,6 +1,6 @@
-"""cign-bench on real exports: statistics by hand, FLOPs against torch's counter, the GEMM peaks, the CLI
-end to end (torch + onnxruntime, skipped backends with reasons, JSON / markdown / plot), without torch,
-a random-weight preset export, and the GPU split where a GPU is."""
+"""cign-bench on real exports: statistics by hand, FLOPs against torch's counter, the GEMM peaks, the op
+profile, the CLI end to end (torch + onnxruntime, skipped backends with reasons, JSON / markdown / plot,
+the profile), without torch, a random-weight preset export, and the GPU split where a GPU is."""
 from __future__ import annotations
 
 import json
@@ -14,7 +14,9 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
+from onnxruntime.quantization import CalibrationDataReader
 
+from calibration.quantize import quantize_int8
 from cign_export.exporter import Exporter, ExportOptions
 from cign_export.graph import ExportGraph
 from cign_export.preset import export_preset
@@ -60,6 +62,45 @@ def test_graph_flops_of_a_hand_built_graph(tmp_path):
     assert bench.graph_flops(path, batch=3) == {"Conv": 3 * conv, "MatMul": 3 * matmul}
 
 
+class ArrayReader(CalibrationDataReader):
+    def __init__(self, batches):
+        self.items = iter([{"x": b} for b in batches])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def test_op_profile_times_every_kernel_and_counts_its_flops(tmp_path):
+    """onnxruntime's profile of a hand-built Conv + MatMul graph, fp32 and its int8-cpu graph (QLinearConv,
+    QLinearMatMul): each part's FLOPs are the graph's, whatever kernels onnxruntime fused them into."""
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [16, 8, 3, 3], rng.standard_normal(1152).astype(np.float32))
+    m = helper.make_tensor("m", TensorProto.FLOAT, [64, 24], rng.standard_normal(1536).astype(np.float32))
+    shape = helper.make_tensor("shape", TensorProto.INT64, [3], np.array([1, 64, 64], np.int64))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),  # (1, 16, 16, 16)
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Reshape", ["r", "shape"], ["f"]),  # (1, 64, 64)
+             helper.make_node("MatMul", ["f", "m"], ["y"])]  # (1, 64, 24)
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 24])], initializer=[w, m, shape])
+    fp32 = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), fp32)
+    x = rng.standard_normal((1, 8, 16, 16)).astype(np.float32)
+    int8 = quantize_int8(fp32, tmp_path / "g_int8.onnx", ArrayReader([x, -x, 2 * x]), "cpu")
+    conv, matmul = 2 * (16 * 16 * 16) * (8 * 3 * 3), 2 * (64 * 24) * 64
+    peaks = {"fp32": 100.0, "int8": 400.0}
+    for path, kind in ((fp32, "fp32"), (int8, "int8")):
+        p = bench.op_profile(path, {"x": x}, calls=3, threads=1, peaks=peaks)
+        assert p["by_part"]["conv"]["gflop"] * 1e9 == pytest.approx(conv)
+        assert p["by_part"]["matmul"]["gflop"] * 1e9 == pytest.approx(matmul)
+        assert sum(v["ms"] for v in p["by_op"].values()) == pytest.approx(p["kernel_ms"])
+        assert all(n["ms"] > 0 for n in p["top_nodes"])
+        for part in ("conv", "matmul"):
+            got = p["by_part"][part]
+            assert got["of_peak"] == pytest.approx(got["gflop"] / (got["ms"] / 1e3) / peaks[kind])
+        if kind == "int8":
+            assert {"QLinearConv", "QLinearMatMul"} <= set(p["by_op"])
+
+
 def test_graph_flops_of_an_export_agree_with_torch_flop_counter(export):
     """An independent count: torch's FlopCounterMode on the eager graph the ONNX was exported from."""
     manifest = mf.Manifest.load(export)
@@ -84,7 +125,7 @@ def test_cli_times_torch_and_onnxruntime_and_lists_what_it_skipped(export, tmp_p
     out = tmp_path / "b"
     proc = subprocess.run([sys.executable, "-m", "cign_export.bench_cli", "--model", str(export), "--backends",
                            "torch,ort-cpu,ort-cuda,trt", "--precision", "fp32,int8", "--batch", "1,2", "--iterations",
-                           "6", "--warmup", "1", "--threads", "1", "--out", str(out)],
+                           "6", "--warmup", "1", "--threads", "1", "--profile", "2", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
@@ -104,6 +145,9 @@ def test_cli_times_torch_and_onnxruntime_and_lists_what_it_skipped(export, tmp_p
     assert (out / "bench.png").stat().st_size > 1000
     md = (out / "bench.md").read_text()
     assert "| ort-cpu | int8-cpu | 1 |" in md and "Skipped:" in md and bench.environment()["cpu"] in md
+    profiled = {(r["backend"], r["precision"], r["batch"]) for r in result["rows"] if "profile" in r}
+    assert profiled == {("ort-cpu", p, n) for p in ("fp32", "int8-cpu") for n in (1, 2)}  # not torch
+    assert "ort-cpu int8-cpu batch 2: onnxruntime profile, median of 2 calls" in md and "| QLinearConv |" in md
 
 
 def test_cli_runs_without_torch_and_skips_the_torch_backend(export, tmp_path, torchless_env):

@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 from calibration.confidence import ece, evaluate, fit_confidence, nll
 from calibration.dataset import StoreReader, calibration_indices
 from calibration.fp16 import TOLERANCE, to_fp16
-from calibration.quantize import quantize_int8
+from calibration.quantize import activation_matmuls, quantize_int8
 from cign_runtime import trt_ops
 from cign_runtime.confidence import known, top_confidence
 from cign_runtime.manifest import OUTPUTS, Confidence
@@ -154,7 +154,8 @@ def test_int8_trt_is_symmetric_per_channel_and_parses_in_tensorrt(store, exporte
     assert top >= 0.8 and log_diff < 0.2, (top, log_diff)
 
 
-def test_int8_cpu_has_u8_activations_and_s8_weights(store, exported, test_split, tmp_path):
+def test_int8_cpu_has_u8_activations_7_bit_s8_weights_and_float_attention_products(store, exported, test_split,
+                                                                                    tmp_path):
     path, classes = exported
     out = quantize_int8(path, tmp_path / "int8-cpu.onnx", calibration_reader(store, classes), "cpu")
     model = onnx.load(out)
@@ -164,7 +165,13 @@ def test_int8_cpu_has_u8_activations_and_s8_weights(store, exported, test_split,
     weights = weight_dequantizers(model)
     convs = sum(n.op_type == "Conv" for n in onnx.load(path).graph.node)  # every one has an int8 weight
     assert len(weights) > convs > 10 and all(w.dtype == np.int8 for _, _, w in weights)
+    assert max(int(np.abs(w).max()) for _, _, w in weights) == 64  # 7 bits: no saturation on AVX2 kernels
     assert all(n.domain == "" for n in model.graph.node)
+    float_products = activation_matmuls(onnx.load(path))
+    assert len(float_products) == 4  # Q K^T and softmax x V in each modality's one transformer layer
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    for node in (n for n in model.graph.node if n.name in float_products):
+        assert node.op_type == "MatMul" and "DequantizeLinear" not in {producer.get(i) for i in node.input}
 
     feeds, _, ref = test_split
     top, log_diff = agreement(ref, run(out, feeds))
