@@ -80,8 +80,8 @@ def accounting(name: str, row: dict) -> str:
     p = row["profile"]
     conv, matmul, other = (p["by_part"][k] for k in ("conv", "matmul", "other"))
     return (f"| {name} | {row['precision']} | {p['kernel_ms']:.1f} | {conv['ms']:.1f} ({100 * conv['of_peak']:.0f} %) | "
-            f"{matmul['ms']:.1f} ({100 * matmul.get('of_peak', 0):.0f} %) | {other['ms']:.1f} ({100 * other['share']:.0f} %) | "
-            f"{conv['floor_ms'] + matmul.get('floor_ms', 0):.1f} |")
+            f"{matmul['ms']:.1f} ({100 * matmul['of_peak']:.0f} %) | {other['ms']:.1f} ({100 * other['share']:.0f} %) | "
+            f"{conv['floor_ms'] + matmul['floor_ms']:.1f} |")
 
 
 def main() -> None:

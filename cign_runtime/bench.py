@@ -194,7 +194,8 @@ def _integer(op: str) -> bool:
 def op_profile(onnx_path: str | os.PathLike, feeds: dict[str, np.ndarray], calls: int, threads: int | None,
                peaks: dict[str, float], top: int = 15) -> dict:
     """Per-kernel time of ``calls`` profiled calls (median per node, ms per call) of the graph on onnxruntime's
-    CPU provider, grouped into parts and op types, with FLOPs and the rate against ``peaks`` (GFLOP/s by kind)."""
+    CPU provider, grouped into parts and op types, with FLOPs and the rate against ``peaks`` (GFLOP/s by kind):
+    ``of_peak`` = floor / time, the floor being each kernel's FLOPs at the peak of its arithmetic."""
     import onnx
 
     per_node: dict[str, list[float]] = {}
@@ -233,14 +234,13 @@ def op_profile(onnx_path: str | os.PathLike, feeds: dict[str, np.ndarray], calls
     total = sum(n["ms"] for n in nodes)
 
     def rate(group: list[dict]) -> dict:
+        """Time, FLOPs and rate of ``group``; its floor: each kernel's FLOPs at the peak of its own arithmetic."""
         ms, gflop = sum(n["ms"] for n in group), sum(n["gflop"] for n in group)
         out = {"ms": ms, "share": ms / total if total else 0.0, "nodes": len(group), "gflop": gflop}
         if gflop:
-            kind = group[0]["kind"] if len({n["kind"] for n in group}) == 1 else None
             out["gops"] = gflop / (ms / 1e3)
-            if kind is not None:
-                out["of_peak"] = out["gops"] / peaks[kind]
-                out["floor_ms"] = gflop / peaks[kind] * 1e3
+            out["floor_ms"] = sum(n["gflop"] / peaks[n["kind"]] for n in group) * 1e3
+            out["of_peak"] = out["floor_ms"] / ms
         return out
 
     by_part = {p: rate([n for n in nodes if _part(n["op"]) == p]) for p in ("conv", "matmul", "other")}
