@@ -192,7 +192,7 @@ def profile_table(row: dict, ops: int = 12) -> str:
 
     def cells(name: str, x: dict) -> str:
         rate = (f"{x['gflop']:.2f} | {x['gops']:.0f} | {100 * x['of_peak']:.0f} % | {x['floor_ms']:.2f}"
-                if "of_peak" in x else f"{x['gflop']:.2f} | {x['gops']:.0f} | - | -" if x["gflop"] else "- | - | - | -")
+                if x["gflop"] else "- | - | - | -")
         return f"| {name} | {x['nodes']} | {x['ms']:.2f} | {100 * x['share']:.1f} % | {rate} |"
 
     lines = [f"{row['backend']} {row['precision']} batch {row['batch']}: onnxruntime profile, median of {p['calls']} "

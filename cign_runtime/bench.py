@@ -176,6 +176,8 @@ def kernel_flops(op: str, a_shape: list[int], out_shape: list[int], weight_shape
     the inner dimension, A's last.
     """
     if op in CONV_KERNELS:
+        if weight_shape is None:
+            raise ValueError(f"{op}: no weight shape (the weight is not an initializer of the optimized graph)")
         return 2 * int(np.prod(out_shape)) * int(np.prod(weight_shape[1:]))
     if op in MATMUL_KERNELS:
         return 2 * int(np.prod(out_shape)) * int(a_shape[-1])
