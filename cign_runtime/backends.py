@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from cign_runtime import isa
 from cign_runtime import manifest as mf
 from cign_runtime.spec import PreprocessSpec
 
@@ -30,6 +31,31 @@ PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvid
 #: Default precision per backend: the first of these the export has.
 DEFAULT_PRECISIONS = {"ort-cpu": ("int8-cpu", "fp32"), "ort-cuda": ("fp16", "fp32"),
                       "ort-trt": ("fp16", "fp32"), "trt": ("fp16", "fp32")}
+
+
+#: x86 flags whose integer dot products accumulate in int32. Without them (AVX2 and pre-VNNI AVX-512
+#: CPUs) onnxruntime's u8 x s8 kernels add pairs of products in a saturating int16, so int8-cpu
+#: weights must stay within [-64, 64] (``calibration.quantize``).
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def saturates_here(onnx_path: Path) -> str | None:
+    """Why the int8-cpu graph at ``onnx_path`` would lose accuracy on this CPU, or None when it will not:
+    an x86 CPU with AVX2 but no VNNI, and int8 weights beyond 7 bits (exports made before 2026-11-27)."""
+    flags = isa.cpu_flags()
+    if "avx2" not in flags or flags & VNNI_FLAGS:
+        return None
+    import onnx
+    from onnx import numpy_helper
+
+    weights = [numpy_helper.to_array(i) for i in onnx.load(str(onnx_path), load_external_data=False).graph.initializer
+               if i.data_type == onnx.TensorProto.INT8]
+    widest = max((int(np.abs(w.astype(np.int16)).max()) for w in weights if w.size), default=0)
+    if widest <= 64:
+        return None
+    return (f"{onnx_path}: its int8 weights use 8 bits (|w| up to {widest}) and this CPU has no VNNI, where "
+            f"onnxruntime's u8 x s8 kernels saturate and lose accuracy; export it again "
+            f"(cign-export --int8 --target cpu writes 7-bit weights)")
 
 
 class BackendUnavailable(ValueError):
@@ -326,8 +352,9 @@ def open_model(export_dir: str | os.PathLike, backend: str = "auto", precision: 
                cache_dir: str | os.PathLike | None = None, spinning: bool = True) -> Model:
     """Open an export folder on ``backend`` (one of BACKENDS).
 
-    ``precision``: one the export has (default per backend: int8-cpu else fp32 on ort-cpu; fp16
-    else fp32 on GPUs). ``task``: whose token table a tokens-as-input export runs (default: the
+    ``precision``: one the export has (default per backend: int8-cpu else fp32 on ort-cpu, fp32 when
+    the int8-cpu graph would saturate on this CPU (:func:`saturates_here`; asked for, it raises
+    ValueError); fp16 else fp32 on GPUs). ``task``: whose token table a tokens-as-input export runs (default: the
     manifest's). ``threads``: onnxruntime intra-op threads. ``spinning=False``: its idle threads sleep
     rather than spin (``cign-live`` runs one inference per hop; see ``cign_runtime.live``).
     ``cache_dir``: root of onnxruntime's TensorRT engine cache (default ``cache_root()``). A tampered export raises the manifest's
@@ -345,11 +372,19 @@ def open_model(export_dir: str | os.PathLike, backend: str = "auto", precision: 
         raise BackendUnavailable(f"backend {backend!r} is not available here; available: {here}")
     task, tokens = _tokens(root, manifest, task)
     skipped: list[str] = []
+    notes: list[str] = []
     for b in here if backend == "auto" else [backend]:
         if backend == "auto" and precision is not None and precision not in manifest.precisions(role(b)):
             skipped.append(f"{b}: no {precision} {role(b)}")
             continue
         p = pick_precision(manifest, b, precision)
+        if b == "ort-cpu" and p == "int8-cpu":
+            why = saturates_here(root / manifest.artefact("onnx", p).path)
+            if why and (precision is not None or "fp32" not in manifest.precisions("onnx")):
+                raise ValueError(why)
+            if why:
+                notes.append(f"fp32, not int8-cpu: {why}")
+                p = "fp32"
         try:
             runner = _runner(root, manifest, b, p, threads, cache_dir, spinning)
         except BackendUnavailable as e:
@@ -362,5 +397,5 @@ def open_model(export_dir: str | os.PathLike, backend: str = "auto", precision: 
             reason += f"; skipped {'; '.join(skipped)})" if skipped else ")"
         else:
             reason = f"{b} as requested"
-        return Model(root, manifest, b, p, task, tokens, runner, reason)
+        return Model(root, manifest, b, p, task, tokens, runner, "; ".join([reason, *notes]))
     raise BackendUnavailable(f"auto: no backend could run {root} here (available: {here}; tried: {'; '.join(skipped)})")

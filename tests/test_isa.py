@@ -1,8 +1,10 @@
 """The AVX2 instruction-set mask (cign_runtime.isa) on this machine's real libraries: numpy, torch and
-onnxruntime pick their AVX2 kernels under it, the environment reports it, cign-bench runs under it, and
-the int8-cpu recipe keeps its accuracy on the AVX2 kernels (whose u8 x s8 products saturate)."""
+onnxruntime pick their AVX2 kernels under it, the environment reports it, cign-bench runs under it, the
+int8-cpu recipe keeps its accuracy on the AVX2 kernels (whose u8 x s8 products saturate), and the
+runtime does not run an older 8-bit-weight int8-cpu graph there."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -116,3 +118,56 @@ def test_bench_runs_under_the_mask_and_says_so(tiny_run, tmp_path):
     env = json.loads((out / "bench.json").read_text())["environment"]
     assert env["cpu_isa"] == "avx2" and env["flags"] == ["avx2"]
     assert "CPUID-masked to avx2" in (out / "bench.md").read_text()
+
+
+OPEN = """
+import sys
+from cign_runtime.backends import open_model
+try:
+    model = open_model(sys.argv[1], "ort-cpu", None if sys.argv[2] == "default" else sys.argv[2])
+except ValueError as e:
+    print("refused:", e)
+else:
+    print(model.precision, "|", model.reason)
+"""
+
+
+def opened(export, precision: str, env: dict) -> str:
+    proc = subprocess.run([sys.executable, "-c", OPEN, str(export), precision], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(not HOST_AVX2_ONLY and REASON is not None, reason=f"no AVX2 kernels to run here: {REASON}")
+def test_runtime_runs_an_8_bit_int8_graph_in_fp32_on_avx2_kernels(tiny_run, tmp_path):
+    """An export whose int8-cpu graph has 8-bit weights (the recipe before 2026-11-27): on AVX2 kernels the
+    runtime picks fp32 by default and says why, and refuses int8-cpu when asked; the 7-bit graph runs."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from calibration.dataset import StoreReader
+    from cign_export.exporter import Exporter, ExportOptions
+    from cign_runtime import manifest as mf
+    from cign_train.data.store import PreparedStore
+
+    export = tmp_path / "export"
+    Exporter(tiny_run, 1, export, ExportOptions(precisions=("fp32", "int8-cpu"), parity_samples=4,
+                                                calibration_per_class=2))()
+    assert opened(export, "default", avx2_kernels()).startswith("int8-cpu |")  # 7 bits: runs everywhere
+    manifest = mf.Manifest.load(export)
+    store = PreparedStore(json.loads((export / "report.json").read_text())["samples"]["store"])
+    old = export / "model_int8-cpu.onnx"
+    quantize_static(str(export / "model_fp32.onnx"), str(old), StoreReader(store, np.arange(8)),
+                    quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "Gemm", "MatMul", "Relu"],
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    extra_options={"WeightSymmetric": True})  # the earlier recipe: full 8-bit weights
+    artefacts = [mf.Artefact.of(export, old, "onnx", precision="int8-cpu") if a.precision == "int8-cpu" else a
+                 for a in manifest.artefacts]
+    dataclasses.replace(manifest, artefacts=artefacts).save(export)
+
+    default = opened(export, "default", avx2_kernels())
+    assert default.startswith("fp32 |") and "fp32, not int8-cpu" in default and "8 bits" in default
+    asked = opened(export, "int8-cpu", avx2_kernels())
+    assert asked.startswith("refused:") and "export it again" in asked
+    if "avx512_vnni" in isa.cpu_flags() or "amx_int8" in isa.cpu_flags():  # VNNI accumulates in int32: it runs
+        assert opened(export, "default", isa.environ("native")).startswith("int8-cpu |")
