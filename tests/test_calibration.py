@@ -2,6 +2,7 @@
 graph (on a real exported CIGN and its prepared store) and the confidence fit."""
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -9,7 +10,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader
 
 from calibration.confidence import ece, evaluate, fit_confidence, nll
 from calibration.dataset import StoreReader, calibration_indices
@@ -176,6 +178,26 @@ def test_int8_cpu_has_u8_activations_7_bit_s8_weights_and_float_attention_produc
     feeds, _, ref = test_split
     top, log_diff = agreement(ref, run(out, feeds))
     assert top >= 0.8 and log_diff < 0.2, (top, log_diff)
+
+
+def test_int8_does_not_print_the_pre_processing_advice_and_leaves_logging_as_it_was(tmp_path, caplog):
+    w = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "g.onnx")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"x": np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)}])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    with caplog.at_level(logging.WARNING):
+        quantize_int8(tmp_path / "g.onnx", tmp_path / "g_int8.onnx", Reader(), "cpu")
+        logging.warning("a later pre-processing warning of the caller's own")
+    assert [r.getMessage() for r in caplog.records] == ["a later pre-processing warning of the caller's own"]
 
 
 def test_int8_refuses_an_unknown_target(store, exported, tmp_path):
