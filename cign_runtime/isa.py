@@ -41,15 +41,17 @@ def current() -> str:
 
 
 def cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
-    path = Path("/proc/cpuinfo")
+    """The first processor's fields of /proc/cpuinfo (empty where it cannot be read)."""
     fields: dict[str, str] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                break
-            key, _, value = line.partition(":")
-            fields[key.strip()] = value.strip()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return fields
+    for line in text.splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
     return fields
 
 
