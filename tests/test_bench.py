@@ -14,8 +14,8 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
-from onnxruntime.quantization import CalibrationDataReader
 
+from arrays import ArrayReader
 from calibration.quantize import quantize_int8
 from cign_export.exporter import Exporter, ExportOptions
 from cign_export.graph import ExportGraph
@@ -62,14 +62,6 @@ def test_graph_flops_of_a_hand_built_graph(tmp_path):
     assert bench.graph_flops(path, batch=3) == {"Conv": 3 * conv, "MatMul": 3 * matmul}
 
 
-class ArrayReader(CalibrationDataReader):
-    def __init__(self, batches):
-        self.items = iter([{"x": b} for b in batches])
-
-    def get_next(self):
-        return next(self.items, None)
-
-
 def test_op_profile_times_every_kernel_and_counts_its_flops(tmp_path):
     """onnxruntime's profile of a hand-built Conv + MatMul graph, fp32 and its int8-cpu graph (QLinearConv,
     QLinearMatMul): each part's FLOPs are the graph's, whatever kernels onnxruntime fused them into."""
@@ -85,7 +77,7 @@ def test_op_profile_times_every_kernel_and_counts_its_flops(tmp_path):
     fp32 = tmp_path / "g.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), fp32)
     x = rng.standard_normal((1, 8, 16, 16)).astype(np.float32)
-    int8 = quantize_int8(fp32, tmp_path / "g_int8.onnx", ArrayReader([x, -x, 2 * x]), "cpu")
+    int8 = quantize_int8(fp32, tmp_path / "g_int8.onnx", ArrayReader("x", [x, -x, 2 * x]), "cpu")
     conv, matmul = 2 * (16 * 16 * 16) * (8 * 3 * 3), 2 * (64 * 24) * 64
     peaks = {"fp32": 100.0, "int8": 400.0}
     for path, kind in ((fp32, "fp32"), (int8, "int8")):

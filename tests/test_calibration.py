@@ -11,8 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import CalibrationDataReader
 
+from arrays import ArrayReader
 from calibration.confidence import ece, evaluate, fit_confidence, nll
 from calibration.dataset import StoreReader, calibration_indices
 from calibration.fp16 import TOLERANCE, to_fp16
@@ -187,15 +187,9 @@ def test_int8_does_not_print_the_pre_processing_advice_and_leaves_logging_as_it_
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], [w])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "g.onnx")
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{"x": np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)}])
-
-        def get_next(self):
-            return next(self.items, None)
-
+    reader = ArrayReader("x", [np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)])
     with caplog.at_level(logging.WARNING):
-        quantize_int8(tmp_path / "g.onnx", tmp_path / "g_int8.onnx", Reader(), "cpu")
+        quantize_int8(tmp_path / "g.onnx", tmp_path / "g_int8.onnx", reader, "cpu")
         logging.warning("a later pre-processing warning of the caller's own")
     assert [r.getMessage() for r in caplog.records] == ["a later pre-processing warning of the caller's own"]
 

@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import CalibrationDataReader
 
+from arrays import ArrayReader
 from calibration.quantize import quantize_int8
 from cign_runtime import isa
 
@@ -60,14 +60,6 @@ def test_the_mask_hides_avx512_from_numpy_torch_and_the_reported_environment(tmp
 def test_unknown_instruction_set_is_refused():
     with pytest.raises(ValueError, match="choose from"):
         isa.unavailable("avx10")
-
-
-class ArrayReader(CalibrationDataReader):
-    def __init__(self, name: str, batches):
-        self.items = iter([{name: b} for b in batches])
-
-    def get_next(self):
-        return next(self.items, None)
 
 
 SCORE = """
