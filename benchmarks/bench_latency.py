@@ -3,7 +3,7 @@ cpu preset (K 10) and, when present, a trained avdigits export (its report gives
 
 Each model is one ``cign-bench`` process (torch eager + onnxruntime CPU, fp32 / fp16 / int8, batch 1
 and 8, ``--threads`` as given), so every ratio below is from one run. Copies each run's JSON and
-plot to ``benchmarks/results/latency_<name>[_avx2].{json,png}`` and prints, per model, batch 1:
+plot to ``benchmarks/results/latency_<name>[_avx2][_TAG].{json,png}`` and prints, per model, batch 1:
 onnxruntime fp32 / eager, fp32 / floor, INT8 / eager, INT8 / fp32 and the INT8 audio-visual accuracy
 drop, beside the targets (issue 11: fp32 <= 0.5x eager and <= 1.1x floor; INT8 <= 0.2x eager with
 VNNI, <= 0.6x fp32 on AVX2-only CPUs; drop <= 1 point).
@@ -95,12 +95,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", type=int, default=20, help="onnxruntime-profiled calls per configuration")
     ap.add_argument("--cpu-isa", choices=isa.ISAS, default="native", help="instruction set (cign_runtime.isa)")
+    ap.add_argument("--tag", default="", help="appended to the results' names (another CPU's results beside these)")
     ap.add_argument("--score", type=Path, help="internal: print the test accuracy of this export's graphs as JSON")
     a = ap.parse_args()
     if a.score:
         print(json.dumps(score(a.score, a.threads)))
         return
-    a.suffix = "" if a.cpu_isa == "native" else f"_{a.cpu_isa}"
+    a.suffix = ("" if a.cpu_isa == "native" else f"_{a.cpu_isa}") + (f"_{a.tag}" if a.tag else "")
     RESULTS.mkdir(exist_ok=True)
     results = {"paper": run("paper", ["--preset", "paper"], a, max(50, a.iterations // 4)),
                "cpu": run("cpu", ["--preset", "cpu"], a, a.iterations)}
