@@ -124,7 +124,9 @@ def test_a_step_is_ss_plus_weighted_tkd_plus_token_ce_with_a_frozen_previous_mod
         tkd += F.kl_div(F.log_softmax(s[:, :2] / 3, 1), F.softmax(t / 3, 1), reduction="batchmean") * 9
     ce = token_independence(model.token_logits(), (2, 3))
     assert terms["ss"].item() == pytest.approx(ss.item(), rel=1e-5)
-    assert terms["tkd"].item() == pytest.approx(tkd.item(), rel=1e-5) and terms["tkd"].item() > 0
+    # the KL is a small difference of O(1) log-probabilities, so its float32 roundoff is absolute (3e-7
+    # between the two formulas on an AMD EPYC's kernels): a wrong T^2, temperature or class set moves it by far more
+    assert terms["tkd"].item() == pytest.approx(tkd.item(), rel=1e-5, abs=1e-6) and terms["tkd"].item() > 0
     assert terms["total"].item() == pytest.approx((ss + 0.5 * tkd + ce).item(), rel=1e-5)
     terms["total"].backward()
     assert model.head_a.weight.grad is not None
