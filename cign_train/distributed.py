@@ -43,16 +43,31 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
 
 
 @torch.no_grad()
-def check_in_sync(model: torch.nn.Module, d: Dist) -> None:
-    """Raise if the ranks' copies of ``model`` differ (DDP keeps them equal; a mismatch is a bug)."""
+def average_gradients(params, d: Dist) -> None:
+    """Average the gradients of ``params`` over ranks, in place: for trainable tensors outside the
+    DDP-wrapped model (a method's own, e.g. L2P's prompts), whose gradients DDP does not reduce. A
+    rank whose step left a tensor without gradient contributes zeros."""
     if d.world == 1:
         return
-    mine = torch.stack([p.detach().double().sum() for p in model.parameters()])  # (n_params,)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(d.world)
+
+
+@torch.no_grad()
+def check_in_sync(model: torch.nn.Module, d: Dist, extra=()) -> None:
+    """Raise if the ranks' copies of ``model`` (and the ``extra`` tensors: a method's own parameters)
+    differ (DDP and ``average_gradients`` keep them equal; a mismatch is a bug)."""
+    if d.world == 1:
+        return
+    mine = torch.stack([p.detach().double().sum() for p in (*model.parameters(), *extra)])  # (n_params,)
     mine = mine.to(d.device)
     ref = mine.clone()
     dist.broadcast(ref, src=0)
     if not torch.allclose(mine, ref, rtol=1e-6, atol=1e-8):
-        raise RuntimeError(f"rank {d.rank}: model parameters differ from rank 0's")
+        raise RuntimeError(f"rank {d.rank}: model or method parameters differ from rank 0's")
 
 
 def barrier(d: Dist) -> None:

@@ -273,7 +273,7 @@ class Trainer:
         for epoch in range(start_epoch, s.epochs_of(t)):
             last = self.train_epoch(method, model, optimizer, scaler, scheduler, idx, t, epoch, weights)
             self.save_last(t, epoch + 1, model, method, optimizer, scaler, scheduler)
-        D.check_in_sync(model, self.dist)
+        D.check_in_sync(model, self.dist, method.parameters())
         if self.writer is not None:
             diagnostics = self.task_diagnostics(method) if len(self.buffer.indices) else {}
             for k, v in diagnostics.items():
@@ -366,6 +366,7 @@ class Trainer:
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(losses["total"]).backward()
+            D.average_gradients(method.parameters(), self.dist)
             scaler.step(optimizer)
             scaler.update()
             lr = scheduler.get_last_lr()[0]

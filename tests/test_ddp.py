@@ -23,3 +23,30 @@ def test_torchrun_two_processes_gloo(tiny_avdigits, tmp_path):
     # Each rank scored half of the test split; the summed counts cover every test clip of both tasks.
     assert len(metrics["accuracy_matrix"]["audio_visual"]) == 2
     assert metrics["eval_clips"] == [15, 15] and metrics["eval_split"] == "test"
+
+
+def test_torchrun_l2p_prompts_are_averaged_across_processes(tiny_avdigits, tmp_path):
+    """L2P's prompts and keys live outside the DDP-wrapped model: the trainer averages their gradients,
+    so both ranks end each task with the same prompts (the run's sync check covers them and raises
+    otherwise), and rank 0's checkpoint holds them."""
+    out = tmp_path / "l2p"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cign_train.cli.train", "--data-dir", str(tiny_avdigits), "--method", "l2p", "--tasks", "2",
+           "--epochs", "1", "--batch-size", "4", "--max-per-class", "4", "--workers", "0",
+           "--dim", "32", "--depth", "1", "--heads", "4", "--out", str(out), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = torch.load(out / "task_1.pt", weights_only=True)
+    assert ckpt["world_size"] == 2
+    assert any(torch.is_tensor(v) and v.numel() > 0 for v in _tensors(ckpt["method_state"]))
+
+
+def _tensors(state):
+    if isinstance(state, dict):
+        for v in state.values():
+            yield from _tensors(v)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            yield from _tensors(v)
+    elif torch.is_tensor(state):
+        yield state

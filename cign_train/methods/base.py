@@ -139,8 +139,9 @@ class Method:
     def parameters(self) -> list[nn.Parameter]:
         """The method's own trainable parameters, outside the model (e.g. L2P's prompts): the trainer adds
         them to each task's optimizer, built after ``begin_task`` and the grow. The model's state_dict
-        (what exports read) does not hold them, so a method keeps them in ``state_dict``; DDP does not
-        average their gradients across processes. The default: none."""
+        (what exports read) does not hold them, so a method keeps them in ``state_dict``; under DDP
+        the trainer averages their gradients across processes (``distributed.average_gradients``), as
+        DDP does the model's. The default: none."""
         return []
 
     def state_dict(self) -> dict[str, Any]:
