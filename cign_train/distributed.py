@@ -49,7 +49,7 @@ def average_gradients(params, d: Dist) -> None:
     rank whose step left a tensor without gradient contributes zeros."""
     if d.world == 1:
         return
-    for p in params:
+    for p in (p for p in params if p.requires_grad):
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
