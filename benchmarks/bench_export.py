@@ -7,8 +7,9 @@ eager fp32 vs onnxruntime fp32 / fp16 / INT8 (trt and cpu recipes), each measure
 with warm-up; median / p90 / p99 and the ratio to eager. Also the cost of the input normalisation
 in the graph against the numpy implementation.
 
-Accuracy: ``cign-export`` of a trained avdigits run (``--run``, default runs/avdigits-cign-seed0;
-train it first with ``cign-train``) with every precision; test-split top-1 per modality.
+Accuracy: ``cign-export`` of trained avdigits runs (``--run``, one or more, e.g. the default run of
+seeds 0-2: ``cign-train --seed S``) with every precision; test-split top-1 per modality per run, and
+each precision's audio-visual drop against fp32 as mean and std over the runs.
 
 Writes ``benchmarks/results/export_<cpu|paper>.json`` and ``export_accuracy.json`` and prints tables.
 """
@@ -20,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
@@ -37,6 +37,7 @@ from cign_runtime import manifest as mf
 from cign_runtime import spec as npspec
 from cign_runtime.spec import get_preset
 from cign_train.checkpoint import last_finished_task
+from cign_train.experiments import mean_std
 from cign_train.model import CIGN
 from cign_train.settings import PRESETS
 
@@ -115,7 +116,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200, help="timed batch-1 runs per configuration (paper: a quarter)")
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--data-dir", type=Path, default=Path("data"))
-    ap.add_argument("--run", type=Path, default=Path("runs/avdigits-cign-seed0"))
+    ap.add_argument("--run", type=Path, nargs="+", default=[Path("runs/avdigits-cign-seed0")],
+                    help="trained avdigits runs (their last task is exported)")
     ap.add_argument("--skip-accuracy", action="store_true")
     args = ap.parse_args()
     info = machine.describe()
@@ -129,7 +131,7 @@ def main() -> None:
                       **speed(preset, args.data_dir, iters, args.warmup, work)}
             (RESULTS / f"export_{preset}.json").write_text(json.dumps(result, indent=1))
             print(f"\n{preset} preset, K {result['classes']}, batch 1 ({iters} runs)")
-            print(f"| backend | precision | median ms | p99 ms | vs eager | MB | export s |\n|---|---|---|---|---|---|---|")
+            print("| backend | precision | median ms | p99 ms | vs eager | MB | export s |\n|---|---|---|---|---|---|---|")
             for r in result["rows"]:
                 print(f"| {r['backend']} | {r['precision']} | {r['median_ms']:.2f} | {r['p99_ms']:.2f} | {r['vs_eager']:.2f}x | "
                       f"{r.get('mb', float('nan')):.1f} | {r.get('export_s', float('nan')):.1f} |")
@@ -137,13 +139,21 @@ def main() -> None:
             print(f"normalisation: numpy {n['numpy_ms']:.3f} ms vs in-graph {n['in_graph_ms']:.3f} ms "
                   f"(layout only, numpy: {n['feed_layout_ms']:.3f} ms)")
         if not args.skip_accuracy:
-            acc = {"machine": info, **accuracy(args.run, None, work)}
-            (RESULTS / "export_accuracy.json").write_text(json.dumps(acc, indent=1))
-            print(f"\naccuracy on the avdigits test split ({acc['test_clips']} clips), task {acc['task']} of {acc['run']}")
-            print("| precision | audio | visual | audio-visual | drop (a-v) |\n|---|---|---|---|---|")
-            for p, a in acc["accuracy"]["test"].items():
-                d = acc["accuracy"]["drop_vs_fp32"].get(p, {}).get("audio_visual", 0.0)
-                print(f"| {p} | {a['audio']:.1f} | {a['visual']:.1f} | {a['audio_visual']:.1f} | {d:+.1f} |")
+            runs = [accuracy(run, None, work / f"run{i}") for i, run in enumerate(args.run)]
+            print("\naccuracy on the avdigits test split, every precision of each run's last task")
+            print("| run | test clips | precision | audio | visual | audio-visual | drop (a-v) |\n|---|---|---|---|---|---|---|")
+            for r in runs:
+                for p, a in r["accuracy"]["test"].items():
+                    d = r["accuracy"]["drop_vs_fp32"].get(p, {}).get("audio_visual", 0.0)
+                    print(f"| {r['run']} | {r['test_clips']} | {p} | {a['audio']:.1f} | {a['visual']:.1f} | "
+                          f"{a['audio_visual']:.1f} | {d:+.2f} |")
+            drops = {p: [r["accuracy"]["drop_vs_fp32"][p]["audio_visual"] for r in runs]
+                     for p in runs[0]["accuracy"]["drop_vs_fp32"]}
+            summary = {p: dict(zip(("mean", "std"), mean_std(d)), max=max(d)) for p, d in drops.items()}
+            print(f"audio-visual drop vs fp32 over {len(runs)} runs, mean +- std (max): " + ", ".join(
+                f"{p} {v['mean']:+.2f} +- {v['std']:.2f} ({v['max']:+.2f})" for p, v in summary.items()))
+            doc = {"machine": info, "runs": runs, "drop_vs_fp32_audio_visual": summary}
+            (RESULTS / "export_accuracy.json").write_text(json.dumps(doc, indent=1))
 
 
 if __name__ == "__main__":
