@@ -6,10 +6,10 @@ trains in fp32). On a bf16 machine both are measured: once as is, once with the 
 instruction set (``cign_runtime.isa``: CPUID hides AVX-512, VNNI, AVX512-BF16 and AMX from torch,
 oneDNN, numpy and onnxruntime, and ``--amp auto`` then trains in fp32 as on an AVX2-only CPU);
 where the mask cannot run (no CPUID faulting: AMD hosts), kind ``avx2-libs`` holds torch's
-libraries to AVX2 instead (``LIBS_AVX2``). Each run is a fresh ``cign-train`` process on the already prepared store (generation and preparation are
-timed by ``bench_data.py``), one at a time.
-Writes ``benchmarks/results/default_run[SUFFIX].json``: seconds per kind, their ratio, the run's accuracy
-and the CPU.
+libraries to AVX2 instead (``LIBS_AVX2``). Each run is a fresh ``cign-train`` process on the
+already prepared store (generation and preparation are timed by ``bench_data.py``), one at a time.
+Writes ``benchmarks/results/default_run[SUFFIX].json``: seconds per kind, their ratio, the run's
+accuracy and the CPU.
 """
 from __future__ import annotations
 
