@@ -36,7 +36,7 @@ bench-latency: setup
 experiments: setup
 	for e in methods ablation depth tasks buffer tsne; do $(PYTHON) -m cign_train.cli.experiment $$e || exit 1; done
 
-# wall time of the default cign-train, native and with oneDNN/ATen held to AVX2 in fp32 (about 12 min)
+# wall time of the default cign-train, native and on the AVX2 instruction set in fp32 (CPUID mask, or torch's libraries held to AVX2 where it cannot run; about 12 min)
 bench-default: setup
 	$(PYTHON) benchmarks/bench_default_run.py
 

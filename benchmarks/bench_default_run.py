@@ -66,7 +66,9 @@ def run(kind: str, runs: Path, data_dir: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    ap.add_argument("--kinds", nargs="+", choices=KINDS,
+                    default=["native", "avx2" if isa.unavailable("avx2") is None else "avx2-libs"],
+                    help="default: native and avx2, or avx2-libs where the CPUID mask cannot run")
     ap.add_argument("--runs", type=Path, default=Path("runs/bench-default"))
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--suffix", default="", help="appended to the results file's name (another CPU's results beside these)")
