@@ -11,14 +11,26 @@ augmentation, batch 16, scored on val (test is never read), seeds 1-3. Variants:
   clip, or the clip's mean, subtracted in the model;
 - data per class, on a second avdigits generated with 320 training clips per class (same generator,
   seed and held-out voices; its own val clips): 160 clips x 8 epochs, 320 x 4 (the same steps),
-  160 x 16 and 320 x 8.
+  160 x 16 and 320 x 8;
+- the spectrogram's band, each on a store prepared from the default clips with its own spec (so the
+  rows do not depend on the preset's): ``8k``: the ``cpu`` preset's former spec (8 kHz, n_fft 256,
+  hop 80 = 10 ms, 32 mel bands x 301 frames); ``16k``: the clips' audio at 16 kHz (0-8 kHz where 8
+  kHz keeps 0-4 kHz; fricatives such as the /s/ of "six" and "seven" lie above 4 kHz), n_fft 512,
+  hop 160, the same 32 x 301 shape, so the encoder's cost is unchanged (the preset's spec since);
+  ``16k-40``: with 40 bands; ``22k``: the clips' own 22,050 Hz (0-11 kHz) with the paper's STFT
+  (n_fft 512, hop 221), 32 bands x 300 frames; ``8k smooth``: label smoothing 0.1; ``8k no-erase``
+  and ``16k no-erase``: without random erasing.
 
-Writes ``benchmarks/results/audio_probe_avdigits.json`` (per variant and seed, mean and std) with
-the CPU named.
+Writes ``--output`` (default ``benchmarks/results/audio_probe_avdigits.json``: per variant and seed,
+mean and std, the store's spec) with the CPU named. The committed ``audio_probe_avdigits.json`` was
+measured while the preset was 8 kHz (its ``default`` store); ``audio_probe_band_avdigits.json`` holds
+the band rows (``--variants 8k 16k 16k-40 22k "8k smooth" "8k no-erase" "16k no-erase" --seeds 1 2 3
+4 5``).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -31,6 +43,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import machine
 import cign_train.data.avdigits as avdigits
+from cign_runtime.spec import PRESETS as spec_presets
 from cign_train.data.avdigits.config import AvdigitsConfig
 from cign_train.data.ingest import prepare_dataset, store_dir
 from cign_train.data.loader import batch_loader
@@ -41,7 +54,14 @@ from cign_train.settings import preset_settings
 from cign_train.trainer import Trainer
 
 RESULTS = Path(__file__).parent / "results"
-#: name -> (store: "default" or "320", training clips per class or None for all, epochs, options)
+#: spectrogram stores: name -> fields of the ``cpu`` spec that differ, prepared from the default clips
+SPECS = {
+    "8k": {"sample_rate": 8000, "n_fft": 256, "win_length": 256, "hop_length": 80},
+    "16k": {"sample_rate": 16000, "n_fft": 512, "win_length": 512, "hop_length": 160},
+    "16k-40": {"sample_rate": 16000, "n_fft": 512, "win_length": 512, "hop_length": 160, "n_mels": 40},
+    "22k": {"sample_rate": 22050, "n_fft": 512, "win_length": 512, "hop_length": 221},
+}
+#: name -> (store: "default", "320" or a SPECS key, training clips per class or None for all, epochs, options)
 VARIANTS = {
     "baseline": ("default", None, 8, {}),
     "ema": ("default", None, 8, {"ema": 0.995}),
@@ -54,6 +74,13 @@ VARIANTS = {
     "320 x 4": ("320", None, 4, {}),
     "160 x 16": ("320", 160, 16, {}),
     "320 x 8": ("320", None, 8, {}),
+    "8k": ("8k", None, 8, {}),
+    "16k": ("16k", None, 8, {}),
+    "16k-40": ("16k-40", None, 8, {}),
+    "22k": ("22k", None, 8, {}),
+    "8k smooth": ("8k", None, 8, {"smooth": 0.1}),
+    "8k no-erase": ("8k", None, 8, {"erase": False}),
+    "16k no-erase": ("16k", None, 8, {"erase": False}),
 }
 
 
@@ -83,8 +110,8 @@ def stretch(spectrograms: torch.Tensor, factor: float) -> torch.Tensor:
     return torch.stack(out)
 
 
-def probe(data_dir: Path, per_class: int | None, epochs: int, seed: int, options: dict) -> float:
-    """Val accuracy (%) of the audio probe after ``epochs``."""
+def probe(data_dir: Path, per_class: int | None, epochs: int, seed: int, options: dict) -> tuple[float, dict]:
+    """Val accuracy (%) of the audio probe after ``epochs``, and the store's spec."""
     s = preset_settings("cpu", seed=seed, data_dir=str(data_dir))
     tr = Trainer(s, Path("runs/audio-probe"), progress=False)
     classes = tuple(range(10))
@@ -107,7 +134,7 @@ def probe(data_dir: Path, per_class: int | None, epochs: int, seed: int, options
             x = tr.inputs(batch, augment=True)
             spectrograms = stretch(x.spectrograms, options["stretch"]) if "stretch" in options else x.spectrograms
             with tr.autocast():
-                loss = F.cross_entropy(net(spectrograms).float(), x.labels)
+                loss = F.cross_entropy(net(spectrograms).float(), x.labels, label_smoothing=options.get("smooth", 0.0))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -124,7 +151,7 @@ def probe(data_dir: Path, per_class: int | None, epochs: int, seed: int, options
     with torch.no_grad(), tr.autocast():
         for x in tr.batches(val)():
             correct += (scored(x.spectrograms).argmax(1) == x.labels).sum().item()
-    return 100 * correct / len(val)
+    return 100 * correct / len(val), tr.spec.to_dict()
 
 
 def ensure_320(data_dir: Path) -> None:
@@ -139,30 +166,52 @@ def ensure_320(data_dir: Path) -> None:
         avdigits.generate = generate
 
 
+def ensure_spec(data_dir: Path, clips_dir: Path, name: str) -> None:
+    """A store of the default clips (``clips_dir``'s avdigits, linked) prepared with ``SPECS[name]``."""
+    if (store_dir(data_dir, "avdigits", "cpu") / "index.json").is_file():
+        return
+    root = data_dir / "avdigits"
+    root.mkdir(parents=True, exist_ok=True)
+    for entry in ("clips", "avdigits.json", "avdigits.csv"):
+        if not (root / entry).exists():
+            (root / entry).symlink_to((clips_dir / "avdigits" / entry).resolve())
+    default = spec_presets["cpu"]
+    spec_presets["cpu"] = dataclasses.replace(default, **SPECS[name])
+    try:
+        prepare_dataset("avdigits", data_dir, preset="cpu", progress=False)
+    finally:
+        spec_presets["cpu"] = default
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--data-dir", type=Path, default=Path("data"))
     ap.add_argument("--data-dir-320", type=Path, default=Path("runs/audio-probe-data320"))
+    ap.add_argument("--data-dir-specs", type=Path, default=Path("runs/audio-probe-specs"),
+                    help="one store per SPECS entry under it")
+    ap.add_argument("--output", type=Path, default=RESULTS / "audio_probe_avdigits.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
     if any(VARIANTS[v][0] == "320" for v in args.variants):
         ensure_320(args.data_dir_320)
+    for store in {VARIANTS[v][0] for v in args.variants} & set(SPECS):
+        ensure_spec(args.data_dir_specs / store, args.data_dir, store)
     rows = {}
     for name in args.variants:
         store, per_class, epochs, options = VARIANTS[name]
-        data = args.data_dir if store == "default" else args.data_dir_320
-        accs = [probe(data, per_class, epochs, seed, options) for seed in args.seeds]
+        data = {"default": args.data_dir, "320": args.data_dir_320}.get(store, args.data_dir_specs / store)
+        accs, specs = zip(*(probe(data, per_class, epochs, seed, options) for seed in args.seeds))
         mean, std = mean_std(accs)
-        rows[name] = {"store": store, "train_per_class": per_class or (160 if store == "default" else 320),
-                      "epochs": epochs, "options": options, "val_accuracy": accs, "mean": mean, "std": std}
+        rows[name] = {"store": store, "spec": specs[0], "train_per_class": per_class or (320 if store == "320" else 160),
+                      "epochs": epochs, "options": options, "val_accuracy": list(accs), "mean": mean, "std": std}
         print(f"{name:<10} val {mean:.1f} +- {std:.1f}  ({' / '.join(f'{a:.1f}' for a in accs)})", flush=True)
     info = machine.describe()
     doc = {"machine": info, "split": "val", "seeds": args.seeds, "rows": rows}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "audio_probe_avdigits.json").write_text(json.dumps(doc, indent=1))
-    print(f"{machine.label(info)}; wrote {RESULTS / 'audio_probe_avdigits.json'}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(doc, indent=1))
+    print(f"{machine.label(info)}; wrote {args.output}")
 
 
 if __name__ == "__main__":

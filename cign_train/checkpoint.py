@@ -102,6 +102,17 @@ def task_path(run_dir: Path, task: int) -> Path:
     return run_dir / f"task_{task}.pt"
 
 
+def check_spec(path: Path, trained: PreprocessSpec, store: PreprocessSpec) -> None:
+    """A ValueError naming checkpoint ``path`` and the fields that differ when the spec its model was
+    trained on is not the store's (the store was prepared again with a changed preset): its weights do
+    not fit the store's inputs, so the run can be neither continued nor re-scored on it."""
+    if trained != store:
+        was, now = trained.to_dict(), store.to_dict()
+        changed = ", ".join(f"{k} {was[k]} -> {now[k]}" for k in was if was[k] != now.get(k))
+        raise ValueError(f"{path}: trained on another preprocessing spec than the store's ({changed}); "
+                         "start a new run (another --out, or --runs for cign-experiment)")
+
+
 def last_finished_task(run_dir: Path, tasks: int | None = None) -> int:
     """Index of the last task with a checkpoint (tasks are finished in order), -1 if none."""
     done = -1

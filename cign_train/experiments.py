@@ -143,8 +143,15 @@ def run_dir(runs: Path, settings: TrainSettings, preset: str) -> Path:
 
 
 def finished(path: Path, settings: TrainSettings) -> bool:
-    n = n_tasks(settings)
-    return ck.last_finished_task(path, n) == n - 1
+    """Whether every task of the run is done; a ValueError when it was trained on another spec than the
+    store's (:func:`cign_train.checkpoint.check_spec`), so a stale run is never re-read into a table."""
+    plan = make_plan(settings)
+    n = len(plan.task_classes)
+    if ck.last_finished_task(path, n) != n - 1:
+        return False
+    last = ck.task_path(path, n - 1)
+    ck.check_spec(last, ck.TaskCheckpoint.load(last).spec, plan.store.spec)
+    return True
 
 
 def train(settings: TrainSettings, path: Path, progress: bool = False) -> float:
@@ -386,7 +393,10 @@ def write_results(exp: Experiment, sweep: Sweep, table: Mapping[str, dict], out:
     in the paper's layout and in full, and the experiment's figure (test split)."""
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"experiment_{exp.name}_{sweep.name or sweep.dataset}"
-    header = (f"{exp.title}. Data set {sweep.name or sweep.dataset}, preset {sweep.preset}; runs in {sweep.runs}; "
+    spec = make_plan(sweep.settings(exp.rows[0], sweep.seeds[0])).store.spec  # the runs' inputs (finished() checks)
+    header = (f"{exp.title}. Data set {sweep.name or sweep.dataset}, preset {sweep.preset} "
+              f"({spec.sample_rate} Hz audio, {spec.spectrogram_shape[0]} x {spec.spectrogram_shape[1]} spectrogram, "
+              f"{spec.frame_size} px frames); runs in {sweep.runs}; "
               f"mean ± std over the seeds' finished runs; {machine_label}.")
     md = [f"## {exp.title}\n\n{header}\n"]
     for split, role in (("test", "reported"), ("val", "settings are chosen on it")):
@@ -401,7 +411,7 @@ def write_results(exp: Experiment, sweep: Sweep, table: Mapping[str, dict], out:
                 for t in exp.diagnostics) + " |\n")
     written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     doc: dict[str, Any] = {"experiment": exp.name, "title": exp.title, "dataset": sweep.dataset, "name": sweep.name,
-                           "preset": sweep.preset, "preset_settings": preset_settings(sweep.preset).to_dict(),
+                           "preset": sweep.preset, "preset_settings": preset_settings(sweep.preset).to_dict(), "spec": spec.to_dict(),
                            "seeds": list(sweep.seeds),
                            "chosen_on": "val", "reported_on": "test", "machine": dict(machine), "rows": table}
     png = stem.with_suffix(".png")

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from cign_runtime.spec import get_preset
 from cign_train import checkpoint as ck
 from cign_train import distributed as D
 from cign_train import precision
@@ -58,9 +59,17 @@ class Plan:
 
 
 def ensure_avdigits(s: TrainSettings, progress: bool = True) -> None:
-    """Generate and prepare the embedded avdigits store when a run needs it and it is missing."""
-    if s.dataset == "avdigits" and not (store_dir(Path(s.data_dir), s.dataset, s.spec) / "index.json").is_file():
-        prepare_dataset("avdigits", Path(s.data_dir), preset=s.spec, progress=progress)
+    """Generate and prepare the embedded avdigits store when a run needs it and it is missing, or
+    prepare it again when it was prepared with another spec than its preset's (a preset changed
+    since): avdigits is derived data, so the stale store is replaced, not trained on."""
+    if s.dataset != "avdigits":
+        return
+    root = store_dir(Path(s.data_dir), s.dataset, s.spec)
+    if (root / "index.json").is_file():
+        if PreparedStore(root).spec == get_preset(s.spec):
+            return
+        tqdm.write(f"{root}: prepared with another {s.spec!r} spec than the preset's now; preparing it again")
+    prepare_dataset("avdigits", Path(s.data_dir), preset=s.spec, progress=progress, overwrite=True)
 
 
 def make_plan(s: TrainSettings) -> Plan:
@@ -174,6 +183,7 @@ class Trainer:
         method_cls = get_method(s.method)
         if done >= 0:
             saved = ck.TaskCheckpoint.load(ck.task_path(self.run_dir, done))
+            ck.check_spec(ck.task_path(self.run_dir, done), saved.spec, self.spec)
             model = self.build_model(len(saved.classes))
             model.load_state_dict(saved.model)
             self.buffer.load_state_dict(saved.buffer)

@@ -241,6 +241,42 @@ def test_existing_run_needs_resume(tiny_avdigits, tmp_path):
         Trainer(other, tmp_path / "r", progress=False).run(resume=True)
 
 
+def test_a_store_of_a_former_preset_spec_is_prepared_again_and_its_runs_are_refused(tiny_avdigits, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """The cpu preset's spec changed (8 -> 16 kHz, issue 9): an avdigits store prepared with the former
+    spec is prepared again before a run trains on it, and a run trained on the former inputs is neither
+    resumed nor re-read by cign-experiment (its weights do not fit the new inputs)."""
+    import dataclasses
+
+    from cign_runtime import spec as spec_module
+    from cign_train.data.ingest import prepare_dataset, store_dir
+    from cign_train.data.store import PreparedStore
+    from cign_train.experiments import finished
+
+    root = tmp_path / "data" / "avdigits"
+    root.mkdir(parents=True)
+    for entry in ("clips", "avdigits.json", "avdigits.csv"):  # the tiny clips, without generating them again
+        (root / entry).symlink_to(tiny_avdigits / "avdigits" / entry)
+    now = spec_module.get_preset("cpu")
+    former = dataclasses.replace(now, sample_rate=8000, n_fft=256, win_length=256, hop_length=80)
+    store = store_dir(tmp_path / "data", "avdigits", "cpu")
+    s = tiny_settings(tmp_path / "data")
+    with monkeypatch.context() as m:  # the run and its store, made while the preset was the former one
+        m.setitem(spec_module.PRESETS, "cpu", former)
+        prepare_dataset("avdigits", tmp_path / "data", preset="cpu", progress=False)
+        Trainer(s, tmp_path / "old", progress=False).run()
+        assert PreparedStore(store).spec == former and finished(tmp_path / "old", s)
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"task_1\.pt: trained on another preprocessing spec .*sample_rate 8000 -> 16000"):
+        Trainer(s, tmp_path / "old", progress=False).run(resume=True)
+    assert "prepared with another 'cpu' spec than the preset's now; preparing it again" in capsys.readouterr().out
+    assert PreparedStore(store).spec == now
+    with pytest.raises(ValueError, match="trained on another preprocessing spec"):
+        finished(tmp_path / "old", s)
+    Trainer(s, tmp_path / "new", progress=False).run()  # a new run trains on the store prepared again
+    assert finished(tmp_path / "new", s)
+
+
 def test_fresh_run_into_a_run_killed_in_its_first_task_is_refused(tiny_avdigits, tmp_path, monkeypatch):
     """A killed first task leaves only config.json and last.pt; a new run there must not pick last.pt up."""
     s = tiny_settings(tiny_avdigits, epochs=3)
