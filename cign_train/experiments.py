@@ -411,7 +411,8 @@ def write_results(exp: Experiment, sweep: Sweep, table: Mapping[str, dict], out:
                 for t in exp.diagnostics) + " |\n")
     written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     doc: dict[str, Any] = {"experiment": exp.name, "title": exp.title, "dataset": sweep.dataset, "name": sweep.name,
-                           "preset": sweep.preset, "preset_settings": preset_settings(sweep.preset).to_dict(), "spec": spec.to_dict(),
+                           "preset": sweep.preset, "preset_settings": preset_settings(sweep.preset).to_dict(),
+                           "spec": spec.to_dict(),
                            "seeds": list(sweep.seeds),
                            "chosen_on": "val", "reported_on": "test", "machine": dict(machine), "rows": table}
     png = stem.with_suffix(".png")

@@ -69,7 +69,7 @@ def ensure_avdigits(s: TrainSettings, progress: bool = True) -> None:
         if PreparedStore(root).spec == get_preset(s.spec):
             return
         tqdm.write(f"{root}: prepared with another {s.spec!r} spec than the preset's now; preparing it again")
-    prepare_dataset("avdigits", Path(s.data_dir), preset=s.spec, progress=progress, overwrite=True)
+    prepare_dataset("avdigits", Path(s.data_dir), preset=s.spec, progress=progress)
 
 
 def make_plan(s: TrainSettings) -> Plan:

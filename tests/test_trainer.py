@@ -275,6 +275,10 @@ def test_a_store_of_a_former_preset_spec_is_prepared_again_and_its_runs_are_refu
         finished(tmp_path / "old", s)
     Trainer(s, tmp_path / "new", progress=False).run()  # a new run trains on the store prepared again
     assert finished(tmp_path / "new", s)
+    with monkeypatch.context() as m:  # cign-prepare rebuilds avdigits of another spec too (others ask for --overwrite)
+        m.setitem(spec_module.PRESETS, "cpu", former)
+        prepare_dataset("avdigits", tmp_path / "data", preset="cpu", progress=False)
+        assert PreparedStore(store).spec == former
 
 
 def test_fresh_run_into_a_run_killed_in_its_first_task_is_refused(tiny_avdigits, tmp_path, monkeypatch):

@@ -33,7 +33,8 @@ _path = click.Path(path_type=Path)
 @click.option("--window", type=click.Choice(WINDOWS), default="center", show_default=True,
               help="Which window of a longer clip is the sample: the centred one (VGGSound clips are centred on "
                    "their event) or the loudest (own clips whose sound is off-centre).")
-@click.option("--overwrite", is_flag=True, help="Rebuild a store that was prepared from different inputs.")
+@click.option("--overwrite", is_flag=True, help="Rebuild a store that was prepared from different inputs or with another spec "
+              "(avdigits, derived from its generated clips, is rebuilt without it).")
 def main(dataset, data_dir, preset, index, clips_dir, splits_dir, classes_file, name, seed, workers,
          min_audio_seconds, window, overwrite):
     """Decode every clip of DATASET once (PyAV) into a memory-mapped prepared store."""

@@ -48,7 +48,9 @@ def prepare_dataset(
     progress: bool = True,
     window: str = "center",
 ) -> PrepareReport:
-    """Build (or resume, or confirm) the prepared store of ``dataset``; returns the report."""
+    """Build (or resume, or confirm) the prepared store of ``dataset``; returns the report. avdigits'
+    store is derived from its generated clips, so one prepared from other inputs or with another spec
+    (a preset changed since) is rebuilt without ``overwrite``; other data sets ask for it."""
     sources = sources or Sources()
     listing_rejected: list[defs.Rejection] = []
     if dataset == "csv":
@@ -59,6 +61,7 @@ def prepare_dataset(
         definition = defs.get_definition(dataset)
         name, preset, classes = dataset, preset or definition.preset, definition.classes
         if dataset == "avdigits":
+            overwrite = True
             root = Path(data_dir) / "avdigits"
             index = avdigits.generate(root, seed=seed, workers=workers, progress=progress)
             candidates, listing_rejected = defs.avdigits_candidates(index, root / "clips")
