@@ -166,15 +166,21 @@ def ensure_320(data_dir: Path) -> None:
         avdigits.generate = generate
 
 
-def ensure_spec(data_dir: Path, clips_dir: Path, name: str) -> None:
-    """A store of the default clips (``clips_dir``'s avdigits, linked) prepared with ``SPECS[name]``."""
-    if (store_dir(data_dir, "avdigits", "cpu") / "index.json").is_file():
-        return
+def link_clips(data_dir: Path, clips_dir: Path) -> None:
+    """``data_dir``/avdigits linked to ``clips_dir``'s generated avdigits, so a store of another spec
+    is prepared from the same clips without generating them again."""
     root = data_dir / "avdigits"
     root.mkdir(parents=True, exist_ok=True)
     for entry in ("clips", "avdigits.json", "avdigits.csv"):
         if not (root / entry).exists():
             (root / entry).symlink_to((clips_dir / "avdigits" / entry).resolve())
+
+
+def ensure_spec(data_dir: Path, clips_dir: Path, name: str) -> None:
+    """A store of the default clips (``clips_dir``'s avdigits, linked) prepared with ``SPECS[name]``."""
+    if (store_dir(data_dir, "avdigits", "cpu") / "index.json").is_file():
+        return
+    link_clips(data_dir, clips_dir)
     default = spec_presets["cpu"]
     spec_presets["cpu"] = dataclasses.replace(default, **SPECS[name])
     try:

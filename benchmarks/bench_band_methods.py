@@ -2,11 +2,11 @@
 on the machine that ran the current preset's rows, so the two bands are compared on one CPU.
 
 ``--band 8k`` is the preset's former spec (8 kHz, n_fft 256, hop 80; ``bench_audio_probe.SPECS``).
-The preset is replaced by that spec for this process, avdigits' clips are linked (not generated
-again) into ``--data-dir`` and prepared with it, and ``cign-experiment methods --rows
-cign,finetune,joint`` runs there; tables in ``benchmarks/results/band_BAND/``. The current spec's
-rows: ``cign-experiment methods --rows cign,finetune,joint --runs runs/exp16k --out
-benchmarks/results/cpu16k``.
+The preset is replaced by that spec for this process, avdigits' clips (``--clips-dir``) are linked,
+not generated again, into ``runs/band-BAND-data`` and prepared there with it, and
+``cign-experiment methods --rows cign,finetune,joint`` runs there; tables in
+``benchmarks/results/band_BAND/``. The current spec's rows: ``cign-experiment methods --rows
+cign,finetune,joint --runs runs/exp16k --out benchmarks/results/cpu16k``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from bench_audio_probe import SPECS
+from bench_audio_probe import SPECS, link_clips
 from cign_runtime import spec as spec_module
 from cign_train.cli.experiment import main as experiment
 
@@ -26,11 +26,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()
     data = Path("runs") / f"band-{args.band}-data"
-    root = data / "avdigits"
-    root.mkdir(parents=True, exist_ok=True)
-    for entry in ("clips", "avdigits.json", "avdigits.csv"):
-        if not (root / entry).exists():
-            (root / entry).symlink_to((args.clips_dir / "avdigits" / entry).resolve())
+    link_clips(data, args.clips_dir)
     spec_module.PRESETS["cpu"] = dataclasses.replace(spec_module.PRESETS["cpu"], **SPECS[args.band])
     experiment(["methods", "--rows", "cign,finetune,joint", "--seeds", args.seeds, "--data-dir", str(data),
                 "--runs", f"runs/band-{args.band}", "--out", f"benchmarks/results/band_{args.band}"])
