@@ -182,8 +182,9 @@ class Trainer:
         done = ck.last_finished_task(self.run_dir, n_tasks) if resume else -1
         method_cls = get_method(s.method)
         if done >= 0:
-            saved = ck.TaskCheckpoint.load(ck.task_path(self.run_dir, done))
-            ck.check_spec(ck.task_path(self.run_dir, done), saved.spec, self.spec)
+            path = ck.task_path(self.run_dir, done)
+            saved = ck.TaskCheckpoint.load(path)
+            ck.check_spec(path, saved.spec, self.spec)
             model = self.build_model(len(saved.classes))
             model.load_state_dict(saved.model)
             self.buffer.load_state_dict(saved.buffer)
