@@ -19,13 +19,21 @@ augmentation, batch 16, scored on val (test is never read), seeds 1-3. Variants:
   hop 160, the same 32 x 301 shape, so the encoder's cost is unchanged (the preset's spec since);
   ``16k-40``: with 40 bands; ``22k``: the clips' own 22,050 Hz (0-11 kHz) with the paper's STFT
   (n_fft 512, hop 221), 32 bands x 300 frames; ``8k smooth``: label smoothing 0.1; ``8k no-erase``
-  and ``16k no-erase``: without random erasing.
+  and ``16k no-erase``: without random erasing;
+- at 16 kHz: ``16k smooth``; ``16k masks``: SpecAugment's masks (two of up to 6 mel bands, two of up
+  to 40 frames) instead of the erasing; ``16k mixup``: mixup (alpha 0.4); ``16k x 16``: 16 epochs;
+- CIGN's head and schedule: ``16k bce``: per-class sigmoids with eq 8's BCE instead of the softmax
+  (``16k bce smooth``: targets smoothed towards 1 / K); ``16k bce adam``: the trainer's Adam at 3e-4
+  instead of AdamW 1e-3; ``16k bce joint``: the ``joint`` method's schedule (12 epochs on classes
+  0-1, then 8 on classes 0-3, ..., 0-9, the model and its ten outputs carried over, a fresh
+  optimizer and schedule per task); ``16k bce adam joint``: both; ``16k bce adam 1e-3``: Adam at 1e-3,
+  ``16k bce adamw 3e-4``: AdamW at 3e-4 (which of lr and weight decay matters).
 
 Writes ``--output`` (default ``benchmarks/results/audio_probe_avdigits.json``: per variant and seed,
 mean and std, the store's spec) with the CPU named. The committed ``audio_probe_avdigits.json`` was
 measured while the preset was 8 kHz (its ``default`` store); ``audio_probe_band_avdigits.json`` holds
 the band rows (``--variants 8k 16k 16k-40 22k "8k smooth" "8k no-erase" "16k no-erase" --seeds 1 2 3
-4 5``).
+4 5``), ``audio_probe_16k_avdigits.json`` the 16 kHz, head and schedule rows (seeds 1-5).
 """
 from __future__ import annotations
 
@@ -81,6 +89,17 @@ VARIANTS = {
     "8k smooth": ("8k", None, 8, {"smooth": 0.1}),
     "8k no-erase": ("8k", None, 8, {"erase": False}),
     "16k no-erase": ("16k", None, 8, {"erase": False}),
+    "16k smooth": ("16k", None, 8, {"smooth": 0.1}),
+    "16k masks": ("16k", None, 8, {"erase": False, "masks": (2, 6, 2, 40)}),
+    "16k mixup": ("16k", None, 8, {"mixup": 0.4}),
+    "16k x 16": ("16k", None, 16, {}),
+    "16k bce": ("16k", None, 8, {"bce": True}),
+    "16k bce smooth": ("16k", None, 8, {"bce": True, "smooth": 0.1}),
+    "16k bce adam": ("16k", None, 8, {"bce": True, "adam": 3e-4}),
+    "16k bce joint": ("16k", None, 8, {"bce": True, "joint": True}),
+    "16k bce adam joint": ("16k", None, 8, {"bce": True, "adam": 3e-4, "joint": True}),
+    "16k bce adam 1e-3": ("16k", None, 8, {"bce": True, "adam": 1e-3}),
+    "16k bce adamw 3e-4": ("16k", None, 8, {"bce": True, "adamw": 3e-4}),
 }
 
 
@@ -110,6 +129,21 @@ def stretch(spectrograms: torch.Tensor, factor: float) -> torch.Tensor:
     return torch.stack(out)
 
 
+def masks(spectrograms: torch.Tensor, n_freq: int, width_freq: int, n_time: int, width_time: int) -> torch.Tensor:
+    """SpecAugment's masks (Park et al. 2019) on normalised (B, F, T) input: per sample ``n_freq`` bands of
+    U{0..width_freq} mel bins and ``n_time`` spans of U{0..width_time} frames set to 0 (the normalised mean)."""
+    b, f, t = spectrograms.shape
+    keep = torch.ones_like(spectrograms, dtype=torch.bool)
+    for n, width, size, dim in ((n_freq, width_freq, f, 1), (n_time, width_time, t, 2)):
+        pos = torch.arange(size, device=spectrograms.device)
+        for _ in range(n):
+            w = torch.randint(0, width + 1, (b, 1))
+            start = (torch.rand(b, 1) * (size - w + 1)).long()
+            hit = (pos >= start) & (pos < start + w)  # (B, size)
+            keep &= ~(hit.unsqueeze(2) if dim == 1 else hit.unsqueeze(1))
+    return spectrograms * keep
+
+
 def probe(data_dir: Path, per_class: int | None, epochs: int, seed: int, options: dict) -> tuple[float, dict]:
     """Val accuracy (%) of the audio probe after ``epochs``, and the store's spec."""
     s = preset_settings("cpu", seed=seed, data_dir=str(data_dir))
@@ -126,21 +160,12 @@ def probe(data_dir: Path, per_class: int | None, epochs: int, seed: int, options
     net = nn.Sequential(MeanNorm(options["norm"]) if "norm" in options else nn.Identity(), AudioEncoder(s.model),
                         nn.Linear(s.model.dim, len(classes))).to(memory_format=torch.channels_last)
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(options["ema"])) if "ema" in options else None
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    scheduler = task_scheduler(optimizer, "cosine", epochs * -(-len(train) // s.batch_size), s.warmup)
-    for epoch in range(epochs):
-        net.train()
-        for batch in batch_loader(tr.plan.store, train, s.batch_size, shuffle=True, workers=0, seed=seed * 1000 + epoch):
-            x = tr.inputs(batch, augment=True)
-            spectrograms = stretch(x.spectrograms, options["stretch"]) if "stretch" in options else x.spectrograms
-            with tr.autocast():
-                loss = F.cross_entropy(net(spectrograms).float(), x.labels, label_smoothing=options.get("smooth", 0.0))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(net)
+    stages = [(train, epochs)]
+    if options.get("joint"):  # the joint method's schedule: each task adds two classes, the model carries over
+        labels = tr.plan.label_map[tr.plan.store.labels[train]]
+        stages = [(train[labels < 2 * (t + 1)], s.first_task_epochs if t == 0 else s.epochs) for t in range(5)]
+    for stage, (train, epochs) in enumerate(stages):
+        _train(tr, net, ema, train, epochs, seed * 1000 + 100 * stage, options)
     scored = net
     if ema is not None:  # averaged weights with the last BatchNorm statistics
         for mine, live in zip(ema.module.buffers(), net.buffers()):
@@ -152,6 +177,47 @@ def probe(data_dir: Path, per_class: int | None, epochs: int, seed: int, options
         for x in tr.batches(val)():
             correct += (scored(x.spectrograms).argmax(1) == x.labels).sum().item()
     return 100 * correct / len(val), tr.spec.to_dict()
+
+
+def _train(tr: Trainer, net: nn.Module, ema: AveragedModel | None, train: np.ndarray, epochs: int, seed: int,
+           options: dict) -> None:
+    """``epochs`` over ``train`` with a fresh optimizer (AdamW at ``options["adamw"]``, 1e-3, weight decay
+    0.01; or Adam at ``options["adam"]``, as the trainer's) and warm-up + cosine schedule."""
+    s = tr.s
+    if "adam" in options:
+        optimizer = torch.optim.Adam(net.parameters(), lr=options["adam"])
+    else:
+        optimizer = torch.optim.AdamW(net.parameters(), lr=options.get("adamw", 1e-3))
+    scheduler = task_scheduler(optimizer, "cosine", epochs * -(-len(train) // s.batch_size), s.warmup)
+    for epoch in range(epochs):
+        net.train()
+        for batch in batch_loader(tr.plan.store, train, s.batch_size, shuffle=True, workers=0, seed=seed + epoch):
+            x = tr.inputs(batch, augment=True)
+            spectrograms = stretch(x.spectrograms, options["stretch"]) if "stretch" in options else x.spectrograms
+            if "masks" in options:
+                spectrograms = masks(spectrograms, *options["masks"])
+            lam, other = 1.0, torch.arange(len(x.labels))
+            if "mixup" in options:  # Zhang et al. 2018: convex pairs of inputs, the loss mixed alike
+                lam = float(torch.distributions.Beta(options["mixup"], options["mixup"]).sample())
+                other = torch.randperm(len(x.labels))
+                spectrograms = lam * spectrograms + (1 - lam) * spectrograms[other]
+            with tr.autocast():
+                logits = net(spectrograms).float()
+                smooth = options.get("smooth", 0.0)
+                if options.get("bce"):  # CIGN's per-class sigmoid head (eq 8), the targets smoothed towards 1 / K
+                    k = logits.shape[1]
+                    y = F.one_hot(x.labels, k).float() * (1 - smooth) + smooth / k
+                    loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none").sum(1).mean()
+                else:
+                    loss = lam * F.cross_entropy(logits, x.labels, label_smoothing=smooth)
+                if lam < 1.0:
+                    loss = loss + (1 - lam) * F.cross_entropy(logits, x.labels[other], label_smoothing=smooth)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(net)
 
 
 def ensure_320(data_dir: Path) -> None:

@@ -2,22 +2,34 @@
 
 The paper starts both encoders from self-supervised audio-visual pretraining (Sec. 4.1). Each
 clip's audio and frame are embedded (backbone -> pooled as the preset's encoder pools ->
-linear projection -> L2 norm) and one of two cross-modal objectives (``PretrainSettings.objective``)
-trains both encoders; labels are never read for training:
+linear projection -> L2 norm) and one of four objectives (``PretrainSettings.objective``) trains
+both encoders; labels are never read for training:
 
 - ``infonce``: audio-visual correspondence as in the localisation checkpoints the paper uses
   (EZ-VSL, SLAVC), in its global form: every audio of a batch is scored against every frame by
   cosine / tau, and a symmetric InfoNCE makes a clip's own pair the most similar.
+- ``ezvsl``: the same InfoNCE with EZ-VSL's multiple-instance score (Mo & Morgado 2022): an audio
+  against a frame scores the cosine of its best-matching location of the visual feature map, so a
+  small sounding object is not averaged away by the clutter around it (avdigits' digit covers a
+  fraction of the frame).
 - ``clusters``: cross-modal self-labelling (SeLaVi, Asano et al. 2020; the swapped prediction of
   SwAV, Caron et al. 2020): both embeddings are scored against learnable prototypes, each
   modality's scores are turned into balanced soft cluster codes by Sinkhorn-Knopp (eps 0.05, 3
   iterations), and each modality predicts the other's codes (cross-entropy, temperature tau).
   Clips of one class are not pushed apart, as InfoNCE's in-batch negatives push them.
+- ``simclr``: within each modality, two augmented views of a clip are matched against the batch's
+  other views (SimCLR's NT-Xent, Chen et al. 2020), the audio and visual terms averaged, plus
+  ``cross`` times the cross-modal ``infonce``: the encoders first learn augmentation-invariant
+  features of their own, which a cross-modal objective alone never gives them on avdigits.
+
+None of the four learns the digits on avdigits (README, ``cign-pretrain``), so the ``cpu`` preset
+trains its encoders from scratch.
 
 Both inputs get the training augmentation (``cign_train.augment``), so the encoders cannot match
 clips by colour or word timing alone. Each epoch reports, on the val clips, the objective and two
 diagnostics that do read the labels (evaluation only): class retrieval (how often an audio's best
-matching frame in its batch shows its class) and the normalised mutual information between the
+matching frame in its batch shows its class; ``simclr``'s val objective compares the un-augmented
+clip with one augmented view) and the normalised mutual information between the
 labels and the k-means clusters (scikit-learn) of the audio and of the visual embeddings.
 
 The checkpoint holds the two backbones under ``audio`` / ``visual`` (the layout
@@ -49,7 +61,7 @@ from cign_train.model.encoders import backbone, pool_audio
 from cign_train.preprocess import stored_inputs
 
 
-OBJECTIVES = ("infonce", "clusters")
+OBJECTIVES = ("infonce", "ezvsl", "clusters", "simclr")
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,8 @@ class PretrainSettings:
     batch_size: int = 32  # the InfoNCE's negatives are the batch's other clips
     lr: float = 3e-4  # Adam
     objective: str = "infonce"  # one of OBJECTIVES (module docstring)
-    tau: float = 0.07  # temperature of the InfoNCE logits / of the cluster predictions
+    tau: float = 0.07  # temperature of the InfoNCE / NT-Xent logits / of the cluster predictions
+    cross: float = 0.0  # simclr: weight of the cross-modal InfoNCE added to the two within-modal terms
     prototypes: int = 30  # clusters: number of prototypes (over-clustering)
     embed_dim: int = 128  # projection width (dropped after pretraining)
     encoder: str = "resnet18"  # the backbones (CIGNConfig.encoder) of the cign-train preset that will load them
@@ -78,9 +91,10 @@ class PretrainSettings:
 
 class Correspondence(nn.Module):
     """Audio and visual backbones (``cfg.encoder``) with projection heads: (spectrograms, frames) -> unit
-    embeddings; ``prototypes`` > 0 adds the clusters objective's prototype vectors."""
+    embeddings, the visual one (B, E) pooled or, with ``locations``, (B, P, E) per location of the
+    feature map; ``prototypes`` > 0 adds the clusters objective's prototype vectors."""
 
-    def __init__(self, cfg: CIGNConfig, embed_dim: int = 128, prototypes: int = 0):
+    def __init__(self, cfg: CIGNConfig, embed_dim: int = 128, prototypes: int = 0, locations: bool = False):
         super().__init__()
         self.audio = backbone(cfg, "audio")
         self.visual = backbone(cfg, "visual")
@@ -88,16 +102,29 @@ class Correspondence(nn.Module):
         self.head_a = nn.Linear(self.audio.out_channels, embed_dim)
         self.head_v = nn.Linear(self.visual.out_channels, embed_dim)
         self.prototypes = nn.Linear(embed_dim, prototypes, bias=False) if prototypes else None
+        self.locations = locations
 
     def forward(self, spectrograms: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = pool_audio(self.audio(spectrograms.unsqueeze(1)), self.audio_pool)
-        v = self.visual(frames).mean(dim=(2, 3))
+        fmap = self.visual(frames)
+        v = fmap.flatten(2).transpose(1, 2) if self.locations else fmap.mean(dim=(2, 3))  # (B, P, C) or (B, C)
         return F.normalize(self.head_a(a.float()), dim=-1), F.normalize(self.head_v(v.float()), dim=-1)
+
+
+def similarity(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(B, B) cosine of every audio with every frame: with pooled (B, E) frames their dot product, with
+    (B, P, E) locations the best location's (EZ-VSL's multiple-instance score, Mo & Morgado 2022)."""
+    return a @ v.T if v.dim() == 2 else torch.einsum("ie,jpe->ijp", a, v).amax(dim=-1)
+
+
+def pooled(v: torch.Tensor) -> torch.Tensor:
+    """A clip's one visual embedding: itself, or the unit mean of its locations."""
+    return v if v.dim() == 2 else F.normalize(v.mean(dim=1), dim=-1)
 
 
 def infonce(a: torch.Tensor, v: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(symmetric InfoNCE of matching rows of ``a`` and ``v``, fraction of rows whose own pair scores highest)."""
-    logits = a @ v.T / tau
+    logits = similarity(a, v) / tau
     target = torch.arange(len(a), device=a.device)
     loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
     return loss, (logits.argmax(dim=1) == target).float().mean()
@@ -125,9 +152,24 @@ def swapped_prediction(a: torch.Tensor, v: torch.Tensor, prototypes: nn.Linear, 
     return -((qv * F.log_softmax(sa / tau, dim=1)).sum(1).mean() + (qa * F.log_softmax(sv / tau, dim=1)).sum(1).mean()) / 2
 
 
-def objective_loss(model: Correspondence, a: torch.Tensor, v: torch.Tensor, s: PretrainSettings) -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> torch.Tensor:
+    """SimCLR's NT-Xent (Chen et al. 2020, eq 1): each of the 2B unit embeddings is matched to its other
+    view against the 2B - 2 other embeddings of the batch."""
+    z = torch.cat([z1, z2])
+    logits = (z @ z.T / tau).fill_diagonal_(float("-inf"))
+    n = len(z1)
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(logits, target)
+
+
+def objective_loss(model: Correspondence, a: torch.Tensor, v: torch.Tensor, s: PretrainSettings,
+                   views: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """The objective on one batch's embeddings; ``simclr`` also takes the second views' (a2, v2)."""
     if s.objective == "clusters":
         return swapped_prediction(a, v, model.prototypes, s.tau)
+    if s.objective == "simclr":
+        a2, v2 = views
+        return (nt_xent(a, a2, s.tau) + nt_xent(v, v2, s.tau)) / 2 + s.cross * infonce(a, v, s.tau)[0]
     return infonce(a, v, s.tau)[0]
 
 
@@ -135,11 +177,21 @@ def _inputs(store: PreparedStore, batch, device: torch.device, augment: Augment 
     return stored_inputs(store.spec, batch.frames, batch.spectrograms, device, augment)
 
 
+def batch_loss(model: Correspondence, store: PreparedStore, batch, s: PretrainSettings, device: torch.device,
+               augment: Augment, first_view: Augment | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(objective, audio, visual embeddings) of one batch, its first view augmented by ``first_view``;
+    ``simclr`` embeds a second view with ``augment``."""
+    a, v = model(*_inputs(store, batch, device, first_view))
+    views = model(*_inputs(store, batch, device, augment)) if s.objective == "simclr" else None
+    return objective_loss(model, a, v, s, views), a, v
+
+
 @torch.no_grad()
 def evaluate(model: Correspondence, store: PreparedStore, idx: np.ndarray, s: PretrainSettings,
-             device: torch.device) -> dict[str, float]:
-    """On ``idx`` (no augmentation, one fixed order): the mean objective and pair retrieval over batches, class retrieval
-    (an audio's best frame in its batch shows its class; chance from the batches' class counts), and
+             device: torch.device, augment: Augment) -> dict[str, float]:
+    """On ``idx`` (no augmentation but simclr's second view, one fixed order): the mean objective and
+    pair retrieval over batches, class retrieval (an audio's best frame in its batch shows its class;
+    chance from the batches' class counts), and
     the NMI of the labels with k-means (k = number of classes) of the audio / visual embeddings."""
     model.eval()
     losses, pairs, hits, chance, emb_a, emb_v, labels = [], [], [], [], [], [], []
@@ -147,15 +199,15 @@ def evaluate(model: Correspondence, store: PreparedStore, idx: np.ndarray, s: Pr
     for batch in batch_loader(store, idx, s.batch_size, shuffle=True, workers=0, seed=s.seed):
         if len(batch.labels) < 2:
             continue
-        a, v = model(*_inputs(store, batch, device, None))
+        loss, a, v = batch_loss(model, store, batch, s, device, augment, None)
         y = torch.as_tensor(batch.labels, device=a.device)
-        losses.append(float(objective_loss(model, a, v, s)))
-        best = (a @ v.T).argmax(dim=1)
+        losses.append(float(loss))
+        best = similarity(a, v).argmax(dim=1)
         pairs.append(float((best == torch.arange(len(a), device=a.device)).float().mean()))
         hits.append(float((y[best] == y).float().mean()))
         chance.append(float((y[:, None] == y[None, :]).float().mean()))
         emb_a.append(a.cpu())
-        emb_v.append(v.cpu())
+        emb_v.append(pooled(v).cpu())
         labels.append(y.cpu())
     y = torch.cat(labels).numpy()
     k = len(np.unique(y))
@@ -187,7 +239,8 @@ def pretrain(store: PreparedStore, s: PretrainSettings, out: Path, progress: boo
         raise ValueError(f"{store.root}: {len(train)} training clips, need at least two batches of {s.batch_size}")
     cfg = CIGNConfig(encoder=s.encoder, audio_pool=s.audio_pool)
     prototypes = s.prototypes if s.objective == "clusters" else 0
-    model = Correspondence(cfg, embed_dim=s.embed_dim, prototypes=prototypes).to(device, memory_format=torch.channels_last)
+    model = Correspondence(cfg, embed_dim=s.embed_dim, prototypes=prototypes, locations=s.objective == "ezvsl")
+    model = model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
     augment = Augment(store.spec)
     dtype = precision.autocast_dtype(s.amp, device)
@@ -202,13 +255,13 @@ def pretrain(store: PreparedStore, s: PretrainSettings, out: Path, progress: boo
         losses = []
         for batch in bar:
             with precision.autocast(device, dtype):
-                loss = objective_loss(model, *model(*_inputs(store, batch, device, augment)), s)
+                loss = batch_loss(model, store, batch, s, device, augment, augment)[0]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        held_out = evaluate(model, store, val, s, device) if len(val) >= 2 else dict.fromkeys(keys, float("nan"))
+        held_out = evaluate(model, store, val, s, device, augment) if len(val) >= 2 else dict.fromkeys(keys, float("nan"))
         history["epoch"].append(epoch + 1)
         history["train_loss"].append(float(np.mean(losses)))
         for key in keys:

@@ -35,6 +35,7 @@ class TrainSettings:
     first_task_epochs: int | None = None  # epochs of the first task (PyCIL's init_epoch); None: epochs
     batch_size: int = 128
     lr: float = 1e-4  # Adam (Sec. 4.1); the peak of a non-constant schedule
+    encoder_lr: float | None = None  # the audio and visual encoders' lr (same schedule); None: lr
     lr_schedule: str = "constant"  # cign_train.schedule: "constant" (paper) or "cosine" (warm-up + cosine, per task)
     warmup: float = 0.1  # cosine: fraction of each task's steps spent warming up
     max_per_class: int | None = None  # cap on training clips per class (seeded choice)
@@ -71,6 +72,8 @@ class TrainSettings:
             raise ValueError(f"first_task_epochs must be >= 1, got {self.first_task_epochs}")
         if min(self.epochs, self.batch_size, self.buffer_per_class) < 1 or self.lr <= 0:
             raise ValueError("epochs, batch size and buffer size must be >= 1 and lr > 0")
+        if self.encoder_lr is not None and self.encoder_lr <= 0:
+            raise ValueError(f"encoder_lr must be > 0, got {self.encoder_lr}")
 
     @property
     def store_name(self) -> str:

@@ -133,6 +133,21 @@ def test_joint_trains_each_task_on_every_seen_class(tiny_avdigits, tmp_path, cap
     assert clips == {"joint": 40, "finetune": 20}
 
 
+def test_encoder_lr_trains_the_encoders_at_their_own_rate(tiny_avdigits, tmp_path):
+    """--encoder-lr moves the encoders at its rate while the class tokens keep --lr's."""
+    start = Trainer(tiny_settings(tiny_avdigits), tmp_path / "init", progress=False).build_model(5).state_dict()
+    moved = {}
+    for encoder_lr in (None, 1e-8):
+        run = tmp_path / f"elr{encoder_lr}"
+        Trainer(tiny_settings(tiny_avdigits, encoder_lr=encoder_lr), run, progress=False).run()
+        first = torch.load(run / "task_0.pt", weights_only=True)["model"]
+        moved[encoder_lr] = {k: float((first[k].float() - start[k].float()).norm()) for k in
+                             ("audio_encoder.backbone.conv1.weight", "visual_encoder.proj.weight", "tokens")}
+    for key in ("audio_encoder.backbone.conv1.weight", "visual_encoder.proj.weight"):
+        assert moved[1e-8][key] < 1e-3 * moved[None][key], (key, moved)
+    assert moved[1e-8]["tokens"] > 0.1 * moved[None]["tokens"] > 0
+
+
 def test_method_state_and_options_are_saved_and_a_resume_continues_them(tiny_avdigits, tmp_path):
     """EWC's Fisher and anchor live in each task checkpoint; a run killed after its first task
     resumes with them (without, the second task would train unregularised) and equals the whole run."""

@@ -30,8 +30,12 @@ def default_out(data_dir: Path, store_name: str, preset: str, seed: int) -> Path
 @click.option("--batch-size", type=click.IntRange(min=2), default=PretrainSettings.batch_size, show_default=True)
 @click.option("--lr", type=float, default=PretrainSettings.lr, show_default=True)
 @click.option("--objective", type=click.Choice(OBJECTIVES), default=PretrainSettings.objective, show_default=True,
-              help="infonce: audio-visual correspondence (EZ-VSL); clusters: cross-modal self-labelling (SeLaVi / SwAV).")
+              help="infonce: audio-visual correspondence (EZ-VSL, global); ezvsl: scored at the frame's best location; "
+                   "clusters: cross-modal self-labelling (SeLaVi / SwAV); simclr: two augmented views within each "
+                   "modality (SimCLR), + --cross x infonce.")
 @click.option("--tau", type=float, default=PretrainSettings.tau, show_default=True, help="Temperature of the objective's logits.")
+@click.option("--cross", type=click.FloatRange(min=0), default=PretrainSettings.cross, show_default=True,
+              help="simclr: weight of the cross-modal InfoNCE term.")
 @click.option("--prototypes", type=click.IntRange(min=2), default=PretrainSettings.prototypes, show_default=True,
               help="clusters: number of prototypes.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -42,8 +46,8 @@ def default_out(data_dir: Path, store_name: str, preset: str, seed: int) -> Path
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Checkpoint [default: DATA_DIR/STORE/pretrained/PRESET-seedSEED.pt].")
 @click.option("--no-progress", is_flag=True)
-def main(dataset, name, data_dir, preset, epochs, batch_size, lr, objective, tau, prototypes, seed, device, amp, threads, workers, out,
-         no_progress):
+def main(dataset, name, data_dir, preset, epochs, batch_size, lr, objective, tau, cross, prototypes, seed, device, amp,
+         threads, workers, out, no_progress):
     """Pretrain both encoders (the preset's backbone) on the store's training clips (labels unused); cign-train --encoder-weights loads it."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -58,7 +62,7 @@ def main(dataset, name, data_dir, preset, epochs, batch_size, lr, objective, tau
         out = out or default_out(data_dir, store_name, preset, seed)
         model = TRAIN_PRESETS[preset]["model"]
         settings = PretrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, objective=objective, tau=tau,
-                                    prototypes=prototypes, seed=seed, device=device, amp=amp, workers=workers,
+                                    cross=cross, prototypes=prototypes, seed=seed, device=device, amp=amp, workers=workers,
                                     encoder=model.encoder, audio_pool=model.audio_pool)
         history = pretrain(store, settings, out, progress=not no_progress)
     except (ValueError, FileNotFoundError) as e:

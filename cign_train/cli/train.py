@@ -137,6 +137,8 @@ def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
 @click.option("--first-task-epochs", type=int, help="Epochs of the first task [default: --epochs if given, else the preset's (cpu 12)].")
 @click.option("--batch-size", type=int)
 @click.option("--lr", type=float, help="Adam learning rate (the peak of --lr-schedule cosine).")
+@click.option("--encoder-lr", type=float, help="Learning rate of the two encoders, on the same schedule, e.g. "
+              "lower for pretrained ones [default: --lr].")
 @click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="Per-task lr schedule: constant (paper) or "
               "cosine (linear warm-up, then cosine to 0) [default: the preset's].")
 @click.option("--warmup", type=float, help="cosine: fraction of each task's steps spent warming up [default: 0.1].")
@@ -176,7 +178,7 @@ def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
               "the settings of its config.json (other options may only repeat them; --threads, --workers, "
               "--no-progress may differ).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (one line per task still prints).")
-def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, batch_size, lr, lr_schedule, warmup, tasks, class_order, max_per_class,
+def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, batch_size, lr, encoder_lr, lr_schedule, warmup, tasks, class_order, max_per_class,
          buffer_per_class, buffer_select, rehearsal_sampling, augment, seed, device, amp, threads, workers, eval_split, encoder_weights, dim, depth, heads,
          assign, no_avctd, no_avcg, ctl_denominator, ctl_negatives, token_source, teacher_bn, out, resume, no_progress, **method_options):
     """Train CIGN (or another --method) task by task, evaluate, and print the results table."""
@@ -192,7 +194,7 @@ def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, bat
         try:
             settings = preset_settings(
                 preset, dataset=dataset, name=name, data_dir=str(data_dir), method=method, epochs=epochs, first_task_epochs=first_task_epochs, batch_size=batch_size,
-                lr=lr, lr_schedule=lr_schedule, warmup=warmup, tasks=tasks, class_order=class_order, max_per_class=max_per_class,
+                lr=lr, encoder_lr=encoder_lr, lr_schedule=lr_schedule, warmup=warmup, tasks=tasks, class_order=class_order, max_per_class=max_per_class,
                 buffer_per_class=buffer_per_class, buffer_select=buffer_select, rehearsal_sampling=rehearsal_sampling, augment=augment, seed=seed, device=device, amp=amp,
                 workers=workers, encoder_weights=encoder_weights, eval_split=eval_split,
                 method_options=get_method(method).resolve_options({k: v for k, v in method_options.items() if v is not None}),
