@@ -27,7 +27,10 @@ augmentation, batch 16, scored on val (test is never read), seeds 1-3. Variants:
   instead of AdamW 1e-3; ``16k bce joint``: the ``joint`` method's schedule (12 epochs on classes
   0-1, then 8 on classes 0-3, ..., 0-9, the model and its ten outputs carried over, a fresh
   optimizer and schedule per task); ``16k bce adam joint``: both; ``16k bce adam 1e-3``: Adam at 1e-3,
-  ``16k bce adamw 3e-4``: AdamW at 3e-4 (which of lr and weight decay matters).
+  ``16k bce adamw 3e-4``: AdamW at 3e-4 (which of lr and weight decay matters);
+- ``16k bce simclr`` and ``16k bce adam simclr``: the audio backbone starts from ``cign-pretrain``'s
+  simclr + infonce checkpoint (``bench_pretrain.py --device cpu ... --configs simclr2x1`` writes
+  ``runs/bench-pretrain-cpu/simclr2x1.pt``).
 
 Writes ``--output`` (default ``benchmarks/results/audio_probe_avdigits.json``: per variant and seed,
 mean and std, the store's spec) with the CPU named. The committed ``audio_probe_avdigits.json`` was
@@ -100,6 +103,8 @@ VARIANTS = {
     "16k bce adam joint": ("16k", None, 8, {"bce": True, "adam": 3e-4, "joint": True}),
     "16k bce adam 1e-3": ("16k", None, 8, {"bce": True, "adam": 1e-3}),
     "16k bce adamw 3e-4": ("16k", None, 8, {"bce": True, "adamw": 3e-4}),
+    "16k bce adam simclr": ("16k", None, 8, {"bce": True, "adam": 3e-4, "init": "runs/bench-pretrain-cpu/simclr2x1.pt"}),
+    "16k bce simclr": ("16k", None, 8, {"bce": True, "init": "runs/bench-pretrain-cpu/simclr2x1.pt"}),
 }
 
 
@@ -159,6 +164,8 @@ def probe(data_dir: Path, per_class: int | None, epochs: int, seed: int, options
     torch.manual_seed(seed)
     net = nn.Sequential(MeanNorm(options["norm"]) if "norm" in options else nn.Identity(), AudioEncoder(s.model),
                         nn.Linear(s.model.dim, len(classes))).to(memory_format=torch.channels_last)
+    if "init" in options:  # a cign-pretrain checkpoint's audio backbone
+        net[1].backbone.load_state_dict(torch.load(options["init"], weights_only=True)["audio"])
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(options["ema"])) if "ema" in options else None
     stages = [(train, epochs)]
     if options.get("joint"):  # the joint method's schedule: each task adds two classes, the model carries over
