@@ -171,8 +171,8 @@ def probe(data_dir: Path, per_class: int | None, epochs: int, seed: int, options
     if options.get("joint"):  # the joint method's schedule: each task adds two classes, the model carries over
         labels = tr.plan.label_map[tr.plan.store.labels[train]]
         stages = [(train[labels < 2 * (t + 1)], s.first_task_epochs if t == 0 else s.epochs) for t in range(5)]
-    for stage, (train, epochs) in enumerate(stages):
-        _train(tr, net, ema, train, epochs, seed * 1000 + 100 * stage, options)
+    for stage, (clips, stage_epochs) in enumerate(stages):
+        _train(tr, net, ema, clips, stage_epochs, seed * 1000 + 100 * stage, options)
     scored = net
     if ema is not None:  # averaged weights with the last BatchNorm statistics
         for mine, live in zip(ema.module.buffers(), net.buffers()):
