@@ -35,7 +35,8 @@ class TrainSettings:
     first_task_epochs: int | None = None  # epochs of the first task (PyCIL's init_epoch); None: epochs
     batch_size: int = 128
     lr: float = 1e-4  # Adam (Sec. 4.1); the peak of a non-constant schedule
-    encoder_lr: float | None = None  # the audio and visual encoders' lr (same schedule); None: lr
+    audio_encoder_lr: float | None = None  # the audio encoder's lr (same schedule); None: lr
+    visual_encoder_lr: float | None = None  # the visual encoder's lr (same schedule); None: lr
     lr_schedule: str = "constant"  # cign_train.schedule: "constant" (paper) or "cosine" (warm-up + cosine, per task)
     warmup: float = 0.1  # cosine: fraction of each task's steps spent warming up
     max_per_class: int | None = None  # cap on training clips per class (seeded choice)
@@ -72,8 +73,9 @@ class TrainSettings:
             raise ValueError(f"first_task_epochs must be >= 1, got {self.first_task_epochs}")
         if min(self.epochs, self.batch_size, self.buffer_per_class) < 1 or self.lr <= 0:
             raise ValueError("epochs, batch size and buffer size must be >= 1 and lr > 0")
-        if self.encoder_lr is not None and self.encoder_lr <= 0:
-            raise ValueError(f"encoder_lr must be > 0, got {self.encoder_lr}")
+        for name in ("audio_encoder_lr", "visual_encoder_lr"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def store_name(self) -> str:

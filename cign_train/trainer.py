@@ -116,15 +116,15 @@ def withheld(plan: Plan, idx: np.ndarray, classes, per_class: int, seed: int) ->
     return np.sort(np.concatenate(held))
 
 
-def param_groups(model: CIGN, method: Method, lr: float, encoder_lr: float | None) -> list[dict]:
-    """The trainable parameters as Adam groups: the two encoders at ``encoder_lr`` (when given), everything
-    else (class tokens, phi, grouping, heads, the method's own parameters) at ``lr``."""
-    encoders = {id(p) for enc in (model.audio_encoder, model.visual_encoder) for p in enc.parameters()}
+def param_groups(model: CIGN, method: Method, s: TrainSettings) -> list[dict]:
+    """The trainable parameters as Adam groups: the audio / visual encoder at ``s.audio_encoder_lr`` /
+    ``s.visual_encoder_lr`` where given, everything else (class tokens, phi, grouping, heads, the method's
+    own parameters) at ``s.lr``: one group per rate, ``s.lr``'s last; the schedule scales them all alike."""
+    own = {id(p): lr for enc, lr in ((model.audio_encoder, s.audio_encoder_lr), (model.visual_encoder, s.visual_encoder_lr))
+           if lr is not None for p in enc.parameters()}
     trainable = [p for p in (*model.parameters(), *method.parameters()) if p.requires_grad]
-    if encoder_lr is None:
-        return [{"params": trainable, "lr": lr}]
-    groups = [{"params": [p for p in trainable if id(p) in encoders], "lr": encoder_lr},
-              {"params": [p for p in trainable if id(p) not in encoders], "lr": lr}]
+    rates = [*dict.fromkeys(lr for lr in own.values() if lr != s.lr), s.lr]
+    groups = [{"params": [p for p in trainable if own.get(id(p), s.lr) == lr], "lr": lr} for lr in rates]
     return [g for g in groups if g["params"]]
 
 
@@ -273,7 +273,7 @@ class Trainer:
         if self.dist.world > 1:
             method.forward = DistributedDataParallel(model, device_ids=[self.dist.device] if
                                                      self.dist.device.type == "cuda" else None)
-        optimizer = torch.optim.Adam(param_groups(model, method, s.lr, s.encoder_lr))
+        optimizer = torch.optim.Adam(param_groups(model, method, s))
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         new_idx = train_indices(self.plan, task.old_classes + task.new_classes if method.TRAINS_ON_SEEN
                                 else task.new_classes, s.max_per_class, s.seed)
@@ -391,7 +391,7 @@ class Trainer:
             D.average_gradients(method.parameters(), self.dist)
             scaler.step(optimizer)
             scaler.update()
-            lr = scheduler.get_last_lr()[-1]  # --lr's group (param_groups puts the encoders' first)
+            lr = scheduler.get_last_lr()[-1]  # --lr's group (param_groups puts it last)
             if self.writer is not None:
                 self.writer.add_scalar("lr", lr, self.global_step)
                 self.steplog.write(task=t, epoch=epoch, step=step, global_step=self.global_step, lr=lr, **values)

@@ -133,19 +133,21 @@ def test_joint_trains_each_task_on_every_seen_class(tiny_avdigits, tmp_path, cap
     assert clips == {"joint": 40, "finetune": 20}
 
 
-def test_encoder_lr_trains_the_encoders_at_their_own_rate(tiny_avdigits, tmp_path):
-    """--encoder-lr moves the encoders at its rate while the class tokens keep --lr's."""
+def test_encoder_lrs_train_each_encoder_at_its_own_rate(tiny_avdigits, tmp_path):
+    """--audio-encoder-lr / --visual-encoder-lr move one encoder at its rate while the other encoder and
+    the class tokens keep --lr's."""
     start = Trainer(tiny_settings(tiny_avdigits), tmp_path / "init", progress=False).build_model(5).state_dict()
+    keys = {"audio": "audio_encoder.backbone.conv1.weight", "visual": "visual_encoder.proj.weight", "tokens": "tokens"}
     moved = {}
-    for encoder_lr in (None, 1e-8):
-        run = tmp_path / f"elr{encoder_lr}"
-        Trainer(tiny_settings(tiny_avdigits, encoder_lr=encoder_lr), run, progress=False).run()
+    for slow in (None, "audio", "visual"):
+        run = tmp_path / f"slow-{slow}"
+        Trainer(tiny_settings(tiny_avdigits, **({f"{slow}_encoder_lr": 1e-8} if slow else {})), run, progress=False).run()
         first = torch.load(run / "task_0.pt", weights_only=True)["model"]
-        moved[encoder_lr] = {k: float((first[k].float() - start[k].float()).norm()) for k in
-                             ("audio_encoder.backbone.conv1.weight", "visual_encoder.proj.weight", "tokens")}
-    for key in ("audio_encoder.backbone.conv1.weight", "visual_encoder.proj.weight"):
-        assert moved[1e-8][key] < 1e-3 * moved[None][key], (key, moved)
-    assert moved[1e-8]["tokens"] > 0.1 * moved[None]["tokens"] > 0
+        moved[slow] = {name: float((first[k].float() - start[k].float()).norm()) for name, k in keys.items()}
+    for slow, other in (("audio", "visual"), ("visual", "audio")):
+        assert moved[slow][slow] < 1e-3 * moved[None][slow], moved
+        assert moved[slow][other] > 0.1 * moved[None][other] > 0, moved
+        assert moved[slow]["tokens"] > 0.1 * moved[None]["tokens"] > 0, moved
 
 
 def test_method_state_and_options_are_saved_and_a_resume_continues_them(tiny_avdigits, tmp_path):
@@ -324,7 +326,8 @@ def test_fresh_run_into_a_run_killed_in_its_first_task_is_refused(tiny_avdigits,
 #: A run started with many options away from their defaults (avdigits's default preset is cpu).
 CLI_RUN = ("--tasks", "2", "--epochs", "1", "--batch-size", "8", "--lr", "1e-3", "--max-per-class", "4",
            "--buffer-per-class", "2", "--workers", "0", "--dim", "32", "--depth", "1", "--heads", "4", "--seed", "3",
-           "--class-order", "seeded", "--rehearsal-sampling", "uniform", "--no-augment", "--no-avcg", "--no-progress")
+           "--class-order", "seeded", "--rehearsal-sampling", "uniform", "--no-augment", "--no-avcg", "--no-progress",
+           "--encoder-lr", "5e-4", "--visual-encoder-lr", "2e-4")
 
 
 @pytest.fixture(scope="module")
@@ -346,6 +349,8 @@ def test_resume_takes_the_settings_of_config_json(cli_run, tmp_path):
     assert "task 1/2 classes" not in resumed.output and "task 2/2 classes" in resumed.output
     assert json.loads((run / "metrics.json").read_text()) == json.loads((cli_run / "metrics.json").read_text())
     assert json.loads((run / "config.json").read_text()) == json.loads((cli_run / "config.json").read_text())
+    saved = json.loads((cli_run / "config.json").read_text())  # --encoder-lr sets both, --visual-encoder-lr overrides
+    assert (saved["audio_encoder_lr"], saved["visual_encoder_lr"]) == (5e-4, 2e-4)
 
 
 def test_resume_refuses_an_option_that_contradicts_config_json(cli_run):
@@ -355,13 +360,17 @@ def test_resume_refuses_an_option_that_contradicts_config_json(cli_run):
     assert "--lr contradicts the run" in refused.output and "lr = 0.001" in refused.output and "gives 0.002" in refused.output
     refused = CliRunner().invoke(train_main, ["--out", str(cli_run), "--resume", "--augment"])
     assert refused.exit_code == 2 and "--augment contradicts the run" in refused.output
+    refused = CliRunner().invoke(train_main, ["--out", str(cli_run), "--resume", "--encoder-lr", "5e-4"])
+    assert refused.exit_code == 2 and "--encoder-lr contradicts the run" in refused.output
+    assert "audio_encoder_lr, visual_encoder_lr = (0.0005, 0.0002)" in refused.output
     assert {p.name: p.stat().st_mtime_ns for p in cli_run.iterdir()} == before
 
 
 def test_resume_accepts_options_that_repeat_config_json(cli_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(cli_run, run)
-    same = ["--lr", "0.001", "--tasks", "2", "--seed", "3", "--no-augment", "--no-avcg", "--dim", "32", "--preset", "cpu"]
+    same = ["--lr", "0.001", "--tasks", "2", "--seed", "3", "--no-augment", "--no-avcg", "--dim", "32", "--preset", "cpu",
+            "--audio-encoder-lr", "5e-4", "--visual-encoder-lr", "2e-4"]
     resumed = CliRunner().invoke(train_main, ["--out", str(run), "--resume", *same, "--workers", "1", "--no-progress"])
     assert resumed.exit_code == 0, resumed.output
     assert f"resuming {run}: all 2 tasks are done already" in resumed.output

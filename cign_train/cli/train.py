@@ -87,6 +87,8 @@ def as_setting(name: str, value, saved: TrainSettings) -> tuple[str, object, obj
     if name in ("no_avctd", "no_avcg"):
         field = "use_" + name[3:]
         return f"model.{field}", getattr(saved.model, field), not value
+    if name == "encoder_lr":  # both encoders' rates
+        return "audio_encoder_lr, visual_encoder_lr", (saved.audio_encoder_lr, saved.visual_encoder_lr), (value, value)
     if name == "tasks":  # None in config.json: the data set's default number
         return name, saved.tasks or get_definition(saved.dataset).tasks, value
     if name in ("data_dir", "encoder_weights"):
@@ -139,6 +141,9 @@ def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
 @click.option("--lr", type=float, help="Adam learning rate (the peak of --lr-schedule cosine).")
 @click.option("--encoder-lr", type=float, help="Learning rate of the two encoders, on the same schedule, e.g. "
               "lower for pretrained ones [default: --lr].")
+@click.option("--audio-encoder-lr", type=float, help="The audio encoder's learning rate [default: --encoder-lr, "
+              "else --lr].")
+@click.option("--visual-encoder-lr", type=float, help="The visual encoder's learning rate [default: --encoder-lr, else --lr].")
 @click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="Per-task lr schedule: constant (paper) or "
               "cosine (linear warm-up, then cosine to 0) [default: the preset's].")
 @click.option("--warmup", type=float, help="cosine: fraction of each task's steps spent warming up [default: 0.1].")
@@ -178,7 +183,7 @@ def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
               "the settings of its config.json (other options may only repeat them; --threads, --workers, "
               "--no-progress may differ).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (one line per task still prints).")
-def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, batch_size, lr, encoder_lr, lr_schedule, warmup, tasks, class_order, max_per_class,
+def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, batch_size, lr, encoder_lr, audio_encoder_lr, visual_encoder_lr, lr_schedule, warmup, tasks, class_order, max_per_class,
          buffer_per_class, buffer_select, rehearsal_sampling, augment, seed, device, amp, threads, workers, eval_split, encoder_weights, dim, depth, heads,
          assign, no_avctd, no_avcg, ctl_denominator, ctl_negatives, token_source, teacher_bn, out, resume, no_progress, **method_options):
     """Train CIGN (or another --method) task by task, evaluate, and print the results table."""
@@ -194,7 +199,8 @@ def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, bat
         try:
             settings = preset_settings(
                 preset, dataset=dataset, name=name, data_dir=str(data_dir), method=method, epochs=epochs, first_task_epochs=first_task_epochs, batch_size=batch_size,
-                lr=lr, encoder_lr=encoder_lr, lr_schedule=lr_schedule, warmup=warmup, tasks=tasks, class_order=class_order, max_per_class=max_per_class,
+                lr=lr, audio_encoder_lr=encoder_lr if audio_encoder_lr is None else audio_encoder_lr,
+                visual_encoder_lr=encoder_lr if visual_encoder_lr is None else visual_encoder_lr, lr_schedule=lr_schedule, warmup=warmup, tasks=tasks, class_order=class_order, max_per_class=max_per_class,
                 buffer_per_class=buffer_per_class, buffer_select=buffer_select, rehearsal_sampling=rehearsal_sampling, augment=augment, seed=seed, device=device, amp=amp,
                 workers=workers, encoder_weights=encoder_weights, eval_split=eval_split,
                 method_options=get_method(method).resolve_options({k: v for k, v in method_options.items() if v is not None}),
