@@ -16,8 +16,8 @@ batch 16, augmentation, ``--epochs``), through a read-out that the pretraining o
 
 and, as the reference, CIGN's own read-out: ``cign-train --method joint --tasks 1`` (class tokens
 grouping the frame's locations, eqs 1-2; the audio branch trains beside it) for the same epochs.
-Val split, ``--seeds``; prints val accuracy per epoch's end and writes
-``benchmarks/results/visual_readout_avdigits.json`` with the CPU named.
+Val split, ``--seeds`` (merged into the results of earlier seeds); prints val accuracy at each
+epoch's end and writes ``benchmarks/results/visual_readout_avdigits.json`` with the CPU named.
 """
 from __future__ import annotations
 
@@ -128,15 +128,17 @@ def main() -> None:
     if saved and (saved["epochs"], saved["tau"]) != (args.epochs, args.tau):
         saved = {}  # other settings: start the table afresh
     results = {k: {str(s): v for s, v in per_seed.items()} for k, per_seed in saved.get("val_accuracy_per_epoch", {}).items()}
-    for k in args.readouts:
-        results[k] = {str(s): train_readout(k, s, args.epochs, args.tau) for s in args.seeds}
-    results["cign_grouping"] = {str(s): [train_cign_readout(s, args.epochs, args.runs)] for s in args.seeds}
+    for k in args.readouts:  # a seed run again replaces its entry; other seeds' stay
+        results.setdefault(k, {}).update({str(s): train_readout(k, s, args.epochs, args.tau) for s in args.seeds})
+    results.setdefault("cign_grouping", {}).update({str(s): [train_cign_readout(s, args.epochs, args.runs)] for s in args.seeds})
+    seeds = sorted({s for per_seed in results.values() for s in per_seed}, key=int)
     machine = bench_machine.describe()
     print(f"visual val accuracy after {args.epochs} epochs, all 10 classes from scratch (%); {bench_machine.label(machine)}")
-    print("| read-out | " + " | ".join(f"seed {s}" for s in args.seeds) + " | mean |\n|" + " --- |" * (len(args.seeds) + 2))
+    print("| read-out | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |\n|" + " --- |" * (len(seeds) + 2))
     for kind, per_seed in results.items():
-        last = [per_seed[str(s)][-1] for s in args.seeds]
-        print(f"| {kind} | " + " | ".join(f"{v:.1f}" for v in last) + f" | {np.mean(last):.1f} |")
+        last = [per_seed[s][-1] for s in seeds if s in per_seed]
+        print(f"| {kind} | " + " | ".join(f"{per_seed[s][-1]:.1f}" if s in per_seed else "-" for s in seeds)
+              + f" | {np.mean(last):.1f} ± {np.std(last, ddof=1) if len(last) > 1 else 0:.1f} |")
     out.write_text(json.dumps({"machine": machine, "split": "val", "epochs": args.epochs, "tau": args.tau,
                                "val_accuracy_per_epoch": results}, indent=1) + "\n")
     print(f"wrote {out}")
