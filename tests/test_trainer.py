@@ -370,7 +370,7 @@ def test_resume_accepts_options_that_repeat_config_json(cli_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(cli_run, run)
     same = ["--lr", "0.001", "--tasks", "2", "--seed", "3", "--no-augment", "--no-avcg", "--dim", "32", "--preset", "cpu",
-            "--audio-encoder-lr", "5e-4", "--visual-encoder-lr", "2e-4"]
+            "--encoder-lr", "5e-4", "--visual-encoder-lr", "2e-4"]  # the rates as the run was started
     resumed = CliRunner().invoke(train_main, ["--out", str(run), "--resume", *same, "--workers", "1", "--no-progress"])
     assert resumed.exit_code == 0, resumed.output
     assert f"resuming {run}: all 2 tasks are done already" in resumed.output

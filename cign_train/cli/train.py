@@ -76,8 +76,9 @@ def refuse_inapplicable(ctx: click.Context, method: str) -> None:
             raise click.UsageError(f"{param.opts[0]} does not apply to --method {method}: it {why}")
 
 
-def as_setting(name: str, value, saved: TrainSettings) -> tuple[str, object, object]:
-    """(setting, its saved value, the value option ``name`` = ``value`` gives it), for comparing."""
+def as_setting(name: str, value, saved: TrainSettings, params: dict) -> tuple[str, object, object]:
+    """(setting, its saved value, the value option ``name`` = ``value`` gives it), for comparing; ``params``
+    are all the command line's options (``--encoder-lr`` sets only the encoders without their own option)."""
     if name == "preset":  # a preset reads the prepared store of its own spec
         return "spec", saved.spec, PRESETS[value]["spec"]
     if name in MODEL_OPTIONS:
@@ -87,8 +88,9 @@ def as_setting(name: str, value, saved: TrainSettings) -> tuple[str, object, obj
     if name in ("no_avctd", "no_avcg"):
         field = "use_" + name[3:]
         return f"model.{field}", getattr(saved.model, field), not value
-    if name == "encoder_lr":  # both encoders' rates
-        return "audio_encoder_lr, visual_encoder_lr", (saved.audio_encoder_lr, saved.visual_encoder_lr), (value, value)
+    if name == "encoder_lr":  # both encoders' rates, but one given its own option
+        given = tuple(value if params[f"{m}_encoder_lr"] is None else params[f"{m}_encoder_lr"] for m in ("audio", "visual"))
+        return "audio_encoder_lr, visual_encoder_lr", (saved.audio_encoder_lr, saved.visual_encoder_lr), given
     if name == "tasks":  # None in config.json: the data set's default number
         return name, saved.tasks or get_definition(saved.dataset).tasks, value
     if name in ("data_dir", "encoder_weights"):
@@ -116,7 +118,7 @@ def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
         if name in OPERATIONAL_OPTIONS or ctx.get_parameter_source(name) not in (ParameterSource.COMMANDLINE,
                                                                                   ParameterSource.ENVIRONMENT):
             continue
-        setting, was, given = as_setting(name, value, saved)
+        setting, was, given = as_setting(name, value, saved, ctx.params)
         if was != given:
             flag = param.opts[0] if value or not param.secondary_opts else param.secondary_opts[0]
             was, given = (str(v) if isinstance(v, Path) else repr(v) for v in (was, given))
