@@ -3,19 +3,18 @@
 A step is what the trainer does on a task after the first: the current model's forward, the
 frozen teacher's forward, eqs 8-10, backward and an Adam update, on random inputs of the preset's
 spec, channels_last, in fp32 and in the trainer's ``--amp auto`` precision (bf16 on CUDA and on
-CPUs with native bf16). Writes ``benchmarks/results/train_<device>.json`` and prints a table;
-quote ratios from one run.
+CPUs with native bf16). Writes ``--output`` (``benchmarks/results/train_<device>.json``) with the
+machine named and prints a table; quote ratios from one run.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 from pathlib import Path
 
 import torch
 
+import machine
 from cign_runtime.spec import get_preset
 from cign_train.precision import autocast_dtype
 from cign_train.settings import PRESETS
@@ -28,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--output", type=Path, help="[default: benchmarks/results/train_cpu.json or train_cuda.json]")
     args = ap.parse_args()
     device = torch.device(args.device)
     cases = [("cpu", PRESETS["cpu"]["batch_size"]), ("paper", 8)] if device.type == "cpu" else [("cpu", 128), ("paper", 128)]
@@ -51,13 +51,13 @@ def main() -> None:
     if amp is not None:
         for preset, _ in cases:
             print(f"{preset} preset, {best} / fp32: {rate[preset, best] / rate[preset, 'fp32']:.2f}x")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "cuda" if device.type == "cuda" else "cpu"
-    info = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+    out = args.output or RESULTS / f"train_{'cuda' if device.type == 'cuda' else 'cpu'}.json"
+    info = {**machine.describe(), "torch_threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    (RESULTS / f"train_{name}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
-    print(f"wrote {RESULTS / f'train_{name}.json'}")
-
+    print(f"on {torch.cuda.get_device_name(device) if device.type == 'cuda' else machine.label(info)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
 
 if __name__ == "__main__":
     main()
