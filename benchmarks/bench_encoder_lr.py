@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (8 on a GPU machine's 16 cores)")
     ap.add_argument("--no-train", action="store_true", help="only tabulate the finished runs in --runs")
     ap.add_argument("--label", help="the device the runs ran on [default: this machine's CPU, or the GPU's name]")
-    ap.add_argument("--train-args", default="", help="extra cign-train arguments (a quick check: '--epochs 1 --max-per-class 4')")
+    ap.add_argument("--train-args", default="", help="extra cign-train arguments (a quick check: '--epochs 1 --max-per-class 40')")
     ap.add_argument("--note", help="how the runs were made, kept in the results (e.g. with --no-train)")
     ap.add_argument("--output", type=Path, default=RESULTS / "encoder_lr_avdigits.json")
     a = ap.parse_args()

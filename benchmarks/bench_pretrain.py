@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
     ap.add_argument("--output", type=Path, default=RESULTS / "pretrain_avdigits.json")
-    ap.add_argument("--train-args", default="", help="extra cign-train arguments (a quick check: '--epochs 1 --max-per-class 4')")
+    ap.add_argument("--train-args", default="", help="extra cign-train arguments (a quick check: '--epochs 1 --max-per-class 40')")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
