@@ -76,6 +76,12 @@ def refuse_inapplicable(ctx: click.Context, method: str) -> None:
             raise click.UsageError(f"{param.opts[0]} does not apply to --method {method}: it {why}")
 
 
+def encoder_rates(params: dict) -> dict[str, float | None]:
+    """{audio_encoder_lr, visual_encoder_lr} from the command line: each encoder's own option, else --encoder-lr."""
+    return {f"{m}_encoder_lr": params["encoder_lr"] if params[f"{m}_encoder_lr"] is None else params[f"{m}_encoder_lr"]
+            for m in ("audio", "visual")}
+
+
 def as_setting(name: str, value, saved: TrainSettings, params: dict) -> tuple[str, object, object]:
     """(setting, its saved value, the value option ``name`` = ``value`` gives it), for comparing; ``params``
     are all the command line's options (``--encoder-lr`` sets only the encoders without their own option)."""
@@ -89,8 +95,8 @@ def as_setting(name: str, value, saved: TrainSettings, params: dict) -> tuple[st
         field = "use_" + name[3:]
         return f"model.{field}", getattr(saved.model, field), not value
     if name == "encoder_lr":  # both encoders' rates, but one given its own option
-        given = tuple(value if params[f"{m}_encoder_lr"] is None else params[f"{m}_encoder_lr"] for m in ("audio", "visual"))
-        return "audio_encoder_lr, visual_encoder_lr", (saved.audio_encoder_lr, saved.visual_encoder_lr), given
+        return ("audio_encoder_lr, visual_encoder_lr", (saved.audio_encoder_lr, saved.visual_encoder_lr),
+                tuple(encoder_rates(params).values()))
     if name == "tasks":  # None in config.json: the data set's default number
         return name, saved.tasks or get_definition(saved.dataset).tasks, value
     if name in ("data_dir", "encoder_weights"):
@@ -201,8 +207,7 @@ def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, bat
         try:
             settings = preset_settings(
                 preset, dataset=dataset, name=name, data_dir=str(data_dir), method=method, epochs=epochs, first_task_epochs=first_task_epochs, batch_size=batch_size,
-                lr=lr, audio_encoder_lr=encoder_lr if audio_encoder_lr is None else audio_encoder_lr,
-                visual_encoder_lr=encoder_lr if visual_encoder_lr is None else visual_encoder_lr, lr_schedule=lr_schedule, warmup=warmup, tasks=tasks, class_order=class_order, max_per_class=max_per_class,
+                lr=lr, **encoder_rates(ctx.params), lr_schedule=lr_schedule, warmup=warmup, tasks=tasks, class_order=class_order, max_per_class=max_per_class,
                 buffer_per_class=buffer_per_class, buffer_select=buffer_select, rehearsal_sampling=rehearsal_sampling, augment=augment, seed=seed, device=device, amp=amp,
                 workers=workers, encoder_weights=encoder_weights, eval_split=eval_split,
                 method_options=get_method(method).resolve_options({k: v for k, v in method_options.items() if v is not None}),
