@@ -28,6 +28,12 @@ augmentation, batch 16, scored on val (test is never read), seeds 1-3. Variants:
   0-1, then 8 on classes 0-3, ..., 0-9, the model and its ten outputs carried over, a fresh
   optimizer and schedule per task); ``16k bce adam joint``: both; ``16k bce adam 1e-3``: Adam at 1e-3,
   ``16k bce adamw 3e-4``: AdamW at 3e-4 (which of lr and weight decay matters);
+- the distractor and the stem, with the trainer's head and optimizer (``16k bce adam`` as the baseline):
+  ``mixdown LOW-HIGH``: half the training clips (``all``: every one) get another clip of the batch
+  added in the power domain LOW-HIGH dB below, its word a second quieter word as avdigits' own
+  distractor (3-9 dB below the target), the label the louder clip's; ``stem FxT``: the audio
+  ``cnn8``'s first conv strided F in frequency and T in time instead of 2 x 2 (2 x 1 and 1 x 2
+  double the encoder's FLOPs, 3 x 1 is 1.6x, 4 x 1 the same);
 - ``16k bce simclr`` and ``16k bce adam simclr``: the audio backbone starts from ``cign-pretrain``'s
   simclr + infonce checkpoint (``bench_pretrain.py --device cpu ... --configs simclr2x1`` writes
   ``runs/bench-pretrain-cpu/simclr2x1.pt``).
@@ -36,7 +42,9 @@ Writes ``--output`` (default ``benchmarks/results/audio_probe_avdigits.json``: p
 mean and std, the store's spec) with the CPU named. The committed ``audio_probe_avdigits.json`` was
 measured while the preset was 8 kHz (its ``default`` store); ``audio_probe_band_avdigits.json`` holds
 the band rows (``--variants 8k 16k 16k-40 22k "8k smooth" "8k no-erase" "16k no-erase" --seeds 1 2 3
-4 5``), ``audio_probe_16k_avdigits.json`` the 16 kHz, head and schedule rows (seeds 1-5).
+4 5``), ``audio_probe_16k_avdigits.json`` the 16 kHz, head and schedule rows (seeds 1-5),
+``audio_probe_mix_stem_avdigits.json`` the mixdown and stem rows with their baseline (seeds 1-8;
+``--merge`` adds a run's rows to an existing ``--output``).
 """
 from __future__ import annotations
 
@@ -105,6 +113,15 @@ VARIANTS = {
     "16k bce adamw 3e-4": ("16k", None, 8, {"bce": True, "adamw": 3e-4}),
     "16k bce adam simclr": ("16k", None, 8, {"bce": True, "adam": 3e-4, "init": "runs/bench-pretrain-cpu/simclr2x1.pt"}),
     "16k bce simclr": ("16k", None, 8, {"bce": True, "init": "runs/bench-pretrain-cpu/simclr2x1.pt"}),
+    "16k bce adam mixdown 3-12": ("16k", None, 8, {"bce": True, "adam": 3e-4, "mixdown": (3.0, 12.0, 0.5)}),
+    "16k bce adam mixdown 6-15": ("16k", None, 8, {"bce": True, "adam": 3e-4, "mixdown": (6.0, 15.0, 0.5)}),
+    "16k bce adam mixdown 3-12 all": ("16k", None, 8, {"bce": True, "adam": 3e-4, "mixdown": (3.0, 12.0, 1.0)}),
+    "16k bce adam mixdown 3-9": ("16k", None, 8, {"bce": True, "adam": 3e-4, "mixdown": (3.0, 9.0, 0.5)}),
+    "16k bce adam mixdown 0-9": ("16k", None, 8, {"bce": True, "adam": 3e-4, "mixdown": (0.0, 9.0, 0.5)}),
+    "16k bce adam stem 1x2": ("16k", None, 8, {"bce": True, "adam": 3e-4, "stem": (1, 2)}),
+    "16k bce adam stem 2x1": ("16k", None, 8, {"bce": True, "adam": 3e-4, "stem": (2, 1)}),
+    "16k bce adam stem 4x1": ("16k", None, 8, {"bce": True, "adam": 3e-4, "stem": (4, 1)}),
+    "16k bce adam stem 3x1": ("16k", None, 8, {"bce": True, "adam": 3e-4, "stem": (3, 1)}),
 }
 
 
@@ -149,6 +166,18 @@ def masks(spectrograms: torch.Tensor, n_freq: int, width_freq: int, n_time: int,
     return spectrograms * keep
 
 
+def mixdown(spectrograms: torch.Tensor, spec, low_db: float, high_db: float, p: float) -> torch.Tensor:
+    """With probability ``p`` per sample, another clip of the batch added in the power domain ``low_db``-
+    ``high_db`` dB below (its word a quieter second word; the label stays the louder clip's)."""
+    b = spectrograms.shape[0]
+    logp = spectrograms.float() * spec.spec_std + spec.spec_mean  # ln power of each mel band
+    down = torch.empty(b, 1, 1).uniform_(low_db, high_db) * (math.log(10) / 10)
+    other = torch.randperm(b)
+    mixed = torch.logaddexp(logp, logp[other] - down)
+    use = (torch.rand(b, 1, 1) < p)
+    return torch.where(use, (mixed - spec.spec_mean) / spec.spec_std, spectrograms)
+
+
 def probe(data_dir: Path, per_class: int | None, epochs: int, seed: int, options: dict) -> tuple[float, dict]:
     """Val accuracy (%) of the audio probe after ``epochs``, and the store's spec."""
     s = preset_settings("cpu", seed=seed, data_dir=str(data_dir))
@@ -164,6 +193,8 @@ def probe(data_dir: Path, per_class: int | None, epochs: int, seed: int, options
     torch.manual_seed(seed)
     net = nn.Sequential(MeanNorm(options["norm"]) if "norm" in options else nn.Identity(), AudioEncoder(s.model),
                         nn.Linear(s.model.dim, len(classes))).to(memory_format=torch.channels_last)
+    if "stem" in options:  # the first conv's (frequency, time) stride instead of 2 x 2
+        net[1].backbone[0][0].stride = options["stem"]
     if "init" in options:  # a cign-pretrain checkpoint's audio backbone
         net[1].backbone.load_state_dict(torch.load(options["init"], weights_only=True)["audio"])
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(options["ema"])) if "ema" in options else None
@@ -201,6 +232,8 @@ def _train(tr: Trainer, net: nn.Module, ema: AveragedModel | None, train: np.nda
         for batch in batch_loader(tr.plan.store, train, s.batch_size, shuffle=True, workers=0, seed=seed + epoch):
             x = tr.inputs(batch, augment=True)
             spectrograms = stretch(x.spectrograms, options["stretch"]) if "stretch" in options else x.spectrograms
+            if "mixdown" in options:
+                spectrograms = mixdown(spectrograms, tr.spec, *options["mixdown"])
             if "masks" in options:
                 spectrograms = masks(spectrograms, *options["masks"])
             lam, other = 1.0, torch.arange(len(x.labels))
@@ -271,13 +304,22 @@ def main() -> None:
     ap.add_argument("--data-dir-specs", type=Path, default=Path("runs/audio-probe-specs"),
                     help="one store per SPECS entry under it")
     ap.add_argument("--output", type=Path, default=RESULTS / "audio_probe_avdigits.json")
+    ap.add_argument("--merge", action="store_true",
+                    help="add these rows to --output's (same seeds and CPU), keeping its other rows")
     args = ap.parse_args()
+    info = machine.describe()
+    rows = {}
+    if args.merge and args.output.is_file():
+        doc = json.loads(args.output.read_text())
+        if doc["seeds"] != args.seeds or doc["machine"]["cpu"] != info["cpu"]:
+            ap.error(f"{args.output} holds seeds {doc['seeds']} on {doc['machine']['cpu']}; "
+                     f"these would be {args.seeds} on {info['cpu']}")
+        rows = doc["rows"]
     torch.set_num_threads(2)
     if any(VARIANTS[v][0] == "320" for v in args.variants):
         ensure_320(args.data_dir_320)
     for store in {VARIANTS[v][0] for v in args.variants} & set(SPECS):
         ensure_spec(args.data_dir_specs / store, args.data_dir, store)
-    rows = {}
     for name in args.variants:
         store, per_class, epochs, options = VARIANTS[name]
         data = {"default": args.data_dir, "320": args.data_dir_320}.get(store, args.data_dir_specs / store)
@@ -286,7 +328,6 @@ def main() -> None:
         rows[name] = {"store": store, "spec": specs[0], "train_per_class": per_class or (320 if store == "320" else 160),
                       "epochs": epochs, "options": options, "val_accuracy": list(accs), "mean": mean, "std": std}
         print(f"{name:<10} val {mean:.1f} +- {std:.1f}  ({' / '.join(f'{a:.1f}' for a in accs)})", flush=True)
-    info = machine.describe()
     doc = {"machine": info, "split": "val", "seeds": args.seeds, "rows": rows}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(doc, indent=1))
