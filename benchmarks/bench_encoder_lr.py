@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 import machine
+from cign_train.evaluate import MODALITIES
 
 RESULTS = Path(__file__).parent / "results"
 #: which encoder ``--encoder`` sweeps -> (cign-train option, run-folder tag)
 ENCODERS = {"audio": ("--audio-encoder-lr", "alr"), "visual": ("--visual-encoder-lr", "vlr"), "both": ("--encoder-lr", "elr")}
-MODALITIES = ("audio", "visual", "audio_visual")
 
 
 def run_dir(a: argparse.Namespace, method: str, rate: str, seed: int) -> Path:

@@ -30,10 +30,10 @@ from matplotlib.ticker import MaxNLocator
 
 from cign_train import checkpoint as ck
 from cign_train.data.loader import batch_loader
+from cign_train.evaluate import MODALITIES
 from cign_train.settings import OPERATIONAL, TrainSettings, preset_settings
 from cign_train.trainer import Trainer, ensure_avdigits, make_plan
 
-MODALITIES = ("audio", "visual", "audio_visual")
 MODALITY_NAMES = {"audio": "Audio", "visual": "Visual", "audio_visual": "Audio-Visual"}
 #: The paper's pair (L2P's definitions, README "Metrics") and the other summaries, per modality.
 PAPER_COLUMNS = ("average_accuracy_l2p", "forgetting_l2p")
