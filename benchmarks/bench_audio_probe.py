@@ -33,7 +33,8 @@ augmentation, batch 16, scored on val (test is never read), seeds 1-3. Variants:
   added in the power domain LOW-HIGH dB below, its word a second quieter word as avdigits' own
   distractor (3-9 dB below the target), the label the louder clip's; ``stem FxT``: the audio
   ``cnn8``'s first conv strided F in frequency and T in time instead of 2 x 2 (2 x 1 and 1 x 2
-  double the encoder's FLOPs, 3 x 1 is 1.6x, 4 x 1 the same);
+  double the encoder's FLOPs, 3 x 1 is 1.6x, 4 x 1 the same); ``stem 2x1 narrow``: 2 x 1 with a
+  16-channel first stage and a 2 x 4 pool after it, back to 2 x 2's time resolution (0.86x the FLOPs);
 - ``16k bce simclr`` and ``16k bce adam simclr``: the audio backbone starts from ``cign-pretrain``'s
   simclr + infonce checkpoint (``bench_pretrain.py --device cpu ... --configs simclr2x1`` writes
   ``runs/bench-pretrain-cpu/simclr2x1.pt``).
@@ -59,6 +60,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchvision.ops import Conv2dNormActivation
 
 import machine
 import cign_train.data.avdigits as avdigits
@@ -122,6 +124,7 @@ VARIANTS = {
     "16k bce adam stem 2x1": ("16k", None, 8, {"bce": True, "adam": 3e-4, "stem": (2, 1)}),
     "16k bce adam stem 4x1": ("16k", None, 8, {"bce": True, "adam": 3e-4, "stem": (4, 1)}),
     "16k bce adam stem 3x1": ("16k", None, 8, {"bce": True, "adam": 3e-4, "stem": (3, 1)}),
+    "16k bce adam stem 2x1 narrow": ("16k", None, 8, {"bce": True, "adam": 3e-4, "stem": (2, 1), "narrow": True}),
 }
 
 
@@ -193,6 +196,11 @@ def probe(data_dir: Path, per_class: int | None, epochs: int, seed: int, options
     torch.manual_seed(seed)
     net = nn.Sequential(MeanNorm(options["norm"]) if "norm" in options else nn.Identity(), AudioEncoder(s.model),
                         nn.Linear(s.model.dim, len(classes))).to(memory_format=torch.channels_last)
+    if "narrow" in options:  # a 16-channel first stage, then a 2 x 4 pool back to 2 x 2's time resolution
+        first = nn.Sequential(Conv2dNormActivation(1, 16, 3, inplace=True), Conv2dNormActivation(16, 16, 3, inplace=True),
+                              nn.MaxPool2d((2, 4), ceil_mode=True), Conv2dNormActivation(16, 64, 3, inplace=True))
+        net[1].backbone = nn.Sequential(*first, *list(net[1].backbone)[4:])
+        net[1].backbone.out_channels = net[1].proj.in_features
     if "stem" in options:  # the first conv's (frequency, time) stride instead of 2 x 2
         net[1].backbone[0][0].stride = options["stem"]
     if "init" in options:  # a cign-pretrain checkpoint's audio backbone
