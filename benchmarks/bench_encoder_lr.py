@@ -17,10 +17,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 import machine
 from cign_train.evaluate import MODALITIES
+from cign_train.experiments import mean_std
 
 RESULTS = Path(__file__).parent / "results"
 #: which encoder ``--encoder`` sweeps -> (cign-train option, run-folder tag)
@@ -45,8 +44,7 @@ def train(a: argparse.Namespace, method: str, rate: str, seed: int) -> None:
 
 def summary(metrics: list[dict]) -> dict:
     def stat(values):
-        v = np.asarray(values, dtype=float)
-        return {"mean": round(float(v.mean()), 2), "std": round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 2)}
+        return dict(zip(("mean", "std"), (round(x, 2) for x in mean_std(values))))
     row = {f"{kind}_{mod}": stat([m[f"{kind}_accuracy"][mod] for m in metrics])
            for kind in ("average", "final") for mod in MODALITIES}
     row["worst_just_learned_audio_visual"] = stat([min(m["diagonal"]["audio_visual"]) for m in metrics])

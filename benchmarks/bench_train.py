@@ -54,10 +54,11 @@ def main() -> None:
     out = args.output or RESULTS / f"train_{'cuda' if device.type == 'cuda' else 'cpu'}.json"
     info = {**machine.describe(), "torch_threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    print(f"on {torch.cuda.get_device_name(device) if device.type == 'cuda' else machine.label(info)}")
+    print(f"on {info['device'] if device.type == 'cuda' else machine.label(info)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")
+
 
 if __name__ == "__main__":
     main()
