@@ -1,9 +1,10 @@
 """Training throughput (samples/s) of one CIGN step at each preset's input shapes.
 
 A step is what the trainer does on a task after the first: the current model's forward, the
-frozen teacher's forward, eqs 8-10, backward and an Adam update, on random inputs of the preset's
-spec, channels_last, in fp32 and in the trainer's ``--amp auto`` precision (bf16 on CUDA and on
-CPUs with native bf16). Writes ``--output`` (``benchmarks/results/train_<device>.json``) with the
+frozen teacher's forward, eqs 8-10, backward and an Adam update through the trainer's guard against
+non-finite gradients, on random inputs of the preset's spec, channels_last, in fp32 and in the
+trainer's ``--amp auto`` precision (bf16 on CUDA and on CPUs with native bf16). ``guard`` is what the
+guard adds to a step (``cign_train.throughput.guard_seconds``), in ms and as a share of the step. Writes ``--output`` (``benchmarks/results/train_<device>.json``) with the
 machine named and prints a table; quote ratios from one run.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import machine
 from cign_runtime.spec import get_preset
 from cign_train.precision import autocast_dtype
 from cign_train.settings import PRESETS
-from cign_train.throughput import step_rate
+from cign_train.throughput import guard_seconds, step_rate
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -39,12 +40,15 @@ def main() -> None:
         shape = f"{spec.frame_size}px + {spec.n_freq}x{spec.n_time}"
         for dtype in precisions:
             rate = step_rate(preset, batch, args.steps, device, dtype)
+            guard = guard_seconds(preset, batch, device, dtype)
             name = "fp32" if dtype is None else str(dtype).removeprefix("torch.")
             rows.append({"preset": preset, "inputs": shape, "batch": batch, "precision": name,
-                         "samples_per_s": round(rate, 2)})
-    print(f"{'preset':<8}{'inputs':<22}{'batch':>6}{'precision':>10}{'samples/s':>12}")
+                         "samples_per_s": round(rate, 2), "guard_ms": round(1000 * guard, 3),
+                         "guard_share": round(guard * rate / batch, 5)})
+    print(f"{'preset':<8}{'inputs':<22}{'batch':>6}{'precision':>10}{'samples/s':>12}{'guard ms':>10}{'of step':>9}")
     for r in rows:
-        print(f"{r['preset']:<8}{r['inputs']:<22}{r['batch']:>6}{r['precision']:>10}{r['samples_per_s']:>12.2f}")
+        print(f"{r['preset']:<8}{r['inputs']:<22}{r['batch']:>6}{r['precision']:>10}{r['samples_per_s']:>12.2f}"
+              f"{r['guard_ms']:>10.2f}{100 * r['guard_share']:>8.2f}%")
     rate = {(r["preset"], r["precision"]): r["samples_per_s"] for r in rows}
     best = rows[-1]["precision"]
     print(f"cpu preset / paper preset throughput ({best}): {rate['cpu', best] / rate['paper', best]:.1f}x")

@@ -7,6 +7,11 @@ the evaluation so far. :class:`TaskCheckpoint` is
 its one definition; on disk it is a dict of plain values and tensors, so
 ``torch.load(weights_only=True)`` reads it, and :meth:`TaskCheckpoint.build_model` rebuilds the
 model without the trainer (as nanoGPT's ``model_args``).
+
+No checkpoint holds a non-finite weight, BatchNorm statistic, token or method tensor: such a model
+predicts chance (a NaN in one convolution spreads to every output), so :class:`TaskCheckpoint` refuses
+one when it is built, whether to be saved or after it was loaded, naming the tensors
+(:class:`NonFiniteCheckpoint`), and the trainer checks ``last.pt``'s alike.
 """
 from __future__ import annotations
 
@@ -23,6 +28,31 @@ from cign_train.config import CIGNConfig
 
 FORMAT = "cign-checkpoint"
 VERSION = 1
+
+
+class NonFiniteCheckpoint(ValueError):
+    """A checkpoint's tensors hold NaN or inf; the message names them."""
+
+
+def nonfinite(tensors: Any, name: str = "") -> list[str]:
+    """``"name (n of m entries)"`` for every floating-point tensor in ``tensors`` (a tensor, or dicts and
+    lists of them, named by their keys joined with dots) that holds a NaN or inf."""
+    if isinstance(tensors, torch.Tensor):
+        if not tensors.is_floating_point():
+            return []
+        bad = int((~torch.isfinite(tensors)).sum())
+        return [f"{name} ({bad} of {tensors.numel()} entries)"] if bad else []
+    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors) if isinstance(tensors, (list, tuple)) else ()
+    return [entry for key, value in items for entry in nonfinite(value, f"{name}.{key}" if name else str(key))]
+
+
+def check_finite(**parts: Any) -> None:
+    """A :class:`NonFiniteCheckpoint` naming every tensor of ``parts`` (e.g. model=state_dict) that is not finite."""
+    bad = [entry for part, tensors in parts.items() for entry in nonfinite(tensors, part)]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteCheckpoint(f"non-finite values in {shown}: a model with them is refused (not saved, "
+                                  "loaded or exported)")
 
 
 @dataclass
@@ -49,6 +79,7 @@ class TaskCheckpoint:
             raise ValueError(f"classes_per_task {self.classes_per_task} does not fit task {self.task} with {k} classes")
         if tuple(self.tokens.shape) != (k, self.config.dim):
             raise ValueError(f"token table {tuple(self.tokens.shape)} does not fit {k} classes x D {self.config.dim}")
+        check_finite(model=self.model, tokens=self.tokens, method_state=self.method_state)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -72,6 +103,8 @@ class TaskCheckpoint:
     def load(cls, path: Path) -> "TaskCheckpoint":
         try:
             return cls.from_dict(load(path))
+        except NonFiniteCheckpoint as e:
+            raise NonFiniteCheckpoint(f"{path}: {e}") from e
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: {e}") from e
 

@@ -142,6 +142,24 @@ def summarize(per_modality: dict, seen: dict) -> dict:
     return out
 
 
+def collapses(seen: dict[str, list[float]], classes_seen: list[int], at_chance: float = 1.5,
+              learned: float = 2.0) -> list[str]:
+    """A sentence for every modality whose seen-class accuracy (%) fell to chance after a task: at most
+    ``at_chance`` x 100 / K_t after task t >= 1, where after task t - 1 it was at least ``learned`` x
+    100 / K_{t-1} (so it had learned something to lose). ``classes_seen[t]`` is K_t. A model whose
+    weights broke (a NaN spreads to every output) lands here; so does one whose lr blew it up."""
+    out = []
+    for t in range(1, len(classes_seen)):
+        for m, acc in seen.items():
+            if t >= len(acc):
+                continue
+            chance, before = 100 / classes_seen[t], 100 / classes_seen[t - 1]
+            if acc[t] <= at_chance * chance and acc[t - 1] >= learned * before:
+                out.append(f"{m} seen-class accuracy collapsed to chance after task {t + 1}: {acc[t]:.1f} % "
+                           f"(chance {chance:.1f} % of {classes_seen[t]} classes), from {acc[t - 1]:.1f} % after task {t}")
+    return out
+
+
 def plot_accuracy_matrix(a_by_modality: dict, path) -> Path:
     """Write a heat map PNG with one annotated panel per modality (rows: after task t, columns: task i)."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state

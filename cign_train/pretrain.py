@@ -32,6 +32,11 @@ matching frame in its batch shows its class; ``simclr``'s val objective compares
 clip with one augmented view) and the normalised mutual information between the
 labels and the k-means clusters (scikit-learn) of the audio and of the visual embeddings.
 
+Every training batch is whole: an epoch's short last batch is dropped (the objectives' negatives are
+the batch's other clips, and no step is taken on a few clips, where oneDNN's bf16 weight-gradient
+failed on some CPUs); every step goes through ``cign_train.guard`` (no update from a non-finite
+gradient), and the history counts the steps it redid in fp32 or skipped, per epoch.
+
 The checkpoint holds the two backbones under ``audio`` / ``visual`` (the layout
 ``--encoder-weights`` loads; the projection heads are dropped) and, under ``pretrain``, the
 settings and the per-epoch history.
@@ -57,6 +62,7 @@ from cign_train.augment import Augment
 from cign_train.config import CIGNConfig
 from cign_train.data.loader import batch_loader
 from cign_train.data.store import PreparedStore
+from cign_train.guard import ACTIONS, StepGuard
 from cign_train.model.encoders import backbone, pool_audio
 from cign_train.preprocess import stored_inputs
 
@@ -244,21 +250,23 @@ def pretrain(store: PreparedStore, s: PretrainSettings, out: Path, progress: boo
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
     augment = Augment(store.spec)
     dtype = precision.autocast_dtype(s.amp, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    guard = StepGuard(model, mixed=dtype is not None)
     keys = ("loss", "retrieval", "class_retrieval", "class_chance", "nmi_audio", "nmi_visual")
-    history = {"epoch": [], "train_loss": [], **{f"val_{k}": [] for k in keys}, "seconds": []}
+    history = {"epoch": [], "train_loss": [], **{f"val_{k}": [] for k in keys}, "seconds": [],
+               **{f"guard_{a}": [] for a in ACTIONS}}
     started = time.perf_counter()
     for epoch in range(s.epochs):
         model.train()
         loader = batch_loader(store, train, s.batch_size, shuffle=True, workers=s.workers, seed=s.seed * 7919 + epoch,
-                              drop_last=True)
+                              last="drop")
         bar = tqdm(loader, desc=f"pretrain epoch {epoch + 1}/{s.epochs}", leave=False, disable=not progress)
         losses = []
         for batch in bar:
+            guard.capture()
             with precision.autocast(device, dtype):
                 loss = batch_loss(model, store, batch, s, device, augment, augment)[0]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            guard.step(loss, lambda: batch_loss(model, store, batch, s, device, augment, augment)[0], optimizer, scaler)
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         held_out = evaluate(model, store, val, s, device, augment) if len(val) >= 2 else dict.fromkeys(keys, float("nan"))
@@ -267,11 +275,15 @@ def pretrain(store: PreparedStore, s: PretrainSettings, out: Path, progress: boo
         for key in keys:
             history[f"val_{key}"].append(held_out[key])
         history["seconds"].append(time.perf_counter() - started)
+        for a in ACTIONS:  # steps of this epoch with a non-finite gradient (cign_train.guard)
+            history[f"guard_{a}"].append(guard.counts[a] - sum(history[f"guard_{a}"]))
         save(out, model, s, store, history)  # every epoch: an interrupted run keeps its latest encoders
         if progress:
             tqdm.write(f"pretrain epoch {epoch + 1}/{s.epochs}: train {s.objective} {history['train_loss'][-1]:.3f}, "
                        f"val {held_out['loss']:.3f}; val pair retrieval {100 * held_out['retrieval']:.1f} % "
                        f"(chance {100 / s.batch_size:.1f} %), class retrieval {100 * held_out['class_retrieval']:.1f} % "
                        f"(chance {100 * held_out['class_chance']:.1f} %), k-means NMI audio "
-                       f"{held_out['nmi_audio']:.2f} visual {held_out['nmi_visual']:.2f}")
+                       f"{held_out['nmi_audio']:.2f} visual {held_out['nmi_visual']:.2f}"
+                       + "".join(f"; {history[f'guard_{a}'][-1]} step(s) {'redone in fp32' if a == 'fp32' else a} "
+                                 "(non-finite gradient)" for a in ACTIONS if history[f"guard_{a}"][-1]))
     return history

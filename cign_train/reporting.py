@@ -6,11 +6,11 @@ import json
 import os
 from pathlib import Path
 
-from cign_train.metrics import plot_accuracy_matrix, summarize
+from cign_train.metrics import collapses, plot_accuracy_matrix, summarize
 
 
 def metrics_document(rows: dict[str, list[list[float]]], seen: dict[str, list[float]], eval_clips: list[int],
-                     split: str) -> dict:
+                     split: str, classes_seen: list[int], guarded: dict[str, list[int]]) -> dict:
     """metrics.json's content for the tasks evaluated so far.
 
     ``accuracy_matrix[m][t][i]`` (%) is modality m's accuracy on task i after task t;
@@ -18,7 +18,10 @@ def metrics_document(rows: dict[str, list[list[float]]], seen: dict[str, list[fl
     ``average_accuracy_l2p`` (L2P / DualPrompt, the pair CIGN's tables use) the mean per-task
     accuracy after the last task; ``diagonal`` is each task's accuracy right after it was learned
     (``a[t][t]``); ``forgetting`` holds ``avcil``, ``facil`` and ``l2p``, each named by its source
-    (definitions in ``cign_train.metrics``).
+    (definitions in ``cign_train.metrics``). ``classes_seen[t]`` is the number of classes seen after task t;
+    ``warnings`` lists every modality whose seen-class accuracy collapsed to chance
+    (``cign_train.metrics.collapses``); ``guarded_steps`` holds, per action of ``cign_train.guard``, the
+    number of steps of each task whose gradient was non-finite (redone in fp32, or skipped).
     """
     summary = summarize(rows, seen)
     return {
@@ -31,13 +34,15 @@ def metrics_document(rows: dict[str, list[list[float]]], seen: dict[str, list[fl
         "final_accuracy": {m: v["final_accuracy"] for m, v in summary.items()},
         "diagonal": {m: v["diagonal"] for m, v in summary.items()},
         "forgetting": {m: v["forgetting"] for m, v in summary.items()},
+        "guarded_steps": guarded,
+        "warnings": collapses(seen, classes_seen),
     }
 
 
 def write_metrics(run_dir: Path, rows: dict[str, list[list[float]]], seen: dict[str, list[float]],
-                  eval_clips: list[int], split: str) -> dict:
+                  eval_clips: list[int], split: str, classes_seen: list[int], guarded: dict[str, list[int]]) -> dict:
     """Write the result files (:func:`metrics_document`, csv, matrix plot); returns metrics.json's content."""
-    out = metrics_document(rows, seen, eval_clips, split)
+    out = metrics_document(rows, seen, eval_clips, split, classes_seen, guarded)
     tmp = run_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(out, indent=1, allow_nan=False))
     os.replace(tmp, run_dir / "metrics.json")

@@ -7,19 +7,11 @@ and SequentialLR). Why the ``cpu`` preset uses it is in ``cign_train.settings``.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
 #: --lr-schedule choices.
 LR_SCHEDULES = ("constant", "cosine")
-
-
-def batches_per_epoch(n_clips: int, batch_size: int, world: int = 1) -> int:
-    """Optimizer steps of one epoch over ``n_clips`` on each of ``world`` ranks (``batch_loader``
-    keeps the last short batch and gives each rank ceil(n / world) clips)."""
-    return math.ceil(math.ceil(n_clips / world) / batch_size)
 
 
 def task_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup: float) -> LRScheduler:

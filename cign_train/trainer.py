@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +25,17 @@ from cign_train.augment import Augment
 from cign_train.buffer import RehearsalBuffer
 from cign_train.data.definitions import DatasetDefinition, get_definition
 from cign_train.data.ingest import prepare_dataset, store_dir
-from cign_train.data.loader import Batch, batch_loader
+from cign_train.data.loader import Batch, batch_loader, batches_per_epoch
 from cign_train.data.store import PreparedStore
 from cign_train.diagnostics import StepLog, grad_ratios, shared_parameters
 from cign_train.evaluate import MODALITIES, evaluate_tasks
+from cign_train.guard import ACTIONS, StepGuard
 from cign_train.methods import Inputs, Method, Task, TaskData, get_method
 from cign_train.model import CIGN, load_encoder_weights
 from cign_train.preprocess import stored_inputs
+from cign_train.metrics import collapses
 from cign_train.reporting import metrics_document, write_metrics
-from cign_train.schedule import batches_per_epoch, task_scheduler
+from cign_train.schedule import task_scheduler
 from cign_train.settings import TrainSettings
 
 
@@ -143,6 +146,7 @@ class Trainer:
         self.rows: dict[str, list[list[float]]] = {m: [] for m in MODALITIES}
         self.seen: dict[str, list[float]] = {m: [] for m in MODALITIES}
         self.eval_clips: list[int] = []
+        self.guarded: dict[str, list[int]] = {a: [] for a in ACTIONS}  # per task: steps the guard redid / skipped
         self.global_step = 0  # optimizer steps over all tasks: the x axis of the TensorBoard losses
         self.writer: SummaryWriter | None = None
         self.steplog: StepLog | None = None
@@ -202,6 +206,7 @@ class Trainer:
             self.buffer.load_state_dict(saved.buffer)
             ev = saved.evaluation
             self.rows, self.seen, self.eval_clips = ev["rows"], ev["seen"], ev["eval_clips"]
+            self.guarded = ev["guarded"]
             self.global_step = int(ev.get("global_step", 0))
         else:
             model = self.build_model(len(plan.task_classes[0]))
@@ -216,7 +221,7 @@ class Trainer:
         for t in range(done + 1, n_tasks):
             self.train_task(method, model, t, resume=resume and t == done + 1)
         D.barrier(self.dist)
-        summary = write_metrics(self.run_dir, self.rows, self.seen, self.eval_clips, s.eval_split) if self.dist.main else {}
+        summary = self.write_metrics() if self.dist.main else {}
         if self.writer is not None:
             self.writer.close()
             self.steplog.close()
@@ -242,7 +247,15 @@ class Trainer:
             acc = evaluate_tasks(method, self.plan, t, self.inputs, self.autocast, self.s.batch_size, self.s.workers,
                                  self.dist, split)
             acc.append_to(rows, seen)
-        return metrics_document(rows, seen, acc.eval_clips, split)
+        return metrics_document(rows, seen, acc.eval_clips, split, self.classes_seen(), saved.evaluation["guarded"])
+
+    def classes_seen(self) -> list[int]:
+        """Number of classes seen after each task."""
+        return np.cumsum([len(c) for c in self.plan.task_classes]).tolist()
+
+    def write_metrics(self) -> dict:
+        return write_metrics(self.run_dir, self.rows, self.seen, self.eval_clips, self.s.eval_split, self.classes_seen(),
+                             self.guarded)
 
     def open_writer(self, t: int, resume: bool) -> None:
         """TensorBoard event files in ``run_dir/tensorboard``: every loss term per optimizer step
@@ -275,6 +288,7 @@ class Trainer:
                                                      self.dist.device.type == "cuda" else None)
         optimizer = torch.optim.Adam(param_groups(model, method, s))
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        guard = StepGuard(model, mixed=self.amp_dtype is not None)
         new_idx = train_indices(self.plan, task.old_classes + task.new_classes if method.TRAINS_ON_SEEN
                                 else task.new_classes, s.max_per_class, s.seed)
         exemplars, held = self.buffer.indices, np.zeros(0, dtype=np.int64)
@@ -286,28 +300,33 @@ class Trainer:
         weights = self.class_balance(idx) if len(idx) > len(new_idx) else None
         steps = s.epochs_of(t) * batches_per_epoch(len(idx), s.batch_size, self.dist.world)
         scheduler = task_scheduler(optimizer, s.lr_schedule, steps, s.warmup)
-        start_epoch = self.restore_last(t, model, method, optimizer, scaler, scheduler) if resume else 0
+        start_epoch = self.restore_last(t, model, method, optimizer, scaler, scheduler, guard) if resume else 0
         if self.dist.main and self.writer is None:
             self.open_writer(t, resume)
         if resume and self.dist.main:
             tqdm.write(self.resume_point(t, start_epoch))
         last = {}
         for epoch in range(start_epoch, s.epochs_of(t)):
-            last = self.train_epoch(method, model, optimizer, scaler, scheduler, idx, t, epoch, weights)
-            self.save_last(t, epoch + 1, model, method, optimizer, scaler, scheduler)
+            last = self.train_epoch(method, model, optimizer, scaler, scheduler, guard, idx, t, epoch, weights)
+            self.save_last(t, epoch + 1, model, method, optimizer, scaler, scheduler, guard)
         D.check_in_sync(model, self.dist, method.parameters())
+        for a in ACTIONS:
+            self.guarded[a].append(guard.counts[a])
         if self.writer is not None:
             diagnostics = self.task_diagnostics(method) if len(self.buffer.indices) else {}
             for k, v in diagnostics.items():
                 self.writer.add_scalar(k, v, t)
-            self.steplog.write(task=t, event="task_end", global_step=self.global_step, **diagnostics)
+            self.steplog.write(task=t, event="task_end", global_step=self.global_step, **diagnostics,
+                               **{f"guard_{a}": guard.counts[a] for a in ACTIONS})
         if method.NEEDS_BUFFER:
             self.update_buffer(model, new_idx)
         method.end_task(task, TaskData(self.batches(new_idx), self.batches(self.buffer.indices), self.batches(held)))
         acc = evaluate_tasks(method, self.plan, t, self.inputs, self.autocast, s.batch_size, s.workers, self.dist,
                              s.eval_split)
+        earlier = len(collapses({m: v[:t] for m, v in self.seen.items()}, self.classes_seen()))
         acc.append_to(self.rows, self.seen)
         self.eval_clips = acc.eval_clips
+        collapsed = collapses(self.seen, self.classes_seen())[earlier:]
         if self.writer is not None:
             for m in MODALITIES:
                 self.writer.add_scalar(f"accuracy_seen/{m}", acc.seen[m], t)
@@ -316,15 +335,19 @@ class Trainer:
             self.writer.flush()
         if self.dist.main:
             self.save_task(t, model, method)
-            write_metrics(self.run_dir, self.rows, self.seen, self.eval_clips, s.eval_split)
+            self.write_metrics()
             (self.run_dir / "last.pt").unlink(missing_ok=True)
             loss_txt = " ".join(f"{k} {v:.3f}" for k, v in last.items())
+            guarded = (f" | non-finite gradient: {guard.counts['fp32']} step(s) redone in fp32, {guard.counts['skipped']} "
+                       "skipped (steps.jsonl)" if any(guard.counts.values()) else "")
             tqdm.write(
                 f"task {t + 1}/{len(self.plan.task_classes)} classes {list(task.new_classes)}: seen-class {s.eval_split} accuracy "
                 f"audio-visual {acc.seen['audio_visual']:.1f}%, audio {acc.seen['audio']:.1f}%, "
                 f"visual {acc.seen['visual']:.1f}% | {loss_txt} | {len(idx)} train clips, "
-                f"{time.perf_counter() - started:.0f} s"
+                f"{time.perf_counter() - started:.0f} s{guarded}"
             )
+            for warning in collapsed:
+                tqdm.write(f"WARNING: {warning}; check the run's steps.jsonl before using this model", file=sys.stderr)
 
     def batches(self, idx: np.ndarray):
         """A callable that iterates over the store clips ``idx`` as un-augmented Inputs batches."""
@@ -362,18 +385,21 @@ class Trainer:
             n += len(batch.labels)
         return {k: v / n for k, v in sums.items()}
 
-    def train_epoch(self, method, model, optimizer, scaler, scheduler, idx, t: int, epoch: int,
+    def train_epoch(self, method, model, optimizer, scaler, scheduler, guard: StepGuard, idx, t: int, epoch: int,
                     weights=None) -> dict[str, float]:
+        """One epoch of task ``t``: a step per batch (a short last batch folded into the one before,
+        ``batch_loader``'s ``last="fold"``), each through ``guard``; returns the mean of each loss term."""
         s = self.s
         model.train()
         loader = batch_loader(self.plan.store, idx, s.batch_size, shuffle=True, workers=s.workers,
                               seed=s.seed * 100_003 + t * 1009 + epoch, pin_memory=self.dist.device.type == "cuda",
-                              rank=self.dist.rank, world=self.dist.world, weights=weights)
+                              rank=self.dist.rank, world=self.dist.world, weights=weights, last="fold")
         bar = tqdm(loader, desc=f"task {t + 1} epoch {epoch + 1}/{s.epochs_of(t)}", leave=False,
                    disable=not (self.progress and self.dist.main))
         sums: dict[str, float] = {}
         for step, batch in enumerate(bar):
             x = self.inputs(batch, augment=True)
+            guard.capture()
             with self.autocast():
                 losses = method.observe(x)
             names = list(losses)
@@ -386,15 +412,15 @@ class Trainer:
                     f"non-finite loss ({', '.join(f'{k}={values[k]}' for k in bad)}) at task {t + 1}, epoch "
                     f"{epoch + 1}, step {step + 1}; finished tasks and epochs are saved in {self.run_dir}"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["total"]).backward()
-            D.average_gradients(method.parameters(), self.dist)
-            scaler.step(optimizer)
-            scaler.update()
+            norm, action = guard.step(losses["total"], lambda: method.observe(x)["total"], optimizer, scaler,
+                                      lambda: D.average_gradients(method.parameters(), self.dist))
+            if action != "skipped":
+                values["diag/grad_norm"] = norm  # of the gradient applied
             lr = scheduler.get_last_lr()[-1]  # --lr's group (param_groups puts it last)
             if self.writer is not None:
                 self.writer.add_scalar("lr", lr, self.global_step)
-                self.steplog.write(task=t, epoch=epoch, step=step, global_step=self.global_step, lr=lr, **values)
+                self.steplog.write(task=t, epoch=epoch, step=step, global_step=self.global_step, lr=lr,
+                                   clips=len(x.labels), **values, **({"guard": action} if action else {}))
             scheduler.step()
             for k, v in values.items():
                 diagnostic = k.startswith("diag/")  # logged per step as is, not a loss term
@@ -424,44 +450,59 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- checkpoints
     def save_task(self, t: int, model: CIGN, method: Method) -> None:
-        ck.TaskCheckpoint(
-            task=t,
-            model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-            config=self.s.model,
-            spec=self.spec,
-            classes=self.plan.class_names[: model.n_classes],
-            classes_per_task=[len(c) for c in self.plan.task_classes[: t + 1]],
-            tokens=model.tokens.detach().cpu().clone(),
-            method=self.s.method,
-            settings=self.s.to_dict(),
-            buffer=self.buffer.state_dict(),
-            evaluation={"rows": self.rows, "seen": self.seen, "eval_clips": self.eval_clips,
-                        "global_step": self.global_step},
-            world_size=self.dist.world,
-            method_state=method.state_dict(),
-        ).save(ck.task_path(self.run_dir, t))
+        """Write ``task_{t}.pt``; a model with a non-finite tensor is refused, naming them, and nothing is written."""
+        path = ck.task_path(self.run_dir, t)
+        try:
+            checkpoint = ck.TaskCheckpoint(
+                task=t,
+                model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                config=self.s.model,
+                spec=self.spec,
+                classes=self.plan.class_names[: model.n_classes],
+                classes_per_task=[len(c) for c in self.plan.task_classes[: t + 1]],
+                tokens=model.tokens.detach().cpu().clone(),
+                method=self.s.method,
+                settings=self.s.to_dict(),
+                buffer=self.buffer.state_dict(),
+                evaluation={"rows": self.rows, "seen": self.seen, "eval_clips": self.eval_clips,
+                            "global_step": self.global_step, "guarded": self.guarded},
+                world_size=self.dist.world,
+                method_state=method.state_dict(),
+            )
+        except ck.NonFiniteCheckpoint as e:
+            raise ck.NonFiniteCheckpoint(f"{path} not written: task {t + 1}'s {e}; the finished tasks before it are "
+                                         f"saved in {self.run_dir}") from e
+        checkpoint.save(path)
 
-    def save_last(self, t: int, epochs_done: int, model, method, optimizer, scaler, scheduler) -> None:
+    def save_last(self, t: int, epochs_done: int, model, method, optimizer, scaler, scheduler, guard: StepGuard) -> None:
+        """``last.pt`` after ``epochs_done`` epochs of task ``t``; refused, naming them, where a tensor is non-finite."""
         if not self.dist.main:
             return
+        weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        try:
+            ck.check_finite(model=weights, method=method.state_dict())
+        except ck.NonFiniteCheckpoint as e:
+            raise ck.NonFiniteCheckpoint(f"{self.run_dir / 'last.pt'} not written after epoch {epochs_done} of task "
+                                         f"{t + 1}: {e}") from e
         ck.save_atomic(
             {
                 "format": ck.FORMAT,
                 "version": ck.VERSION,
                 "task": t,
                 "epochs_done": epochs_done,
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "model": weights,
                 "method": method.state_dict(),  # e.g. L2P's prompts, trained with the model
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
                 "global_step": self.global_step,
+                "guard": guard.counts,
             },
             self.run_dir / "last.pt",
         )
 
-    def restore_last(self, t: int, model, method, optimizer, scaler, scheduler) -> int:
+    def restore_last(self, t: int, model, method, optimizer, scaler, scheduler, guard: StepGuard) -> int:
         """Epochs of task ``t`` already done according to ``last.pt`` (0 when there is none or it is of
         another task); the model, the method's state, optimizer, scaler, lr schedule and RNG continue
         from there. Only a resume calls it."""
@@ -477,6 +518,7 @@ class Trainer:
         scaler.load_state_dict(state["scaler"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        guard.counts.update(state["guard"])
         self.global_step = int(state.get("global_step", self.global_step))
         return int(state["epochs_done"])
 

@@ -206,9 +206,9 @@ def spy(monkeypatch, method_cls) -> dict:
     seen = {"train": [], "held": [], "yields": []}
     train_epoch, batches, end_task = Trainer.train_epoch, Trainer.batches, method_cls.end_task
 
-    def record_epoch(self, method, model, optimizer, scaler, scheduler, idx, t, epoch, weights=None):
+    def record_epoch(self, method, model, optimizer, scaler, scheduler, guard, idx, t, epoch, weights=None):
         seen["train"].append(idx.copy())
-        return train_epoch(self, method, model, optimizer, scaler, scheduler, idx, t, epoch, weights)
+        return train_epoch(self, method, model, optimizer, scaler, scheduler, guard, idx, t, epoch, weights)
 
     def tagged(self, idx):
         f = batches(self, idx)

@@ -272,3 +272,21 @@ def test_the_cpu_presets_audio_pooling_exports_with_parity(tmp_path):
         p = predict(model(normalize_spectrogram(spec, torch.from_numpy(spectrograms)[:, 0]), x_v))
     for g, r in zip(got, (p.p_a, p.p_v, p.p_av)):
         assert np.abs(g - r.numpy()).max() <= 1e-4
+
+
+@pytest.mark.parametrize("tensor, entries", [("audio_encoder.backbone.1.0.weight", 9216),
+                                             ("visual_encoder.backbone.1.1.running_var", 32)])
+def test_a_checkpoint_with_a_non_finite_weight_or_statistic_is_refused_and_nothing_written(tiny_run, tmp_path, tensor,
+                                                                                           entries):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_run / "task_0.pt", run / "task_0.pt")
+    broken = torch.load(tiny_run / "task_1.pt", weights_only=True)
+    broken["model"][tensor][(0,) * broken["model"][tensor].dim()] = float("nan")
+    torch.save(broken, run / "task_1.pt")
+    proc = _cli("--run", str(run), "--task", "1", "--out", str(tmp_path / "out"), "--int8", "--target", "cpu")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"task_1.pt: non-finite values in model.{tensor} (1 of {entries} entries)" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=rf"non-finite values in model.{tensor}"):
+        TaskCheckpoint.load(run / "task_1.pt")

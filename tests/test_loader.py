@@ -2,9 +2,8 @@
 import numpy as np
 import pytest
 
-from cign_train.data.loader import batch_loader
+from cign_train.data.loader import batch_loader, batches_per_epoch, folded_sizes
 from cign_train.data.store import PreparedStore
-from cign_train.schedule import batches_per_epoch
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +47,33 @@ def test_weighted_draws_balance_a_rare_class(store):
         batch_loader(store, idx, 16, shuffle=True, workers=0, weights=weights[:2])
 
 
-@pytest.mark.parametrize("n,batch,world", [(10, 4, 1), (121, 16, 1), (121, 16, 2), (8, 8, 3)])
+@pytest.mark.parametrize("n,batch,world", [(10, 4, 1), (121, 16, 1), (121, 16, 2), (8, 8, 3), (25, 8, 1), (369, 16, 1),
+                                           (33, 16, 2), (129, 128, 1)])
 def test_batches_per_epoch_is_the_loaders_length(store, n, batch, world):
-    """The lr schedule's length (cign_train.schedule) is the number of batches the loader really yields."""
+    """The lr schedule's length is the number of batches the training loader (last="fold") really yields."""
     idx = store.indices("train")[np.arange(n) % len(store.indices("train"))]
     weights = np.ones(n)
     for w in (None, weights):
         for rank in range(world):
-            loader = batch_loader(store, idx, batch, shuffle=True, workers=0, rank=rank, world=world, weights=w)
-            assert sum(1 for _ in loader) == batches_per_epoch(n, batch, world)
+            loader = batch_loader(store, idx, batch, shuffle=True, workers=0, rank=rank, world=world, weights=w,
+                                  last="fold")
+            assert len(loader) == sum(1 for _ in loader) == batches_per_epoch(n, batch, world)
+
+
+def test_a_training_epoch_never_steps_on_a_few_clips_and_keeps_every_clip(store):
+    """369 clips at batch 16 leave one clip over: it joins the batch before (17), it is not a step of its own."""
+    assert folded_sizes(369, 16) == [16] * 22 + [17]
+    assert folded_sizes(25, 8) == [8, 8, 9] and folded_sizes(28, 8) == [8, 8, 8, 4]  # 4 = half a batch: kept
+    assert folded_sizes(135, 128) == [135] and folded_sizes(136, 128) == [128, 8]  # 8 clips make a batch
+    assert folded_sizes(5, 16) == [5] and folded_sizes(0, 16) == []
+    train = store.indices("train")
+    idx = train[np.arange(25) % len(train)]
+    for weights in (None, np.ones(25)):
+        batches = list(batch_loader(store, idx, 8, shuffle=True, workers=0, seed=3, weights=weights, last="fold"))
+        assert [len(b.labels) for b in batches] == [8, 8, 9]
+        if weights is None:  # without replacement: every clip once
+            assert sorted(np.concatenate([b.index.numpy() for b in batches])) == sorted(idx)
+    assert [len(b.labels) for b in batch_loader(store, idx, 8, shuffle=True, workers=0, last="keep")] == [8, 8, 8, 1]
+    assert [len(b.labels) for b in batch_loader(store, idx, 8, shuffle=True, workers=0, last="drop")] == [8, 8, 8]
+    with pytest.raises(ValueError, match="last must be one of"):
+        batch_loader(store, idx, 8, shuffle=True, workers=0, last="pad")

@@ -99,3 +99,16 @@ def test_plot_writes_a_png(tmp_path):
     image = imread(path)
     height, width = image.shape[:2]
     assert image.ndim == 3 and 100 < height < width < 2000  # three panels side by side
+
+
+def test_a_modality_that_falls_to_chance_after_a_task_is_named():
+    """The NaN-weights case: audio and audio-visual at 9.7 % of 10 classes after 90 % of 8; visual, never
+    learned past twice chance, is not said to collapse, nor is a drop that stays well above chance."""
+    seen = {"audio": [95.0, 88.0, 9.7], "visual": [60.0, 20.0, 12.0], "audio_visual": [97.0, 90.0, 9.7]}
+    warnings = metrics.collapses(seen, [2, 8, 10])
+    assert warnings == [
+        "audio seen-class accuracy collapsed to chance after task 3: 9.7 % (chance 10.0 % of 10 classes), from 88.0 % after task 2",
+        "audio_visual seen-class accuracy collapsed to chance after task 3: 9.7 % (chance 10.0 % of 10 classes), from 90.0 % after task 2",
+    ]
+    assert metrics.collapses({"audio": [95.0, 60.0, 16.0]}, [2, 8, 10]) == []  # 1.6x chance: a drop, not chance
+    assert metrics.collapses({"audio": [95.0]}, [2]) == []

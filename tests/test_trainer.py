@@ -17,12 +17,14 @@ from click.testing import CliRunner
 from cign_train import checkpoint as ck
 from cign_train.cli.train import main as train_main
 from cign_train.config import CIGNConfig
+from cign_train.guard import StepGuard
 from cign_train.methods import available, get_method
 from cign_train.schedule import task_scheduler
 from cign_train.settings import TrainSettings
 from cign_train.trainer import NonFiniteLoss, Trainer
 
 TINY = CIGNConfig(dim=32, depth=1, heads=4)
+CNN8 = CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4)  # the cpu preset's encoders: a faster tiny run
 
 
 def tiny_settings(data_dir, **kw) -> TrainSettings:
@@ -175,10 +177,10 @@ def test_resume_inside_a_task_restores_the_methods_own_parameters(tiny_avdigits,
     whole = Trainer(settings, tmp_path / "whole", progress=False).run()
     train_epoch = Trainer.train_epoch
 
-    def stop_in_task_2(self, method_, model, optimizer, scaler, scheduler, idx, t, epoch, weights=None):
+    def stop_in_task_2(self, method_, model, optimizer, scaler, scheduler, guard, idx, t, epoch, weights=None):
         if (t, epoch) == (1, 1):
             raise KeyboardInterrupt
-        return train_epoch(self, method_, model, optimizer, scaler, scheduler, idx, t, epoch, weights)
+        return train_epoch(self, method_, model, optimizer, scaler, scheduler, guard, idx, t, epoch, weights)
 
     monkeypatch.setattr(Trainer, "train_epoch", stop_in_task_2)
     with pytest.raises(KeyboardInterrupt):
@@ -218,8 +220,8 @@ def test_options_that_do_not_apply_to_the_method_are_refused(args, message, tmp_
 def test_a_method_runs_with_its_papers_settings_unless_told_otherwise(tiny_avdigits, tmp_path, method, given, setting,
                                                                      expected):
     run = tmp_path / "run"
-    small = ["--tasks", "2", "--epochs", "1", "--max-per-class", "4", "--buffer-per-class", "2", "--dim", "32",
-             "--workers", "0", "--no-augment", "--no-progress"]
+    small = ["--tasks", "2", "--epochs", "1", "--max-per-class", "5", "--buffer-per-class", "2", "--dim", "32",
+             "--workers", "0", "--no-augment", "--no-progress"]  # 25 clips at batch 16: two steps for the warm-up
     done = CliRunner().invoke(train_main, ["--data-dir", str(tiny_avdigits), "--method", method, *small, *given,
                                            "--out", str(run)])
     assert done.exit_code == 0, done.output
@@ -309,7 +311,8 @@ def test_fresh_run_into_a_run_killed_in_its_first_task_is_refused(tiny_avdigits,
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
     scheduler = task_scheduler(optimizer, "constant", 3, s.warmup)
     method = get_method(s.method)(model, s.model)
-    killed.save_last(0, 1, model, method, optimizer, torch.amp.GradScaler("cuda", enabled=False), scheduler)  # epoch 1 of 3
+    killed.save_last(0, 1, model, method, optimizer, torch.amp.GradScaler("cuda", enabled=False), scheduler,
+                     StepGuard(model, mixed=False))  # epoch 1 of 3
     state = (run / "last.pt").read_bytes()
     config = (run / "config.json").read_text()
 
@@ -495,3 +498,80 @@ def test_tensorboard_logs_every_loss_per_step_and_accuracy_per_task(tiny_run):
     for m in ("audio", "visual", "audio_visual"):
         assert [v for _, v in tb[f"accuracy_seen/{m}"]] == [round(x, 5) for x in metrics["seen_accuracy"][m]]
         assert [v for _, v in tb[f"accuracy_task0/{m}"]] == [round(r[0], 5) for r in metrics["accuracy_matrix"][m]]
+
+
+class PoisonedTrainer(Trainer):
+    """The trainer whose model's ``head_a.weight`` gets a NaN gradient on the backward calls in ``poisoned``
+    (0-based), as oneDNN's bf16 weight-gradient gave one while the loss stayed finite."""
+
+    poisoned: frozenset[int] = frozenset()
+
+    def build_model(self, n_classes):
+        model = super().build_model(n_classes)
+        calls = []
+
+        def hook(grad):
+            calls.append(len(calls))
+            return torch.full_like(grad, float("nan")) if calls[-1] in self.poisoned else grad
+
+        model.head_a.weight.register_hook(hook)
+        return model
+
+
+@pytest.mark.parametrize("amp,action", [("bf16", "fp32"), ("off", "skipped")])
+def test_a_non_finite_gradient_is_never_applied_and_the_run_says_so(tiny_avdigits, tmp_path, capsys, amp, action):
+    """The third step's gradient is NaN: under bf16 it is redone in fp32 (the fourth backward is clean),
+    in fp32 it is skipped; either way the weights stay finite and steps.jsonl, the task line and
+    metrics.json report it."""
+    trainer = PoisonedTrainer(tiny_settings(tiny_avdigits, amp=amp, model=CNN8), tmp_path / amp, progress=False)
+    trainer.poisoned = frozenset({2})
+    metrics = trainer.run()
+    records = [json.loads(line) for line in (tmp_path / amp / "steps.jsonl").read_text().splitlines()]
+    guarded = [r for r in records if "guard" in r]
+    assert [(r["task"], r["global_step"], r["guard"]) for r in guarded] == [(0, 2, action)]
+    assert ("diag/grad_norm" in guarded[0]) == (action == "fp32")  # the norm of what was applied
+    steps = [r for r in records if "event" not in r]
+    assert all(r["diag/grad_norm"] > 0 for r in steps if "guard" not in r)
+    ends = [r for r in records if r.get("event") == "task_end"]
+    assert [(r[f"guard_{action}"], r["guard_fp32"] + r["guard_skipped"]) for r in ends] == [(1, 1), (0, 0)]
+    assert metrics["guarded_steps"] == {"fp32": [1 if action == "fp32" else 0, 0], "skipped": [1 if action == "skipped" else 0, 0]}
+    assert json.loads((tmp_path / amp / "metrics.json").read_text())["guarded_steps"] == metrics["guarded_steps"]
+    said = "1 step(s) redone in fp32, 0 skipped" if action == "fp32" else "0 step(s) redone in fp32, 1 skipped"
+    assert f"non-finite gradient: {said}" in capsys.readouterr().out
+    for t in (0, 1):  # loading checks every tensor is finite
+        ck.TaskCheckpoint.load(ck.task_path(tmp_path / amp, t))
+
+
+def test_bf16_training_on_tasks_that_leave_one_clip_over_repeats_with_finite_weights(tiny_avdigits, tmp_path):
+    """oneDNN's bf16 weight-gradient failed at batches of one clip on some CPUs: tasks of 25 and 35 clips at
+    batch 8 leave 1 and 3 over; they join the batch before, and two runs give identical, finite weights."""
+    from cign_train.precision import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16 or AMX): --amp auto trains in fp32 here, "
+                    "and oneDNN's bf16 kernels do not run")
+    s = tiny_settings(tiny_avdigits, amp="auto", max_per_class=5, model=CNN8)  # 5 classes x 5 clips, then + 5 x 2 exemplars
+    runs = [tmp_path / "a", tmp_path / "b"]
+    metrics = [Trainer(s, run, progress=False).run() for run in runs]
+    assert metrics[0] == metrics[1]
+    for run in runs:
+        records = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+        clips = [[r["clips"] for r in records if "event" not in r and r["task"] == t] for t in (0, 1)]
+        assert clips == [[8, 8, 9], [8, 8, 8, 11]]
+        assert all("guard" not in r for r in records)
+    a, b = (ck.TaskCheckpoint.load(ck.task_path(run, 1)).model for run in runs)  # loads only finite weights
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_non_finite_batchnorm_statistic_is_never_written(tiny_avdigits, tmp_path):
+    STATISTIC = "audio_encoder.backbone.1.1.running_var"
+    class BrokenStatistic(Trainer):
+        def build_model(self, n_classes):
+            model = super().build_model(n_classes)
+            dict(model.named_buffers())[STATISTIC][3] = float("nan")  # training mode never reads it
+            return model
+
+    with pytest.raises(ck.NonFiniteCheckpoint, match=r"last.pt not written after epoch 1 of task 1: non-finite values "
+                                                     rf"in model.{STATISTIC} \(1 of 32 entries\)"):
+        BrokenStatistic(tiny_settings(tiny_avdigits, model=CNN8), tmp_path / "r", progress=False).run()
+    assert not list((tmp_path / "r").glob("*.pt"))

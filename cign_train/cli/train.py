@@ -233,6 +233,12 @@ def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, bat
         click.echo(results_table(metrics, f"{settings.method} on {settings.store_name}, {len(metrics['accuracy_matrix']['audio'])} "
                                           f"tasks, {metrics['eval_split']} split (%)"))
         click.echo(f"results in {out}/ (metrics.json, metrics.csv, accuracy_matrix.png, task_*.pt)")
+        guarded = {a: sum(n) for a, n in metrics["guarded_steps"].items()}
+        if any(guarded.values()):
+            click.echo(f"non-finite gradients: {guarded['fp32']} step(s) redone in fp32, {guarded['skipped']} skipped "
+                       f"(per task in metrics.json, per step in {out / 'steps.jsonl'})")
+        for warning in metrics["warnings"]:
+            click.echo(f"WARNING: {warning}", err=True)
 
 
 if __name__ == "__main__":
