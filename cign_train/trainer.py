@@ -31,9 +31,9 @@ from cign_train.diagnostics import StepLog, grad_ratios, shared_parameters
 from cign_train.evaluate import MODALITIES, evaluate_tasks
 from cign_train.guard import ACTIONS, StepGuard
 from cign_train.methods import Inputs, Method, Task, TaskData, get_method
+from cign_train.metrics import collapses
 from cign_train.model import CIGN, load_encoder_weights
 from cign_train.preprocess import stored_inputs
-from cign_train.metrics import collapses
 from cign_train.reporting import metrics_document, write_metrics
 from cign_train.schedule import task_scheduler
 from cign_train.settings import TrainSettings
