@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: setup demo test bench experiments bench-default bench-export bench-live bench-latency
+.PHONY: setup demo test report bench experiments bench-default bench-export bench-live bench-latency
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -8,14 +8,20 @@ setup:
 # Main job on the embedded default data: generate + prepare avdigits, train CIGN on all tasks,
 # print the results table, export the last task (fp32 + INT8 for onnxruntime CPU, parity-checked), then
 # cign-live headless on 20 test clips (2 per class): the clip table, live accuracy and the latency summary.
+# The tools run through $(PYTHON), so a virtual environment works activated or not (make PYTHON=venv/bin/python demo).
+# A second `make demo` reuses the finished run (cign-train --reuse) and exports and runs it again.
 demo: setup
-	cign-prepare --dataset avdigits
-	cign-train
-	cign-export --int8 --target cpu
+	$(PYTHON) -m cign_train.cli.prepare --dataset avdigits
+	$(PYTHON) -m cign_train.cli.train --reuse
+	$(PYTHON) -m cign_export.cli --int8 --target cpu --run runs/avdigits-cign-seed0
 	$(PYTHON) scripts/demo_live.py exports/avdigits-cign-seed0-task4 data
 
 test: setup
 	$(PYTHON) -m pytest -q
+
+# README.md, docs/ and the studies' index: every table of numbers regenerated from benchmarks/results/*.json
+report:
+	$(PYTHON) benchmarks/report.py
 
 bench: setup
 	$(PYTHON) benchmarks/bench_data.py

@@ -217,7 +217,8 @@ class Trainer:
         if done >= 0:
             method.load_state_dict(saved.method_state)
         if resume and done == n_tasks - 1 and self.dist.main:
-            tqdm.write(f"resuming {self.run_dir}: all {n_tasks} tasks are done already")
+            tqdm.write(f"resuming {self.run_dir}: all {n_tasks} tasks are done already; reporting its results, "
+                       "not training again")
         for t in range(done + 1, n_tasks):
             self.train_task(method, model, t, resume=resume and t == done + 1)
         D.barrier(self.dist)

@@ -1,6 +1,6 @@
 """``make demo``'s last step: ``cign-live`` headless on avdigits test clips, then its accuracy and latency.
 
-Runs the real CLI once per clip (video file as camera, its audio as microphone, ``--no-realtime``,
+Runs the real CLI (``cign-live``, through this interpreter: no PATH needed) once per clip (video file as camera, its audio as microphone, ``--no-realtime``,
 hop 0.5 s), two clips per class by default. A clip's answer is the prediction at media time 3.5 s,
 whose window is the clip's centred 3 s analysis window (the one training saw). Prints the clip
 table, top-1 accuracy of p_av and of p_audio / p_visual against chance, and the latency summary
@@ -45,7 +45,7 @@ def main() -> None:
     records, rows = [], []
     for i, (clip, label) in enumerate(clips):
         log = args.out / f"clip{i}.jsonl"
-        proc = subprocess.run(["cign-live", "--model", str(args.export), "--camera", str(clip), "--mic", str(clip),
+        proc = subprocess.run([sys.executable, "-m", "cign_runtime.cli", "--model", str(args.export), "--camera", str(clip), "--mic", str(clip),
                                "--headless", "--no-realtime", "--hop", "0.5", "--latency-log", str(log)],
                               capture_output=True, text=True)
         if proc.returncode != 0:

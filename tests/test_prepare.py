@@ -86,6 +86,15 @@ def test_every_bad_clip_is_listed_with_its_reason_and_no_good_clip_is_lost(corpu
     assert all(r["reason"] and r["detail"] for r in listed)
     summary = report.summary()
     assert f"{len(rejected)} rejected" in summary and "1 silent" in summary
+    # the counts a user checks first: per split and per class, as stored
+    splits = {sp: int((store.splits == sp).sum()) for sp in ("train", "val", "test")}
+    assert f"stored, 10 samples (train {splits['train']}, val {splits['val']}, test {splits['test']})" in summary
+    table = summary.splitlines()[1:]
+    assert table[0].split() == ["class", "train", "val", "test"] and [r.split()[0] for r in table[1:]] == ["dog", "cat"]
+    for row in table[1:]:
+        name, *counts = row.split()
+        k = store.classes.index(name)
+        assert [int(c) for c in counts] == [int(((store.labels == k) & (store.splits == sp)).sum()) for sp in splits]
 
     by_id = {cid: i for i, cid in enumerate(store.ids)}
     for file, label, split in good:
@@ -138,7 +147,7 @@ def test_resume_after_kill_gives_the_same_store(tmp_path):
     result = CliRunner().invoke(prepare_cli, ["--dataset", "csv", "--index", str(clips / "index.csv"), "--preset",
                                               "cpu", "--workers", "1", "--data-dir", str(killed)])
     assert result.exit_code == 0, result.output
-    assert "40 samples stored" in result.output
+    assert "stored, 40 samples" in result.output
     lines = progress.read_text().splitlines()
     assert len(lines) == 40 and len({line.split("\t")[0] for line in lines}) == 40, "no row decoded twice"
 

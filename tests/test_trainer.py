@@ -109,18 +109,26 @@ def test_a_users_csv_store_trains_in_its_class_order(tiny_avdigits, tmp_path):
                            "--name", "sounds", "--preset", "cpu", "--data-dir", str(data), "--workers", "1"],
                           capture_output=True, text=True, timeout=300)
     assert prep.returncode == 0, prep.stderr[-2000:]
-    base = [sys.executable, "-m", "cign_train.cli.train", "--dataset", "csv", "--name", "sounds", "--preset", "cpu",
+    base = [sys.executable, "-m", "cign_train.cli.train", "--dataset", "csv", "--name", "sounds",
             "--data-dir", str(data), "--epochs", "1", "--batch-size", "8", "--dim", "32", "--depth", "1", "--heads", "4",
-            "--workers", "0", "--no-progress"]
+            "--workers", "0", "--no-progress"]  # no --preset: the one store there is the cpu preset's
     missing = subprocess.run(base, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "--dataset csv needs --name" in missing.stderr and "--tasks N" in missing.stderr
     run = tmp_path / "run"
     train = subprocess.run(base + ["--tasks", "2", "--out", str(run)], capture_output=True, text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-2000:]
     assert "cign on sounds, 2 tasks, test split" in train.stdout
+    assert f"sounds: training with the 'cpu' preset, the one its prepared store ({data}/sounds/prepared/cpu)" in train.stdout
+    assert json.loads((run / "config.json").read_text())["spec"] == "cpu"
     ckpt = torch.load(run / "task_1.pt", weights_only=True)
     assert ckpt["classes"] == ["rain", "car", "bell", "dog"] and ckpt["classes_per_task"] == [2, 2]
     assert json.loads((run / "metrics.json").read_text())["eval_clips"] == [6, 6]  # 3 test clips per class
+    shutil.copytree(data / "sounds" / "prepared" / "cpu", data / "sounds" / "prepared" / "paper")  # a second store
+    both = subprocess.run(base + ["--tasks", "2", "--out", str(tmp_path / "both")], capture_output=True, text=True,
+                          timeout=120)
+    assert both.returncode == 2 and "holds prepared stores of the presets ['cpu', 'paper']: choose one with --preset" in both.stderr
+    none = subprocess.run([*base[:6], "other", *base[7:], "--tasks", "2"], capture_output=True, text=True, timeout=120)
+    assert none.returncode == 1 and "no prepared store of 'other'" in none.stderr and "cign-prepare --dataset csv" in none.stderr
 
 
 def test_joint_trains_each_task_on_every_seen_class(tiny_avdigits, tmp_path, capsys):
@@ -378,6 +386,32 @@ def test_resume_accepts_options_that_repeat_config_json(cli_run, tmp_path):
     assert resumed.exit_code == 0, resumed.output
     assert f"resuming {run}: all 2 tasks are done already" in resumed.output
     assert json.loads((run / "metrics.json").read_text()) == json.loads((cli_run / "metrics.json").read_text())
+
+
+def test_reuse_reports_a_finished_run_of_the_same_settings_and_refuses_one_of_others(cli_run, tiny_avdigits, tmp_path):
+    """make demo's second run: ``--reuse`` with the command line that made the run reports it without training;
+    another setting is refused naming it; an empty --out trains; a run cut after its first task is continued."""
+    run = tmp_path / "run"
+    shutil.copytree(cli_run, run)
+    before = {p.name: p.read_bytes() for p in run.glob("*.pt")}
+    args = ["--data-dir", str(tiny_avdigits), *CLI_RUN, "--out", str(run), "--reuse"]
+    again = CliRunner().invoke(train_main, args)
+    assert again.exit_code == 0, again.output
+    assert f"resuming {run}: all 2 tasks are done already; reporting its results, not training again" in again.output
+    assert "forget(AV-CIL)" in again.output and "task 1/2 classes" not in again.output
+    assert {p.name: p.read_bytes() for p in run.glob("*.pt")} == before
+    other = CliRunner().invoke(train_main, [*args, "--lr", "2e-3"])
+    assert other.exit_code == 1 and f"{run} holds a run with other settings (lr: 0.001 -> 0.002, saved -> given)" in other.output
+    assert "--resume" in other.output and {p.name: p.read_bytes() for p in run.glob("*.pt")} == before
+    (run / "task_1.pt").unlink()  # cut after the first task: continued with the same settings
+    cut = CliRunner().invoke(train_main, args)
+    assert cut.exit_code == 0, cut.output
+    assert "task 1/2 classes" not in cut.output and "task 2/2 classes" in cut.output
+    assert json.loads((run / "metrics.json").read_text()) == json.loads((cli_run / "metrics.json").read_text())
+    fresh = CliRunner().invoke(train_main, [*args[:-2], str(tmp_path / "fresh"), "--reuse"])
+    assert fresh.exit_code == 0 and "task 1/2 classes" in fresh.output
+    both = CliRunner().invoke(train_main, [*args, "--resume"])
+    assert both.exit_code == 2 and "--resume and --reuse contradict each other" in both.output
 
 
 def _cli(data_dir, out, *extra):

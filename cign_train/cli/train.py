@@ -12,6 +12,7 @@ from click.core import ParameterSource
 from cign_train.config import CTL_DENOMINATORS, CTL_NEGATIVES, TEACHER_BN, TOKEN_SOURCES
 from cign_train.buffer import SELECTIONS
 from cign_train.data.definitions import DATASETS, get_definition
+from cign_train.data.ingest import store_dir
 from cign_train.methods import Option, available, get_method
 from cign_train.precision import AMP_CHOICES
 from cign_train.reporting import results_table
@@ -20,7 +21,7 @@ from cign_train.settings import EVAL_SPLITS, PRESETS, REHEARSAL_SAMPLING, TrainS
 from cign_train.trainer import NonFiniteLoss, Trainer
 
 #: Options that do not change a run's results: a resume may give them other values.
-OPERATIONAL_OPTIONS = {"threads", "workers", "out", "resume", "no_progress"}
+OPERATIONAL_OPTIONS = {"threads", "workers", "out", "resume", "reuse", "no_progress"}
 #: Options that set a field of the model config.
 MODEL_OPTIONS = {"dim", "depth", "heads", "assign", "ctl_denominator", "ctl_negatives", "token_source", "teacher_bn"}
 #: Options of the rehearsal buffer: only for methods that keep one (NEEDS_BUFFER).
@@ -135,12 +136,58 @@ def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
     return saved if workers is None else dataclasses.replace(saved, workers=workers)
 
 
+def csv_preset(data_dir: Path, name: str) -> str:
+    """The preset of csv store ``name``'s one finished prepared store (``cign-prepare --dataset csv --name``),
+    said on stdout; a click error when it has none, or several (naming them and ``--preset``)."""
+    found = sorted(p.parent.name for p in (Path(data_dir) / name / "prepared").glob("*/index.json")
+                   if p.parent.name in PRESETS)
+    if not found:
+        raise click.ClickException(f"{Path(data_dir) / name / 'prepared'}: no prepared store of {name!r}; prepare one "
+                                   f"with cign-prepare --dataset csv --index FILE --name {name} [--preset cpu]")
+    if len(found) > 1:
+        raise click.UsageError(f"{Path(data_dir) / name} holds prepared stores of the presets {found}: choose one "
+                               f"with --preset")
+    click.echo(f"{name}: training with the {found[0]!r} preset, the one its prepared store "
+               f"({store_dir(Path(data_dir), name, found[0])}) was prepared with")
+    return found[0]
+
+
+def differences(was: dict, now: dict, prefix: str = "") -> list[str]:
+    """``"key: saved -> given"`` for every (nested, dotted) key whose value differs between two settings dicts."""
+    out = []
+    for key in sorted(set(was) | set(now)):
+        a, b = was.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def reusable(settings: TrainSettings, out: Path) -> bool:
+    """``--reuse``: True when ``out`` holds a run of these settings (to continue, or to report when it is
+    finished), False when it holds none; a click error names the settings of a run there that differ."""
+    config_path = out / "config.json"
+    if not config_path.is_file():
+        return False
+    try:
+        saved = TrainSettings.from_dict(json.loads(config_path.read_text()))
+    except (ValueError, TypeError) as e:
+        raise click.ClickException(f"{config_path}: {e}") from e
+    differ = differences(saved.results_settings().to_dict(), settings.results_settings().to_dict())
+    if differ:
+        raise click.ClickException(
+            f"{out} holds a run with other settings ({'; '.join(differ)}, saved -> given): pick another --out, "
+            f"continue that run as it is with `cign-train --out {out} --resume`, or remove {out}")
+    return True
+
+
 @click.command(cls=MethodCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--dataset", type=click.Choice(DATASETS), default="avdigits", show_default=True)
 @click.option("--name", help="csv: the store's folder name under --data-dir (cign-prepare --name; default there: the CSV's stem).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"), show_default=True)
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Training preset [default: the data set's: cpu for "
-              "avdigits, else paper; csv: paper, like cign-prepare].")
+              "avdigits, else paper; csv: the preset its one prepared store was prepared with].")
 @click.option("--method", type=click.Choice(available()), default="cign", show_default=True,
               help="Continual-learning method; `--method NAME --help` adds its own options to this list.")
 @click.option("--epochs", type=int, help="Epochs per task.")
@@ -190,19 +237,27 @@ def resume_settings(ctx: click.Context, out: Path) -> TrainSettings:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished task and epoch, with "
               "the settings of its config.json (other options may only repeat them; --threads, --workers, "
               "--no-progress may differ).")
+@click.option("--reuse", is_flag=True, help="Train into --out, or reuse the run it holds when its settings are these: "
+              "continue it where it stopped, or report it when it is finished (make demo's way; a run with other "
+              "settings is refused, naming them).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (one line per task still prints).")
 def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, batch_size, lr, encoder_lr, audio_encoder_lr, visual_encoder_lr, lr_schedule, warmup, tasks, class_order, max_per_class,
          buffer_per_class, buffer_select, rehearsal_sampling, augment, seed, device, amp, threads, workers, eval_split, encoder_weights, dim, depth, heads,
-         assign, no_avctd, no_avcg, ctl_denominator, ctl_negatives, token_source, teacher_bn, out, resume, no_progress, **method_options):
+         assign, no_avctd, no_avcg, ctl_denominator, ctl_negatives, token_source, teacher_bn, out, resume, reuse, no_progress, **method_options):
     """Train CIGN (or another --method) task by task, evaluate, and print the results table."""
     if threads is not None:
         torch.set_num_threads(threads)
     out = out or Path("runs") / f"{name if dataset == 'csv' and name else dataset}-{method}-seed{seed}"
     ctx = click.get_current_context()
+    if resume and reuse:
+        raise click.UsageError("--resume and --reuse contradict each other: --resume continues the run in --out with its "
+                               "own settings, --reuse trains with these settings or reuses a run of them")
     if resume:
         settings = resume_settings(ctx, out)
     else:
-        preset = preset or ("paper" if dataset == "csv" else get_definition(dataset).preset)
+        if preset is None and dataset == "csv":
+            preset = csv_preset(data_dir, name) if name else "paper"  # without --name the settings refuse it below
+        preset = preset or get_definition(dataset).preset
         refuse_inapplicable(ctx, method)
         try:
             settings = preset_settings(
@@ -224,6 +279,8 @@ def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, bat
             model_overrides["use_avcg"] = False
         if model_overrides:
             settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, **model_overrides))
+    if reuse:
+        resume = reusable(settings, out)
     try:
         trainer = Trainer(settings, out, progress=not no_progress)
         metrics = trainer.run(resume=resume)

@@ -24,6 +24,8 @@ from cign_train.data.decode import ClipError, decode_clip
 from cign_train.data.definitions import Candidate, Rejection
 from cign_train.preprocess import log_spectrogram
 
+#: The order splits are listed in a summary (others follow).
+SPLIT_ORDER = ["train", "val", "test"]
 #: Rows decoded per task sent to a worker (amortises IPC without hurting the progress bar).
 CHUNK = 8
 
@@ -36,17 +38,23 @@ class PrepareReport:
     skipped: bool  # the store was already prepared from the same plan
 
     def summary(self) -> str:
-        if self.skipped:
-            head = f"{self.root}: up to date, {self.stored} samples"
-        else:
-            head = f"{self.root}: {self.stored} samples stored"
+        """What was stored, per split and per class (the counts a user checks first), and what was rejected."""
+        store = st.PreparedStore(self.root)
+        splits = sorted(set(store.splits.tolist()), key=lambda x: (SPLIT_ORDER + [x]).index(x))
+        per_split = ", ".join(f"{split} {int((store.splits == split).sum())}" for split in splits)
+        head = f"{self.root}: {'up to date' if self.skipped else 'stored'}, {self.stored} samples ({per_split})"
         reasons: dict[str, int] = {}
         for r in self.rejected:
             reasons[r.reason] = reasons.get(r.reason, 0) + 1
         if reasons:
             listed = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
             head += f"; {len(self.rejected)} rejected ({listed}), listed in {self.root / 'rejected.csv'}"
-        return head
+        width = max(len(c) for c in store.classes)
+        rows = [f"  {'class':<{width}}" + "".join(f"{split:>7}" for split in splits)]
+        for k, name in enumerate(store.classes):
+            mine = store.splits[store.labels == k]
+            rows.append(f"  {name:<{width}}" + "".join(f"{int((mine == split).sum()):>7}" for split in splits))
+        return "\n".join([head, *rows])
 
 
 _WORKER: dict = {}
