@@ -76,6 +76,7 @@ def main(run, task, all_tasks, out, fp16, int8, target, tokens_as_input, trt, op
     log = logging.getLogger("cign_export")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    log.propagate = False  # once: a library's root handler (basicConfig in the quantization tools) would repeat each line
     if int8 and target is None:
         raise click.UsageError("--int8 needs --target trt or --target cpu")
     if target is not None and not int8:
