@@ -609,3 +609,24 @@ def test_a_non_finite_batchnorm_statistic_is_never_written(tiny_avdigits, tmp_pa
                                                      rf"in model.{STATISTIC} \(1 of 32 entries\)"):
         BrokenStatistic(tiny_settings(tiny_avdigits, model=CNN8), tmp_path / "r", progress=False).run()
     assert not list((tmp_path / "r").glob("*.pt"))
+
+
+def test_a_cpu_run_says_how_long_it_will_take_after_its_first_steps(tiny_avdigits, tmp_path, capsys):
+    """25 clips at batch 4 make 6 steps in the first task, 9 in the second (35 with the buffer): after the
+    first step and three timed ones, 11 are left."""
+    Trainer(tiny_settings(tiny_avdigits, batch_size=4, max_per_class=5, model=CNN8), tmp_path / "r", progress=False).run()
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("on the CPU: ")]
+    assert len(said) == 1 and "s a step over the first 3; this run's 11 steps left take about" in said[0]
+    assert "--preset cpu" not in said[0]  # the cpu preset's own spec
+    steps = [json.loads(line) for line in (tmp_path / "r" / "steps.jsonl").read_text().splitlines()]
+    assert sum("event" not in r for r in steps) == 4 + 11
+
+
+def test_the_paper_preset_on_a_cpu_points_to_the_cpu_preset():
+    from cign_train.settings import preset_settings
+    from cign_train.trainer import cpu_estimate
+
+    paper = cpu_estimate(preset_settings("paper"), steps_left=7_000, seconds_per_step=2.0)
+    assert "7000 steps left take about 3.9 h of training" in paper
+    assert "made for GPUs (--device cuda): on a CPU, --preset cpu" in paper
+    assert "--preset cpu" not in cpu_estimate(preset_settings("cpu"), steps_left=1_000, seconds_per_step=0.2)
