@@ -38,7 +38,7 @@ bench-latency: setup
 	$(PYTHON) benchmarks/bench_latency.py
 
 # The paper's tables and figures on avdigits, 3 seeds, val + test (cign-experiment; runs are shared and
-# resumed, about 8 h on 2 cores from scratch; README "Experiments")
+# resumed, about 8 h on 2 cores from scratch; docs/cign-experiment.md)
 experiments: setup
 	for e in methods ablation depth tasks buffer tsne; do $(PYTHON) -m cign_train.cli.experiment $$e || exit 1; done
 

@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--vgg-clips", type=int, default=8)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--output", type=Path, default=RESULTS / "data.json", help="e.g. data_epyc.json for a second CPU")
+    ap.add_argument("--output", type=Path, default=RESULTS / "data.json", help="e.g. data_avx512.json for a second CPU")
     args = ap.parse_args()
     paper = get_preset("paper")
     rows = []

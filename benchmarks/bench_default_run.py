@@ -1,6 +1,6 @@
 """Wall time of the default ``cign-train`` (cpu preset, avdigits, 5 tasks) on both CPU kinds, from one machine.
 
-Issue 9's budget: the default run takes <= 10 min of training on a 2-core CPU with native bf16
+The budget: the default run takes <= 10 min of training on a 2-core CPU with native bf16
 (AVX512-BF16 / AMX, where ``--amp auto`` trains in bf16) and on one with AVX2 only (where it
 trains in fp32). On a bf16 machine both are measured: once as is, once with the AVX2-only
 instruction set (``cign_runtime.isa``: CPUID hides AVX-512, VNNI, AVX512-BF16 and AMX from torch,
@@ -8,7 +8,8 @@ oneDNN, numpy and onnxruntime, and ``--amp auto`` then trains in fp32 as on an A
 where the mask cannot run (no CPUID faulting: AMD hosts), kind ``avx2-libs`` holds torch's
 libraries to AVX2 instead (``LIBS_AVX2``). Each run is a fresh ``cign-train`` process on the
 already prepared store (generation and preparation are timed by ``bench_data.py``), one at a time.
-Writes ``benchmarks/results/default_run[SUFFIX].json``: seconds per kind, their ratio, the run's
+Writes ``benchmarks/results/default_run[SUFFIX].json`` (``--suffix _avx512`` for a second CPU's run
+beside the first: the suffix names what differs, not the machine): seconds per kind, their ratio, the run's
 accuracy and the CPU.
 """
 from __future__ import annotations

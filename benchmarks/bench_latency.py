@@ -1,11 +1,12 @@
-"""Issue 11's latency targets from ``cign-bench`` runs on this machine: paper preset (K 100, random weights),
+"""The deployment latency targets from ``cign-bench`` runs on this machine: paper preset (K 100, random weights),
 cpu preset (K 10) and, when present, a trained avdigits export (its report gives the INT8 accuracy drop).
 
 Each model is one ``cign-bench`` process (torch eager + onnxruntime CPU, fp32 / fp16 / int8, batch 1
 and 8, ``--threads`` as given), so every ratio below is from one run. Copies each run's JSON and
-plot to ``benchmarks/results/latency_<name>[_avx2][_TAG].{json,png}`` and prints, per model, batch 1:
+plot to ``benchmarks/results/latency_<name>[_avx2][_TAG].{json,png}`` (``--tag``: what tells a second
+CPU's results apart, e.g. ``--tag avx512`` for a CPU with AVX-512 VNNI but no AMX) and prints, per model, batch 1:
 onnxruntime fp32 / eager, fp32 / floor, INT8 / eager, INT8 / fp32 and the INT8 audio-visual accuracy
-drop, beside the targets (issue 11: fp32 <= 0.5x eager and <= 1.1x floor; INT8 <= 0.2x eager with
+drop, beside the targets (fp32 <= 0.5x eager and <= 1.1x floor; INT8 <= 0.2x eager with
 VNNI, <= 0.6x fp32 on AVX2-only CPUs; drop <= 1 point).
 
 ``--cpu-isa avx2`` runs everything with the AVX2-only instruction set (``cign_runtime.isa``), the
@@ -95,7 +96,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", type=int, default=20, help="onnxruntime-profiled calls per configuration")
     ap.add_argument("--cpu-isa", choices=isa.ISAS, default="native", help="instruction set (cign_runtime.isa)")
-    ap.add_argument("--tag", default="", help="appended to the results' names (another CPU's results beside these)")
+    ap.add_argument("--tag", default="", help="appended to the results' names, e.g. avx512 (another CPU's results beside these)")
     ap.add_argument("--score", type=Path, help="internal: print the test accuracy of this export's graphs as JSON")
     a = ap.parse_args()
     if a.score:

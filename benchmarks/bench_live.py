@@ -15,7 +15,7 @@ One process, one machine, one run:
    at 48 kHz as the microphone (PortAudio through sounddevice) while the clips' audio plays into it.
    Goals: end-to-end p99 <= paced model-only p99 + 10 ms, no audio overflow, audio callback <= 1 ms.
    The model is opened as ``cign-live`` opens it (onnxruntime threads sleep instead of spinning).
-4. ``--soak S``: the pipeline for S seconds (>= 600 for the issue's goal): per 30 s window the
+4. ``--soak S``: the pipeline for S seconds (>= 600 for the soak goals): per 30 s window the
    resident memory, end-to-end / inference p50 and p99 and the overflow count. Goals: no memory
    growth, no latency drift, zero overflows.
 

@@ -131,12 +131,12 @@ class PreprocessSpec:
 
 #: Named presets. ``paper``: Sec. 4.1 shapes. ``cpu``: small inputs for 2-core runs (the
 #: embedded ``avdigits`` default): 16 kHz (0-8 kHz), 32 ms windows every 10 ms pooled into 32 mel
-#: bands -> 32 x 301 log-mel spectrogram, 64 x 64 frames. Chosen on val (issue 9; ``cnn8`` audio
+#: bands -> 32 x 301 log-mel spectrogram, 64 x 64 frames. Chosen on val (``cnn8`` audio
 #: encoder as a 10-class classifier on avdigits, 8 epochs): the former 129 linear bins every 30 ms
 #: reached 58 %; at 8 kHz, 32 mel bands every 30 ms 71.3 %, every 20 ms 78.2 %, every 10 ms 81.7 %
 #: (24 / 40 / 64 bands: 80.2 / 81.3 / 77.3 %; 3 seeds). Mel pooling smooths the pitch harmonics
 #: that differ between voices; the finer hop keeps the formant transitions. Then the band
-#: (``benchmarks/bench_audio_probe.py``, seeds 1-5, AMD EPYC): 8 kHz 82.5 +- 1.1 %, 16 kHz
+#: (``benchmarks/studies/bench_audio_probe.py``, seeds 1-5, AMD EPYC): 8 kHz 82.5 +- 1.1 %, 16 kHz
 #: 85.1 +- 0.7 (higher on every seed: fricatives such as the /s/ of "six" and "seven" lie above
 #: 4 kHz), 16 kHz with 40 bands 84.7 +- 2.4, 22,050 Hz 83.0 +- 1.1. The shape, and so the
 #: encoder's cost, is the 8 kHz one's.

@@ -1,4 +1,4 @@
-"""How much each loss term pulls on the network, for the per-step logs (issue 10's diagnostics).
+"""How much each loss term pulls on the network, for the per-step logs: CIGN's diagnostics.
 
 ``grad_ratios`` compares the gradient norm each term puts on the shared body (encoders, phi_a /
 phi_v, grouping: what every term can reach) with the grouping BCE's: a term at 1e-3 of BCE's pull

@@ -29,13 +29,14 @@ from matplotlib.figure import Figure  # no pyplot: no global backend or figure s
 from matplotlib.ticker import MaxNLocator
 
 from cign_train import checkpoint as ck
+from cign_train.data.ingest import ensure_avdigits
 from cign_train.data.loader import batch_loader
 from cign_train.evaluate import MODALITIES
 from cign_train.settings import OPERATIONAL, TrainSettings, preset_settings
-from cign_train.trainer import Trainer, ensure_avdigits, make_plan
+from cign_train.trainer import Trainer, make_plan
 
 MODALITY_NAMES = {"audio": "Audio", "visual": "Visual", "audio_visual": "Audio-Visual"}
-#: The paper's pair (L2P's definitions, README "Metrics") and the other summaries, per modality.
+#: The paper's pair (L2P's definitions, docs/cign-train.md "Metrics") and the other summaries, per modality.
 PAPER_COLUMNS = ("average_accuracy_l2p", "forgetting_l2p")
 ALL_COLUMNS = ("average_accuracy", "average_accuracy_l2p", "final_accuracy", "diagonal_mean", "diagonal_min",
                "forgetting_avcil", "forgetting_facil", "forgetting_l2p")
@@ -71,7 +72,7 @@ BASELINE_ROWS = tuple(Row(k, label, k) for k, label in BASELINES)
 FINETUNE = Row("finetune", "Fine-tuning (lower bound)", "finetune")
 JOINT = Row("joint", "Joint training (upper bound)", "joint")
 CIGN_ROW = Row("cign", "CIGN (ours)")
-#: Table 4's paper-literal readings of eqs 8-9 (README "Paper choices").
+#: Table 4's paper-literal readings of eqs 8-9 (docs/paper-choices.md).
 LITERAL = {"token_source": "table", "ctl_negatives": "label", "ctl_denominator": "paper", "teacher_bn": "running"}
 DEPTHS = (1, 3, 6, 12)
 BUFFERS = (10, 20, 30, 40, 50)
@@ -221,7 +222,7 @@ def paper_table(rows: Mapping[str, dict], split: str) -> str:
 
 
 def full_table(rows: Mapping[str, dict], split: str, modality: str = "audio_visual") -> str:
-    """Markdown of every summary column for one modality (README "Metrics" defines each)."""
+    """Markdown of every summary column for one modality (docs/cign-train.md "Metrics" defines each)."""
     lines = ["| Method | " + " | ".join(c.replace("_", " ") for c in ALL_COLUMNS) + " |",
              "| --- |" + " ---: |" * len(ALL_COLUMNS)]
     for entry in rows.values():
@@ -342,7 +343,9 @@ def run_experiment(exp: Experiment, sweep: Sweep, keys: Iterable[str] | None = N
                    log=print) -> None:
     """Train (or resume) the runs of the rows named in ``keys`` (all by default) for every seed."""
     keys = set(keys) if keys is not None else {r.key for r in exp.rows}
-    ensure_avdigits(sweep.settings(exp.rows[0], sweep.seeds[0]))  # run names read the store's classes
+    first = sweep.settings(exp.rows[0], sweep.seeds[0])
+    if first.dataset == "avdigits":  # run names read the store's classes; training reads the store
+        ensure_avdigits(first.data_dir, first.spec)
     for seed in sweep.seeds:  # seed-major: a sweep cut short has every row at its first seeds
         for row in exp.rows:
             if row.key not in keys:

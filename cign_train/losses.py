@@ -109,7 +109,7 @@ def continual_grouping(
     sample's K class slots, which includes the anchor's own slot: the negative then shares the
     anchor's class token, so only the sample's content can rank the positive first. ``label`` takes
     the negative at its ground-truth class, y_m != y_n: the class tokens dominate g_i (eq 7's c_hat_i
-    residual), so token identity alone ranked the positive first (p_pos median 0.999, see README).
+    residual), so token identity alone ranked the positive first (p_pos median 0.999, docs/paper-choices.md).
 
     ``denominator``: ``paper`` sums only the negatives, as eq 9 is written: -sim_pos + log sum exp
     sim_neg, which with cosine similarity is bounded below by log M - 2 / tau; ``infonce`` adds the

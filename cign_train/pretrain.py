@@ -22,7 +22,7 @@ both encoders; labels are never read for training:
   ``cross`` times the cross-modal ``infonce``: the encoders first learn augmentation-invariant
   features of their own, which a cross-modal objective alone never gives them on avdigits.
 
-None of the four learns the digits on avdigits (README, ``cign-pretrain``), so the ``cpu`` preset
+None of the four learns the digits on avdigits (``docs/cign-pretrain.md``), so the ``cpu`` preset
 trains its encoders from scratch.
 
 Both inputs get the training augmentation (``cign_train.augment``), so the encoders cannot match

@@ -107,7 +107,7 @@ class TrainSettings:
 #: chance-level val accuracy) with the audio map pooled by max + mean over time, a narrower
 #: one-layer transformer (D 256), batch 16 for more optimizer steps, augmentation, 12 epochs on the
 #: first task and 8 on each later one, and per task a warm-up + cosine schedule peaking at 3e-4.
-#: Chosen on avdigits' val split (issue 9): with 4 later epochs a new class got too few draws under
+#: Chosen on avdigits' val split: with 4 later epochs a new class got too few draws under
 #: class-balanced rehearsal (1/K of an epoch of task + buffer clips), so new tasks reached only
 #: 10-57 % audio-visual right after learning them (2-core Xeon, seed 0); 8 epochs gave 47.5-92.5 %.
 #: A constant 3e-4 collapsed the run from the second task on (average 26.9 %); warmed up and

@@ -1,6 +1,7 @@
 """The class-incremental procedure: for each task, grow, train (task data + buffer), update the
 buffer, evaluate every seen task, checkpoint. The loop talks to a method only through
-``begin_task`` / ``observe`` / ``end_task`` (``cign_train.methods.base``).
+``begin_task`` / ``observe`` / ``end_task`` (``cign_train.methods.base``), and reads a prepared store
+that the commands made sure of (``cign_train.data.ingest``): training never generates or prepares data.
 """
 from __future__ import annotations
 
@@ -17,14 +18,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from cign_runtime.spec import get_preset
 from cign_train import checkpoint as ck
 from cign_train import distributed as D
 from cign_train import precision
 from cign_train.augment import Augment
 from cign_train.buffer import RehearsalBuffer
 from cign_train.data.definitions import DatasetDefinition, get_definition
-from cign_train.data.ingest import prepare_dataset, store_dir
+from cign_train.data.ingest import store_dir
 from cign_train.data.loader import Batch, batch_loader, batches_per_epoch
 from cign_train.data.store import PreparedStore
 from cign_train.diagnostics import StepLog, grad_ratios, shared_parameters
@@ -76,20 +76,6 @@ class Plan:
     def split_indices(self, split: str, model_classes) -> np.ndarray:
         store_classes = [self.order[k] for k in model_classes]
         return self.store.indices(split, store_classes)
-
-
-def ensure_avdigits(s: TrainSettings, progress: bool = True) -> None:
-    """Generate and prepare the embedded avdigits store when a run needs it and it is missing, or
-    prepare it again when it was prepared with another spec than its preset's (a preset changed
-    since): avdigits is derived data, so the stale store is replaced, not trained on."""
-    if s.dataset != "avdigits":
-        return
-    root = store_dir(Path(s.data_dir), s.dataset, s.spec)
-    if (root / "index.json").is_file():
-        if PreparedStore(root).spec == get_preset(s.spec):
-            return
-        tqdm.write(f"{root}: prepared with another {s.spec!r} spec than the preset's now; preparing it again")
-    prepare_dataset("avdigits", Path(s.data_dir), preset=s.spec, progress=progress)
 
 
 def make_plan(s: TrainSettings) -> Plan:
@@ -154,9 +140,6 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.dist = D.setup(settings.device)
-        if self.dist.main:  # one process builds a missing avdigits store, the others wait for it
-            ensure_avdigits(settings, progress)
-        D.barrier(self.dist)
         self.plan = make_plan(settings)
         self.spec = self.plan.store.spec
         self.buffer = RehearsalBuffer(settings.buffer_per_class, settings.buffer_select, settings.seed)

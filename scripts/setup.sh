@@ -18,6 +18,6 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# torch/torchvision pinned to the releases these machines serve from disk (see README).
+# torch/torchvision pinned to the releases these machines serve from disk (docs/deploying.md).
 "$PYTHON" -m pip install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
 "$PYTHON" -m pip install -q --disable-pip-version-check -e ".[train,test]"

@@ -270,13 +270,13 @@ def test_existing_run_needs_resume(tiny_avdigits, tmp_path):
 
 def test_a_store_of_a_former_preset_spec_is_prepared_again_and_its_runs_are_refused(tiny_avdigits, tmp_path, monkeypatch,
                                                                                      capsys):
-    """The cpu preset's spec changed (8 -> 16 kHz, issue 9): an avdigits store prepared with the former
+    """The cpu preset's spec changed (8 -> 16 kHz): an avdigits store prepared with the former
     spec is prepared again before a run trains on it, and a run trained on the former inputs is neither
     resumed nor re-read by cign-experiment (its weights do not fit the new inputs)."""
     import dataclasses
 
     from cign_runtime import spec as spec_module
-    from cign_train.data.ingest import prepare_dataset, store_dir
+    from cign_train.data.ingest import ensure_avdigits, prepare_dataset, store_dir
     from cign_train.data.store import PreparedStore
     from cign_train.experiments import finished
 
@@ -294,9 +294,10 @@ def test_a_store_of_a_former_preset_spec_is_prepared_again_and_its_runs_are_refu
         Trainer(s, tmp_path / "old", progress=False).run()
         assert PreparedStore(store).spec == former and finished(tmp_path / "old", s)
     capsys.readouterr()
+    ensure_avdigits(tmp_path / "data", "cpu", progress=False)  # what cign-train and cign-experiment do before training
+    assert "prepared with another 'cpu' spec than the preset's now; preparing it again" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"task_1\.pt: trained on another preprocessing spec .*sample_rate 8000 -> 16000"):
         Trainer(s, tmp_path / "old", progress=False).run(resume=True)
-    assert "prepared with another 'cpu' spec than the preset's now; preparing it again" in capsys.readouterr().out
     assert PreparedStore(store).spec == now
     with pytest.raises(ValueError, match="trained on another preprocessing spec"):
         finished(tmp_path / "old", s)

@@ -12,9 +12,11 @@ before it is written shows up as a non-finite gradient. Controls: fp32, and bf16
 disabled (``torch.backends.mkldnn.flags(enabled=False)``). It records the oneDNN implementation that
 ran the backward-weights pass (``ONEDNN_VERBOSE``), the torch and oneDNN versions and the machine.
 
-Answer (``results/onednn_bf16_conv_grad.json``, one entry per CPU): see ``docs`` / README
-Limitations; the trainer guards against it either way (``cign_train.guard``, and training batches
-are never a few clips: ``cign_train.data.loader.folded_sizes``).
+Answer: on the 2-core Xeon with AVX512-BF16 and AMX where the NaN appeared, yes, at batches of a few
+clips, never in fp32 or with oneDNN disabled; on an AMD EPYC (AVX512-BF16, no AMX) never. Per-CPU
+counts: ``benchmarks/studies/results/onednn_bf16_conv_grad.json`` (one entry per CPU; tabulated in
+``docs/limitations.md``). The trainer guards against it either way (``cign_train.guard``, and
+training batches are never a few clips: ``cign_train.data.loader.folded_sizes``).
 
     python benchmarks/studies/onednn_bf16_conv_grad.py            # add / replace this CPU's entry
 """

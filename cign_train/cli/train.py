@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import click
@@ -12,7 +13,7 @@ from click.core import ParameterSource
 from cign_train.config import CTL_DENOMINATORS, CTL_NEGATIVES, TEACHER_BN, TOKEN_SOURCES
 from cign_train.buffer import SELECTIONS
 from cign_train.data.definitions import DATASETS, get_definition
-from cign_train.data.ingest import store_dir
+from cign_train.data.ingest import ensure_avdigits, store_dir
 from cign_train.methods import Option, available, get_method
 from cign_train.precision import AMP_CHOICES
 from cign_train.reporting import results_table
@@ -282,6 +283,8 @@ def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, bat
     if reuse:
         resume = reusable(settings, out)
     try:
+        if settings.dataset == "avdigits" and int(os.environ.get("RANK", "0")) == 0:  # the other ranks wait to join
+            ensure_avdigits(settings.data_dir, settings.spec, progress=not no_progress)
         trainer = Trainer(settings, out, progress=not no_progress)
         metrics = trainer.run(resume=resume)
     except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLoss) as e:

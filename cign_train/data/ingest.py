@@ -9,10 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from cign_runtime.spec import get_preset
 from cign_train.data import avdigits
 from cign_train.data import definitions as defs
 from cign_train.data.prepare import PrepareReport, prepare_store
+from cign_train.data.store import PreparedStore
 
 
 @dataclass
@@ -85,3 +88,15 @@ def prepare_dataset(
         progress=progress,
         window=window,
     )
+
+
+def ensure_avdigits(data_dir: Path, spec: str, progress: bool = True) -> None:
+    """Generate and prepare the embedded avdigits store of preset ``spec`` when it is missing, or prepare it
+    again when it was prepared with another spec than the preset's (a preset changed since): avdigits is
+    derived data, so the stale store is replaced, not trained on. The commands call it before training."""
+    root = store_dir(Path(data_dir), "avdigits", spec)
+    if (root / "index.json").is_file():
+        if PreparedStore(root).spec == get_preset(spec):
+            return
+        tqdm.write(f"{root}: prepared with another {spec!r} spec than the preset's now; preparing it again")
+    prepare_dataset("avdigits", Path(data_dir), preset=spec, progress=progress)

@@ -29,7 +29,7 @@ class CignMethod(Method):
         teacher and student differ only by their weights and the new tokens; ``running`` uses its
         running estimates (eval mode), a train / eval mismatch that eqs 8-9 would pull against: at task
         2's first step the anchor-positive cosine of g is 0.975 audio / 0.9998 visual with ``batch``,
-        0.966 / 0.987 with ``running`` (benchmarks/bench_first_step.py, 3 seeds).
+        0.966 / 0.987 with ``running`` (benchmarks/studies/bench_first_step.py, 3 seeds).
         """
         if task.index == 0:
             self.teacher = None

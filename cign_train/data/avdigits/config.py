@@ -15,7 +15,7 @@ class AvdigitsConfig:
 
     The defaults aim at a benchmark where each modality alone reaches roughly 70-90 % test accuracy
     for a CPU-sized encoder trained jointly, and both together more; every difficulty knob is here
-    so a probe can retune them. The visual knobs were retuned with such a probe (issue 9; the
+    so a probe can retune them. The visual knobs were retuned with such a probe (the
     ``cnn8`` encoder of ``cign_train.model.encoders`` as a 10-class classifier, 8 epochs, AdamW
     1e-3, val split, seed 0): with digits at 0.22-0.45 of the frame, contrast 0.25-0.65, 6 clutter
     shapes and a fragment of another digit it reached 56.5 % after 10 epochs (ResNet18: chance),

@@ -1,4 +1,7 @@
-"""Does ``cign-pretrain`` learn on avdigits, and do its encoders help CIGN? (issue 9), on the val split.
+"""Question: does ``cign-pretrain`` learn on avdigits, and do its encoders help CIGN (val split)?
+Answer: no objective moves the embeddings towards the digits, and CIGN started from them is worse, visual
+most; the default run trains from scratch. Results: ``benchmarks/studies/results/pretrain_avdigits.json``
+(infonce, clusters) and ``pretrain_simclr_ezvsl_avdigits.json`` (simclr, ezvsl).
 
 Stage 1 runs ``cign-pretrain`` for each objective / temperature / lr of ``CONFIGS`` (``--jobs`` at
 a time, each stopped after ``--pretrain-seconds``; the checkpoint is rewritten every epoch, so the
@@ -6,7 +9,7 @@ last finished epoch counts) and reads each checkpoint's per-epoch history: the v
 retrieval and the k-means NMI of the audio / visual embeddings with the labels (labels read for
 evaluation only). Stage 2 trains CIGN on val from scratch and from the checkpoint with the highest
 final val NMI (audio + visual), ``--seeds`` each, plus ``joint`` from that checkpoint. Prints a
-table and writes ``--output`` (default ``benchmarks/results/pretrain_avdigits.json``) with the device, the commands and the
+table and writes ``--output`` (default ``benchmarks/studies/results/pretrain_avdigits.json``) with the device, the commands and the
 histories. Made for a GPU machine (``--device cuda``); on 2 CPU cores (``--device cpu --jobs 1``) a
 configuration's 10 epochs take 1-2 minutes with ``cnn8``, a CIGN run 3-4.
 """
@@ -22,11 +25,13 @@ from pathlib import Path
 
 import torch
 
-import machine
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: machine.py
+import machine  # noqa: E402
+
 
 RESULTS = Path(__file__).parent / "results"
 #: name -> (objective, tau, lr, prototypes, batch size, cross); the first eight made the H100 sweep of
-#: ``pretrain_avdigits.json``, the last four the 2-core CPU one of ``pretrain_cpu_avdigits.json``
+#: ``pretrain_avdigits.json``, the last four the 2-core CPU one of ``pretrain_simclr_ezvsl_avdigits.json``
 CONFIGS = {
     "nce07": ("infonce", 0.07, 3e-4, 30, 128, 0.0),
     "nce2": ("infonce", 0.2, 1e-3, 30, 128, 0.0),

@@ -1,18 +1,21 @@
-"""What eqs 8-9 see at the first step of an incremental task, before any update, under each reading.
+"""Question: what do eqs 8-9 see at the first step of an incremental task, before any update, under each reading?
+Answer: the table-token KL is exactly 0 (the table is copied), the contextual one is not; ``label`` negatives
+let token identity rank the positive first, ``maxpool`` ones do not. Results: ``benchmarks/studies/results/first_step_avdigits.json``.
 
 The teacher is a trained task-1 model (``task_0.pt`` of the default CIGN runs of ``cign-experiment
-methods``, one per seed; the committed JSON was measured on the task-1 models of the CIGN runs made
-before issue 10's rework, since replaced); the student is that model grown by task 2's classes. On real task-2 training batches (the new
+methods``, one per seed; the committed JSON was measured on the task-1 models of CIGN runs trained
+before eqs 8-9 took their current readings, with the same preset otherwise); the student is that model grown by task 2's classes. On real task-2 training batches (the new
 clips plus the run's buffer exemplars, class-balanced and augmented as in training) it measures, per
 teacher BatchNorm mode (``batch`` / ``running``): eq 9's anchor-positive cosine, mean (max-pooled)
 anchor-negative cosine and the positive's softmax share p_pos at tau, for ``label`` and ``maxpool``
 negatives; eq 8's KL on the token table and on the contextualised tokens; the cosine of the old
 classes' contextualised tokens, student vs teacher. Mean over 8 batches, then mean +- std over the
-seeds. Writes ``benchmarks/results/first_step_avdigits.json`` with the CPU named.
+seeds. Writes ``benchmarks/studies/results/first_step_avdigits.json`` with the CPU named.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import dataclasses
 import json
 import statistics
@@ -22,7 +25,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import machine as bench_machine
 from cign_train import checkpoint as ck
 from cign_train.config import CTL_NEGATIVES, TEACHER_BN
 from cign_train.data.loader import batch_loader
@@ -30,6 +32,9 @@ from cign_train.losses import contrast_stats, token_distillation
 from cign_train.methods.cign import CignMethod
 from cign_train.settings import preset_settings
 from cign_train.trainer import Trainer, train_indices
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: machine.py
+import machine as bench_machine  # noqa: E402
 
 
 @torch.no_grad()

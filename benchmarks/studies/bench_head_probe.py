@@ -1,4 +1,6 @@
-"""Does a run's grouping head read all its encoders hold? (issue 9: where joint's audio errors live).
+"""Question: does a run's grouping head read all its encoders hold?
+Answer: for ``joint`` nearly all of the audio (the encoder is the limit); for CIGN after the last task a
+few points of audio are lost in the continual head. Results: ``benchmarks/studies/results/head_probe_avdigits.json``.
 
 For each ``--runs``/``METHOD-seedS`` folder, the last task's checkpoint scores the val clips of all
 classes twice per modality: through the model's own head (argmax of ``logits_a`` / ``logits_v``, the
@@ -6,11 +8,12 @@ accuracy the tables report) and through a logistic-regression probe (scikit-lear
 features, each ``--C``) fitted on the same model's frozen encoder features (``CIGN.encoder_features``)
 of every training clip, un-augmented. A probe well above the head means the head loses what the
 encoder learned; a probe at the head's level means the encoder is the limit. Writes
-``benchmarks/results/head_probe_avdigits.json`` with the CPU named.
+``benchmarks/studies/results/head_probe_avdigits.json`` with the CPU named.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 from pathlib import Path
 
@@ -20,11 +23,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-import machine as bench_machine
 from bench_task_probe import MODALITIES, outputs
 from cign_train import checkpoint as ck
 from cign_train.settings import TrainSettings
 from cign_train.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: machine.py
+import machine as bench_machine  # noqa: E402
 
 
 def probe(run: Path, cs: list[float]) -> dict:

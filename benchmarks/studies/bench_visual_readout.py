@@ -1,4 +1,6 @@
-"""Why no pretraining objective reaches avdigits' digits (issue 9): which read-out of the visual encoder learns them.
+"""Question: which read-out of the visual encoder learns avdigits' digits from scratch?
+Answer: the max over locations; a cross-modal InfoNCE teaches as much as labels through it, but only once
+the audio side knows the digits. Results: ``benchmarks/studies/results/visual_readout_avdigits.json``.
 
 The ``cpu`` preset's ``cnn8`` visual encoder is trained from scratch on all ten classes' training
 frames, with the labels and the run's own optimizer (Adam, the preset's peak lr, warm-up + cosine,
@@ -17,7 +19,7 @@ batch 16, augmentation, ``--epochs``), through a read-out that the pretraining o
 and, as the reference, CIGN's own read-out: ``cign-train --method joint --tasks 1`` (class tokens
 grouping the frame's locations, eqs 1-2; the audio branch trains beside it) for the same epochs.
 Val split, ``--seeds`` (merged into the results of earlier seeds); prints val accuracy at each
-epoch's end and writes ``benchmarks/results/visual_readout_avdigits.json`` with the CPU named.
+epoch's end and writes ``benchmarks/studies/results/visual_readout_avdigits.json`` with the CPU named.
 """
 from __future__ import annotations
 
@@ -32,12 +34,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import machine as bench_machine
 from cign_train.data.loader import batch_loader
 from cign_train.model.encoders import backbone
 from cign_train.schedule import task_scheduler
 from cign_train.settings import preset_settings
 from cign_train.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: machine.py
+import machine as bench_machine  # noqa: E402
 
 READOUTS = ("mean", "max", "mil", "nce_max", "nce_mil")
 

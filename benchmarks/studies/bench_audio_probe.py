@@ -1,4 +1,7 @@
-"""Issue 9's audio goal: what lifts the ``cpu`` preset's audio encoder, measured on avdigits' val split.
+"""Question: what lifts the ``cpu`` preset's audio encoder on avdigits (an audio-only probe, val split)?
+Answer: the input band: 16 kHz audio beats 8 kHz on every seed and became the preset's spec; CIGN's BCE
+head and more epochs help a little; regularisers, mixing, more data at equal steps and the stem do not pay.
+Results: ``benchmarks/studies/results/audio_probe_{avdigits,band_avdigits,16k_avdigits,mix_stem_avdigits}.json``.
 
 The probe: the preset's audio encoder (``cnn8``, max + mean pooling over time) and a linear head
 on all ten classes, AdamW 1e-3 with the preset's warm-up + cosine schedule, the run's training
@@ -39,7 +42,7 @@ augmentation, batch 16, scored on val (test is never read), seeds 1-3. Variants:
   simclr + infonce checkpoint (``bench_pretrain.py --device cpu ... --configs simclr2x1`` writes
   ``runs/bench-pretrain-cpu/simclr2x1.pt``).
 
-Writes ``--output`` (default ``benchmarks/results/audio_probe_avdigits.json``: per variant and seed,
+Writes ``--output`` (default ``benchmarks/studies/results/audio_probe_avdigits.json``: per variant and seed,
 mean and std, the store's spec) with the CPU named. The committed ``audio_probe_avdigits.json`` was
 measured while the preset was 8 kHz (its ``default`` store); ``audio_probe_band_avdigits.json`` holds
 the band rows (``--variants 8k 16k 16k-40 22k "8k smooth" "8k no-erase" "16k no-erase" --seeds 1 2 3
@@ -50,6 +53,7 @@ the band rows (``--variants 8k 16k 16k-40 22k "8k smooth" "8k no-erase" "16k no-
 from __future__ import annotations
 
 import argparse
+import sys
 import dataclasses
 import json
 import math
@@ -62,7 +66,6 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torchvision.ops import Conv2dNormActivation
 
-import machine
 import cign_train.data.avdigits as avdigits
 from cign_runtime.spec import PRESETS as spec_presets
 from cign_runtime.spec import PreprocessSpec
@@ -74,6 +77,9 @@ from cign_train.model.encoders import AudioEncoder
 from cign_train.schedule import task_scheduler
 from cign_train.settings import preset_settings
 from cign_train.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: machine.py
+import machine  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 #: spectrogram stores: name -> fields of the ``cpu`` spec that differ, prepared from the default clips

@@ -1,4 +1,8 @@
-"""Why CIGN's 10-task avdigits run loses its visual branch: what each task's model separates, per modality.
+"""Question: why does CIGN's 10-task avdigits run lose its visual branch?
+Answer: its one-class first task leaves both heads flat (eq 8's BCE is minimised by a constant) and the
+visual head stays flat on the seeds that lose it. Results: ``benchmarks/studies/results/task_probe_avdigits.json``.
+
+What each task's model separates, per modality.
 
 avdigits in 10 tasks gives one class per task, so the first task is a one-class problem. For the
 runs of ``cign-experiment tasks`` (``cign+tasks=10``) and, for comparison, the default 5-task runs
@@ -6,12 +10,13 @@ runs of ``cign-experiment tasks`` (``cign+tasks=10``) and, for comparison, the d
 measured per modality: the spread of the heads' logits (std over clips and seen classes: a head that
 gives every clip the same score has spread 0) and a nearest-class-mean probe of the encoder features
 (``CIGN.encoder_features``, unit class means of 60 train clips per class -> val accuracy over the ten
-classes; chance 10 %), per seed (the seeds differ: see the README). Writes
-``benchmarks/results/task_probe_avdigits.json`` with the CPU named.
+classes; chance 10 %), per seed (the seeds differ: ``benchmarks/studies/README.md``). Writes
+``benchmarks/studies/results/task_probe_avdigits.json`` with the CPU named.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 from pathlib import Path
 
@@ -19,10 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import machine as bench_machine
 from cign_train import checkpoint as ck
 from cign_train.settings import TrainSettings
 from cign_train.trainer import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: machine.py
+import machine as bench_machine  # noqa: E402
 
 RUNS = {"10 tasks x 1 class": "cign+tasks=10", "5 tasks x 2 classes": "cign"}
 MODALITIES = ("audio", "visual")
