@@ -683,6 +683,7 @@ def gen_first_step(ctx: Ctx, what: str) -> str:
 
 
 ONEDNN = f"{STUDIES}/onednn_bf16_conv_grad.json"
+PROFILE = f"{STUDIES}/train_step_profile.json"
 
 
 def gen_onednn(ctx: Ctx) -> str:
@@ -917,6 +918,11 @@ def study_answers(ctx: Ctx) -> dict[str, str]:
     vr = load(READOUT)
     vr_seeds = [int(s) for s in next(iter(vr["val_accuracy_per_epoch"].values()))]
     od = load(ONEDNN)["entries"]
+    prof = load(PROFILE)
+    runs = {r["kind"]: r for r in prof["runs"]}
+    conv = {k: sum(op["self_ms_per_step"] for op in r["top_ops"] if "convolution" in op["op"]) for k, r in runs.items()}
+    mm = {k: sum(op["self_ms_per_step"] for op in r["top_ops"] if op["op"] in ("aten::mm", "aten::addmm"))
+          for k, r in runs.items()}
     nan_cpus = [short_cpu(e["machine"]) for e in od if any(r["bf16"] for r in e["rows"])]
     clean_cpus = [short_cpu(e["machine"]) for e in od if not any(r["bf16"] for r in e["rows"])]
     v = lambda x: f"{x:.1f}"  # noqa: E731
@@ -971,6 +977,14 @@ def study_answers(ctx: Ctx) -> dict[str, str]:
             f"through it ({pm(mean_std(readout_final(vr, 'nce_max')))} %) but not through the best location "
             f"({pm(mean_std(readout_final(vr, 'nce_mil')))} %) {where(vr['split'], vr_seeds, vr['machine'])}. With both encoders random "
             "nothing starts."),
+        "train_step_profile.py": (
+            f"A `cpu`-preset step (batch {prof['batch']}) takes {runs['avx2']['step_ms']:.0f} ms in fp32 on the AVX2 code path, "
+            f"{runs['native-fp32']['step_ms']:.0f} ms in fp32 natively and {runs['native']['step_ms']:.0f} ms in "
+            f"{runs['native']['precision']} ({short_cpu(prof['machine'])}, {prof['steps']} steps): the AVX2 step is the fp32 step, "
+            f"not a slower one. Convolutions (forward and backward) take {conv['avx2']:.0f} ms of the AVX2 step, the transformer's "
+            f"and heads' matrix products {mm['avx2']:.0f} ms; forward and backward alone, the visual encoder "
+            f"{runs['avx2']['visual_encoder_ms']:.0f} ms, the audio encoder {runs['avx2']['audio_encoder_ms']:.0f} ms, the rest of "
+            f"the model {runs['avx2']['after_encoders_ms']:.0f} ms."),
         "onednn_bf16_conv_grad.py": (
             (f"On {', '.join(nan_cpus)}: yes, at some batches of a few clips, never in fp32 or with oneDNN disabled. " if nan_cpus else "")
             + (f"On {', '.join(clean_cpus)}: never, at any batch probed, in either layout. " if clean_cpus else "")
@@ -991,6 +1005,8 @@ STUDY_ROWS = (
     ("bench_visual_readout.py", "Which read-out of the visual encoder learns avdigits' digits from scratch?", ("visual_readout_avdigits.json",)),
     ("onednn_bf16_conv_grad.py", "Does oneDNN's bf16 convolution weight-gradient return NaN at small batches on this CPU?",
      ("onednn_bf16_conv_grad.json",)),
+    ("train_step_profile.py", "Where does a training step's time go on AVX2 in fp32, against the native bf16 step?",
+     ("train_step_profile.json",)),
 )
 
 
