@@ -49,7 +49,7 @@ def cpu_estimate(s: TrainSettings, steps_left: int, seconds_per_step: float) -> 
     minutes = steps_left * seconds_per_step / 60
     took = f"{minutes:.0f} min" if minutes < 120 else f"{minutes / 60:.1f} h"
     line = (f"on the CPU: {seconds_per_step:.2f} s a step over the first {TIMED_STEPS}; this run's {steps_left} steps "
-            f"left take about {took} of training (evaluations aside)")
+            f"left take {took} of training or more (a later task's step also runs its teacher; evaluations aside)")
     if s.spec == "paper":
         line += ("; the paper preset (ResNet18 at 224 px) is made for GPUs (--device cuda): on a CPU, --preset cpu "
                  "(cnn8 at 64 px, on a store prepared with cign-prepare --preset cpu) trains in minutes")
