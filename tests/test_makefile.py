@@ -28,8 +28,9 @@ def python(tmp_path_factory) -> Path:
 
 
 def demo_commands(python: Path) -> list[str]:
-    plan = subprocess.run(["make", "-n", f"PYTHON={python}", "demo"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}  # CI runs us in make
+    plan = subprocess.run(["make", "-n", "--no-print-directory", f"PYTHON={python}", "demo"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
     assert plan.returncode == 0, plan.stderr
     return [line for line in plan.stdout.splitlines() if line.strip()]
 
