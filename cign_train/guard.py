@@ -67,12 +67,13 @@ class Rewind:
 class StepGuard:
     """Optimizer steps that are never taken with a non-finite gradient (module docstring).
 
-    ``module`` is the model whose buffers a redo rewinds; ``mixed`` says the step's forward runs under
-    autocast (bf16 or fp16), so that an fp32 redo can differ. Call :meth:`capture` before each step's
-    forward, then :meth:`step` with its loss."""
+    ``module`` is the model whose buffers a redo rewinds; ``redo`` says a non-finite step is redone in
+    fp32: the step's forward runs under bf16 autocast (in fp32 a redo computes the same again, under fp16
+    the loss scaler skips the step), so only then does :meth:`capture` keep anything. Call it before each
+    step's forward, then :meth:`step` with its loss."""
 
-    def __init__(self, module: nn.Module, mixed: bool):
-        self.rewind = Rewind(module) if mixed else None
+    def __init__(self, module: nn.Module, redo: bool):
+        self.rewind = Rewind(module) if redo else None
         self.counts = dict.fromkeys(ACTIONS, 0)
 
     def capture(self) -> None:
@@ -92,7 +93,7 @@ class StepGuard:
         action = None
         if not math.isfinite(norm):
             action = "skipped"
-            if self.rewind is not None and not scaler.is_enabled():
+            if self.rewind is not None:
                 self.rewind.restore()
                 optimizer.zero_grad(set_to_none=True)
                 recompute().backward()

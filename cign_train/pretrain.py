@@ -251,7 +251,7 @@ def pretrain(store: PreparedStore, s: PretrainSettings, out: Path, progress: boo
     augment = Augment(store.spec)
     dtype = precision.autocast_dtype(s.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    guard = StepGuard(model, mixed=dtype is not None)
+    guard = StepGuard(model, redo=dtype == torch.bfloat16)
     keys = ("loss", "retrieval", "class_retrieval", "class_chance", "nmi_audio", "nmi_visual")
     history = {"epoch": [], "train_loss": [], **{f"val_{k}": [] for k in keys}, "seconds": [],
                **{f"guard_{a}": [] for a in ACTIONS}}

@@ -42,7 +42,7 @@ def training_step(preset: str, batch: int, device: torch.device, dtype: torch.dt
     frames = frames.contiguous(memory_format=torch.channels_last)
     labels = torch.arange(batch, device=device) % (old + new)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    guard = StepGuard(model, mixed=dtype is not None)
+    guard = StepGuard(model, redo=dtype == torch.bfloat16)
 
     def loss() -> torch.Tensor:
         out = model(spectrograms, frames)

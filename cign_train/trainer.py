@@ -301,7 +301,7 @@ class Trainer:
                                                      self.dist.device.type == "cuda" else None)
         optimizer = torch.optim.Adam(param_groups(model, method, s))
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        guard = StepGuard(model, mixed=self.amp_dtype is not None)
+        guard = StepGuard(model, redo=self.amp_dtype == torch.bfloat16)
         new_idx = train_indices(self.plan, task.old_classes + task.new_classes if method.TRAINS_ON_SEEN
                                 else task.new_classes, s.max_per_class, s.seed)
         exemplars, held = self.buffer.indices, np.zeros(0, dtype=np.int64)

@@ -60,7 +60,7 @@ X = inputs(0, [0, 1, 2, 0, 1, 2, 2, 1])
 def test_a_nan_gradient_under_bf16_is_redone_in_fp32_from_the_same_state():
     method, model, reference, seen = setup(mixed=True, calls=1)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    guard = StepGuard(model, mixed=True)
+    guard = StepGuard(model, redo=True)
     norm, action = guarded_step(method, guard, optimizer, X, mixed=True)
     assert action == "fp32" and guard.counts == {"fp32": 1, "skipped": 0} and len(seen) == 2
     assert norm > 0 and torch.isfinite(torch.tensor(norm))
@@ -77,7 +77,7 @@ def test_a_gradient_that_stays_nan_is_skipped_and_updates_nothing():
     method, model, _, seen = setup(mixed=True, calls=10**6)
     before = {k: v.clone() for k, v in model.named_parameters()}
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    guard = StepGuard(model, mixed=True)
+    guard = StepGuard(model, redo=True)
     norm, action = guarded_step(method, guard, optimizer, X, mixed=True)
     assert action == "skipped" and guard.counts == {"fp32": 0, "skipped": 1} and len(seen) == 2
     assert all(torch.equal(p, before[k]) for k, p in model.named_parameters())
@@ -89,7 +89,7 @@ def test_in_fp32_a_nan_gradient_is_skipped_without_a_redo():
     method, model, _, seen = setup(mixed=False, calls=1)
     before = {k: v.clone() for k, v in model.named_parameters()}
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    guard = StepGuard(model, mixed=False)
+    guard = StepGuard(model, redo=False)
     _, action = guarded_step(method, guard, optimizer, X, mixed=False)
     assert action == "skipped" and len(seen) == 1  # recomputing in fp32 would give the same gradient
     assert all(torch.equal(p, before[k]) for k, p in model.named_parameters())
@@ -101,7 +101,7 @@ def test_in_fp32_a_nan_gradient_is_skipped_without_a_redo():
 def test_a_finite_step_is_the_plain_step_and_reports_the_gradient_norm():
     method, model, reference, _ = setup(mixed=False, calls=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    norm, action = guarded_step(method, StepGuard(model, mixed=False), optimizer, X, mixed=False)
+    norm, action = guarded_step(method, StepGuard(model, redo=False), optimizer, X, mixed=False)
     assert action is None
     assert norm == pytest.approx(float(gradient_norm(optimizer)), rel=1e-6)
     fp32_step(reference, X)

@@ -321,7 +321,7 @@ def test_fresh_run_into_a_run_killed_in_its_first_task_is_refused(tiny_avdigits,
     scheduler = task_scheduler(optimizer, "constant", 3, s.warmup)
     method = get_method(s.method)(model, s.model)
     killed.save_last(0, 1, model, method, optimizer, torch.amp.GradScaler("cuda", enabled=False), scheduler,
-                     StepGuard(model, mixed=False))  # epoch 1 of 3
+                     StepGuard(model, redo=False))  # epoch 1 of 3
     state = (run / "last.pt").read_bytes()
     config = (run / "config.json").read_text()
 
