@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: setup demo test report bench experiments bench-default bench-export bench-live bench-latency
+.PHONY: setup demo test report bench experiments bench-demo bench-default bench-export bench-live bench-latency
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -41,6 +41,11 @@ bench-latency: setup
 # resumed, about 8 h on 2 cores from scratch; docs/cign-experiment.md)
 experiments: setup
 	for e in methods ablation depth tasks buffer tsne; do $(PYTHON) -m cign_train.cli.experiment $$e || exit 1; done
+
+# wall time of make demo after set-up, per stage, native and on the AVX2 instruction set (CPUID mask), each
+# run twice from an empty folder under runs/bench-demo (about 15 min)
+bench-demo: setup
+	$(PYTHON) benchmarks/bench_demo.py
 
 # wall time of the default cign-train, native and on the AVX2 instruction set in fp32 (CPUID mask, or torch's libraries held to AVX2 where it cannot run; about 12 min)
 bench-default: setup

@@ -12,6 +12,8 @@ from cign_runtime.records import known_fields
 ENCODERS = ("resnet18", "cnn8")
 #: How the audio encoder pools its feature map to f_a (cign_train.model.encoders.AudioEncoder).
 AUDIO_POOLS = ("mean", "time_max_mean")
+#: Stride of the ``cnn8`` visual encoder's first convolution (cign_train.model.encoders.backbone).
+VISUAL_STRIDES = (1, 2)
 #: Denominator of eq 9 (cign_train.losses.continual_grouping): the negatives only (the paper's text),
 #: or the positive plus the negatives (InfoNCE).
 CTL_DENOMINATORS = ("infonce", "paper")
@@ -47,12 +49,15 @@ class CIGNConfig:
     use_avcg: bool = True  # eq 9 continual-grouping loss, Table 4
     audio_channels: int = 1  # log spectrogram planes into the audio ResNet18
     audio_pool: str = "mean"  # AUDIO_POOLS: "mean" over the map (paper), or mean over frequency, then max + mean over time
+    visual_stride: int = 1  # VISUAL_STRIDES: stride of cnn8's first visual conv (2: a quarter of its FLOPs, P / 4)
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.audio_pool not in AUDIO_POOLS:
             raise ValueError(f"audio_pool must be one of {AUDIO_POOLS}, got {self.audio_pool!r}")
+        if self.visual_stride not in VISUAL_STRIDES or (self.visual_stride != 1 and self.encoder != "cnn8"):
+            raise ValueError(f"visual_stride must be one of {VISUAL_STRIDES} (cnn8 only), got {self.visual_stride!r}")
         if self.ctl_denominator not in CTL_DENOMINATORS:
             raise ValueError(f"ctl_denominator must be one of {CTL_DENOMINATORS}, got {self.ctl_denominator!r}")
         for name, choices in (("ctl_negatives", CTL_NEGATIVES), ("token_source", TOKEN_SOURCES),

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from cign_runtime.spec import get_preset
+from cign_train.config import CIGNConfig
 from cign_train.data.loader import batch_loader
 from cign_train.data.store import PreparedStore
 from cign_train.guard import StepGuard, gradient_norm
@@ -27,10 +28,11 @@ from cign_train.settings import PRESETS
 
 
 def training_step(preset: str, batch: int, device: torch.device, dtype: torch.dtype | None,
-                  classes: tuple[int, int] = (10, 10)) -> tuple[Callable[[], None], StepGuard, torch.optim.Optimizer]:
+                  classes: tuple[int, int] = (10, 10), cfg: CIGNConfig | None = None
+                  ) -> tuple[Callable[[], None], StepGuard, torch.optim.Optimizer]:
     """(one step as the trainer takes it, through its ``StepGuard``; the guard; the optimizer) at
-    ``preset``'s shapes and model config (``classes``: old and new classes of the task)."""
-    cfg, spec = PRESETS[preset]["model"], get_preset(PRESETS[preset]["spec"])
+    ``preset``'s shapes and model config, or ``cfg`` (``classes``: old and new classes of the task)."""
+    cfg, spec = cfg or PRESETS[preset]["model"], get_preset(PRESETS[preset]["spec"])
     torch.manual_seed(0)
     old, new = classes
     model = CIGN(cfg, old).to(device, memory_format=torch.channels_last)
@@ -62,10 +64,10 @@ def training_step(preset: str, batch: int, device: torch.device, dtype: torch.dt
 
 
 def step_rate(preset: str, batch: int, steps: int, device: torch.device, dtype: torch.dtype | None,
-              classes: tuple[int, int] = (10, 10)) -> float:
+              classes: tuple[int, int] = (10, 10), cfg: CIGNConfig | None = None) -> float:
     """Samples/s of student + teacher + losses + guarded Adam steps (:func:`training_step`), after one
     warm-up step."""
-    step = training_step(preset, batch, device, dtype, classes)[0]
+    step = training_step(preset, batch, device, dtype, classes, cfg)[0]
     step()  # warm-up (allocations, cuDNN autotune)
     cuda = device.type == "cuda"
     if cuda:

@@ -56,3 +56,17 @@ def test_the_demos_training_step_works_from_an_inactive_venv_and_twice(python, t
     assert second.returncode == 0, second.stderr[-2000:]
     assert "all 2 tasks are done already; reporting its results, not training again" in second.stdout
     assert "task 1/2 classes" not in second.stdout and "forget(AV-CIL)" in second.stdout
+
+
+def test_the_demo_benchmark_times_every_demo_command_from_any_folder(python):
+    """``benchmarks/bench_demo.py`` runs the Makefile's own demo commands (after set-up) in a scratch folder:
+    one timed stage per command, and a path into the checkout made absolute."""
+    import sys
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_demo
+
+    stages = bench_demo.demo_commands(str(python))
+    assert [s for s, _ in stages] == ["generate + prepare", "train", "export", "live"]
+    assert len(stages) == len(demo_commands(python)) - 1  # all but set-up
+    live = stages[-1][1]
+    assert live[0] == str(python) and Path(live[1]).is_absolute() and Path(live[1]).is_file(), live

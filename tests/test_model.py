@@ -203,6 +203,23 @@ def test_cnn8_encoders_keep_the_cpu_preset_resolution():
     assert out.logits_a.shape == out.logits_v.shape == (2, 3)
 
 
+def test_visual_stride_2_halves_the_visual_map_and_is_refused_for_resnet18():
+    """visual_stride 2 strides cnn8's first visual conv: 64 px frames -> 4 x 4 locations (P = 16), the
+    audio branch unchanged; ResNet18's stem strides already, so the option is refused there."""
+    torch.manual_seed(0)
+    model = CIGN(CIGNConfig(encoder="cnn8", dim=32, depth=1, heads=4, visual_stride=2), n_classes=3).eval()
+    spec, frames = torch.randn(2, *get_preset("cpu").spectrogram_shape), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(spec, frames)
+        assert model.visual_encoder(frames).shape == (2, 16, 32)
+        assert model.audio_encoder.backbone(spec.unsqueeze(1)).shape == (2, 256, 2, 19)
+    assert out.logits_v.shape == (2, 3) and torch.isfinite(out.logits_v).all()
+    with pytest.raises(ValueError, match="visual_stride"):
+        CIGNConfig(encoder="resnet18", visual_stride=2)
+    with pytest.raises(ValueError, match="visual_stride"):
+        CIGNConfig(encoder="cnn8", visual_stride=3)
+
+
 def test_resnet18_weights_do_not_load_into_cnn8(tmp_path):
     """A torchvision checkpoint names the keys cnn8 lacks instead of loading partly."""
     path = tmp_path / "resnet18.pth"

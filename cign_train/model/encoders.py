@@ -69,7 +69,7 @@ def backbone(cfg: CIGNConfig, modality: str) -> nn.Module:
     planes = cfg.audio_channels if modality == "audio" else 3
     if cfg.encoder == "resnet18":
         return ResNet18Trunk(planes)
-    return CNN8(planes, first_stride=2 if modality == "audio" else 1)
+    return CNN8(planes, first_stride=2 if modality == "audio" else cfg.visual_stride)
 
 
 def pool_audio(fmap: torch.Tensor, how: str) -> torch.Tensor:
