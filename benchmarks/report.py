@@ -220,21 +220,24 @@ def default_kind(kind: str, r: dict) -> str:
 
 
 DEFAULT_RUNS = (f"{RESULTS}/default_run.json", f"{RESULTS}/default_run_avx512.json")
+DEMO = f"{RESULTS}/demo.json"
 
 
 def gen_demo_time(ctx: Ctx) -> str:
+    d = load(DEMO)
+    stages = list(next(iter(d["kinds"].values()))["pass1"]["stages"])
     rows = []
-    for rel in DEFAULT_RUNS:
-        d = load(rel)
-        for kind, r in d["kinds"].items():
-            rows.append([short_cpu(d["machine"]), default_kind(kind, r), f"{r['seconds']:.0f} s",
-                         "yes" if r["seconds"] <= d["budget_s"] else "no"])
-    budget = load(DEFAULT_RUNS[0])["budget_s"]
+    for kind, r in d["kinds"].items():
+        first = r["pass1"]
+        rows.append([default_kind(kind, r), *(f"{first['stages'][s]['seconds']:.0f} s" for s in stages),
+                     f"**{first['seconds']:.0f} s**", "yes" if first["seconds"] <= d["budget_s"] else "**no**",
+                     f"{r['pass2']['seconds']:.0f} s", f(r["final_accuracy"]["audio_visual"]), f(r["live_top1"]["p_av"])])
     return "\n".join([
-        table(["CPU", "instruction set, precision", "training (5 tasks + evaluation)", f"within {budget} s"], rows,
-              ["---", "---", "---:", "---"]), "",
-        ctx.source(list(DEFAULT_RUNS), "the default `cign-train` (avdigits, `cpu` preset, seed 0), one run per row",
-                   "; ".join(cpu_label(load(r)["machine"]) for r in DEFAULT_RUNS)),
+        table(["instruction set, precision", *stages, "total", f"within {d['budget_s']} s", "second run",
+               f"AV final ({next(iter(d['kinds'].values()))['eval_split']}), %", "live p_av top-1, %"], rows,
+              ["---"] + ["---:"] * (len(stages) + 1) + ["---"] + ["---:"] * 3), "",
+        ctx.source(DEMO, "`make demo` after set-up, from an empty working folder, then once more (the second run reuses the "
+                   f"training run), seed {next(iter(d['kinds'].values()))['seed']}", cpu_label(d["machine"]), d["date"]),
     ])
 
 
@@ -881,6 +884,51 @@ def gen_visual_readout(ctx: Ctx) -> str:
                       table(["read-out of the frame", "per seed", "mean ± std"], rows, ["---", "---:", "---:"])])
 
 
+STRIDE = rel_study("visual_stride.json")
+
+
+def stride_cells(row: dict, key: str) -> str:
+    return pm(row["summary"][key])
+
+
+def gen_visual_stride(ctx: Ctx) -> str:
+    d = load(STRIDE)
+    rows = []
+    for stride, r in d["strides"].items():
+        st = r["step"]
+        rows.append([stride, f(st["gflop"]), f(st["native_ms"], 0), f(st.get("avx2_ms"), 0),
+                     *(stride_cells(r, k) for k in ("average_audio_visual", "final_audio_visual", "final_visual",
+                                                     "final_audio", "worst_just_learned_audio_visual")),
+                     f(statistics.fmean(x["seconds"] for x in r["runs"]), 0)])
+    return "\n".join([
+        table(["visual stride", "GFLOP / step", "step, native, ms", "step, AVX2 fp32, ms", "AV average", "AV final",
+               "visual final", "audio final", "worst just-learned AV", "run, native, s"], rows),
+        "",
+        ctx.source(STRIDE, f"`cpu` preset, a training step of a later task at batch {d['batch']} (student, teacher, eqs 8-10, "
+                   "backward, Adam), the best of interleaved rounds; CIGN on avdigits' val split, "
+                   f"{seeds_text(d['seeds'])}, mean ± std over seeds, %, native precision", cpu_label(d["machine"]), d["date"]),
+    ])
+
+
+def gen_avx2_demo(ctx: Ctx) -> str:
+    """Inline: the demo's time on the AVX2 code path and why its training step cannot go faster."""
+    demo, d = load(DEMO), load(STRIDE)
+    kinds = demo["kinds"]
+    one, two = d["strides"]["1"], d["strides"]["2"]
+    rate = one["step"]["gflop"] / one["step"]["avx2_ms"] * 1000
+    native = f" against {kinds['native']['pass1']['seconds']:.0f} s natively" if "native" in kinds else ""
+    return (f"`make demo` takes {kinds['avx2']['pass1']['seconds']:.0f} s after set-up on the AVX2 code path "
+            f"(training {kinds['avx2']['pass1']['stages']['train']['seconds']:.0f} s of it){native} "
+            f"({short_cpu(demo['machine'])}; {ctx.link(DEMO)}). Its fp32 training step is compute-bound: "
+            f"{f(one['step']['gflop'])} GFLOP in {f(one['step']['avx2_ms'], 0)} ms, {f(rate, 0)} GFLOP/s against the two "
+            f"cores' AVX2 FMA peak of {f(d['avx2_peak_gflops'], 0)} GFLOP/s, so only fewer FLOPs or fewer steps shorten it. "
+            f"`--visual-stride 2` halves the FLOPs ({f(two['step']['gflop'])} GFLOP, {f(two['step']['avx2_ms'], 0)} ms) but "
+            f"CIGN's visual final accuracy falls from {pm(one['summary']['final_visual'])} % to "
+            f"{pm(two['summary']['final_visual'])} % and the audio-visual one from "
+            f"{pm(one['summary']['final_audio_visual'])} % to {pm(two['summary']['final_audio_visual'])} % "
+            f"({d['split']} split, {seeds_text(d['seeds'])}; {ctx.link(STRIDE)})")
+
+
 def where(split: str, seeds, machine) -> str:
     """'(val split, seeds 1-5; AMD EPYC, 2 cores, AVX-512 BF16)' for a study's answer."""
     m = machine if isinstance(machine, str) else short_cpu(machine)
@@ -918,6 +966,8 @@ def study_answers(ctx: Ctx) -> dict[str, str]:
     vr = load(READOUT)
     vr_seeds = [int(s) for s in next(iter(vr["val_accuracy_per_epoch"].values()))]
     od = load(ONEDNN)["entries"]
+    vsd = load(STRIDE)
+    vs1, vs2 = vsd["strides"]["1"], vsd["strides"]["2"]
     prof = load(PROFILE)
     runs = {r["kind"]: r for r in prof["runs"]}
     conv = {k: sum(op["self_ms_per_step"] for op in r["top_ops"] if "convolution" in op["op"]) for k, r in runs.items()}
@@ -985,6 +1035,12 @@ def study_answers(ctx: Ctx) -> dict[str, str]:
             f"and heads' matrix products {mm['avx2']:.0f} ms; forward and backward alone, the visual encoder "
             f"{runs['avx2']['visual_encoder_ms']:.0f} ms, the audio encoder {runs['avx2']['audio_encoder_ms']:.0f} ms, the rest of "
             f"the model {runs['avx2']['after_encoders_ms']:.0f} ms."),
+        "visual_stride.py": (
+            f"No. Stride 2 halves a step ({f(vs1['step']['gflop'])} -> {f(vs2['step']['gflop'])} GFLOP; "
+            f"{f(vs1['step']['avx2_ms'], 0)} -> {f(vs2['step']['avx2_ms'], 0)} ms in fp32 on AVX2) but CIGN's visual final "
+            f"accuracy falls from {pm(vs1['summary']['final_visual'])} % to {pm(vs2['summary']['final_visual'])} % "
+            f"{where(vsd['split'], vsd['seeds'], vsd['machine'])}: the digits need the full-resolution map. The preset keeps "
+            "stride 1; `--visual-stride 2` is there for a faster, less accurate run."),
         "onednn_bf16_conv_grad.py": (
             (f"On {', '.join(nan_cpus)}: yes, at some batches of a few clips, never in fp32 or with oneDNN disabled. " if nan_cpus else "")
             + (f"On {', '.join(clean_cpus)}: never, at any batch probed, in either layout. " if clean_cpus else "")
@@ -1007,6 +1063,8 @@ STUDY_ROWS = (
      ("onednn_bf16_conv_grad.json",)),
     ("train_step_profile.py", "Where does a training step's time go on AVX2 in fp32, against the native bf16 step?",
      ("train_step_profile.json",)),
+    ("visual_stride.py", "Can a strided first visual convolution shed the AVX2 step's FLOPs without losing accuracy?",
+     ("visual_stride.json",)),
 )
 
 
@@ -1029,7 +1087,7 @@ GENERATORS = {
     "first_step": gen_first_step, "onednn": gen_onednn, "audio_probe": gen_audio_probe, "band": gen_band,
     "encoder_lr": gen_encoder_lr, "first_step_table": gen_first_step_table, "head_probe": gen_head_probe,
     "joint_epochs": gen_joint_epochs, "pretrain": gen_pretrain, "task_probe": gen_task_probe, "visual_readout": gen_visual_readout,
-    "studies": gen_studies,
+    "visual_stride": gen_visual_stride, "avx2_demo": gen_avx2_demo, "studies": gen_studies,
 }
 
 

@@ -212,6 +212,8 @@ def test_method_help_lists_its_own_options():
     (["--method", "ewc", "--buffer-per-class", "10"], "--buffer-per-class does not apply to --method ewc: it keeps no rehearsal buffer"),
     (["--method", "joint", "--token-source", "table"], "--token-source does not apply to --method joint"),
     (["--ewc-lambda", "1"], "No such option '--ewc-lambda'"),  # cign (the default) has no such option
+    (["--preset", "paper", "--visual-stride", "2"], "visual_stride must be one of (1, 2) (cnn8 only), got 2"),
+    (["--visual-stride", "3"], "visual_stride must be one of (1, 2) (cnn8 only), got 3"),
 ])
 def test_options_that_do_not_apply_to_the_method_are_refused(args, message, tmp_path):
     refused = CliRunner().invoke(train_main, [*args, "--out", str(tmp_path / "run")])

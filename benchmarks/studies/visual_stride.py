@@ -1,6 +1,8 @@
 """Question: can the cpu preset's training step shed the FLOPs that keep ``make demo`` over 10 minutes on
 AVX2, without losing accuracy, by striding the visual cnn8's first convolution (as the audio one is)?
-Answer: see ``benchmarks/studies/results/visual_stride.json`` (``docs/limitations.md`` reads it).
+Answer: no. Stride 2 halves the step's FLOPs and its AVX2 time, but CIGN's visual branch loses about 20
+points of final val accuracy (3 seeds): the digits need the full-resolution map. The preset keeps stride 1.
+Results: ``benchmarks/studies/results/visual_stride.json``.
 
 The AVX2 fp32 step is compute-bound: torch.utils.flop_counter counts its FLOPs and the step runs near
 the AVX2 FMA peak, so only fewer FLOPs make it faster. Per ``CIGNConfig.visual_stride`` (1: the preset;
@@ -36,6 +38,14 @@ import machine  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 STRIDES = (1, 2)
 BATCH, STEPS, ROUNDS = 16, 5, 3
+#: fp32 FLOPs an AVX2 core can retire per cycle: two 8-lane fused multiply-adds (2 FLOPs each).
+AVX2_FLOP_PER_CYCLE = 2 * 8 * 2
+
+
+def avx2_peak_gflops(info: dict) -> float | None:
+    """The cores' AVX2 fp32 FMA peak at the clock /proc/cpuinfo reports (None where it reports none)."""
+    mhz = isa.cpuinfo().get("cpu MHz")
+    return round(info["cores"] * float(mhz) * AVX2_FLOP_PER_CYCLE / 1000, 1) if mhz else None
 
 
 def config(stride: int):
@@ -109,7 +119,9 @@ def main() -> None:
         print(f"stride {s}: {row}", flush=True)
     ensure_avdigits(args.data_dir, PRESETS["cpu"]["spec"], progress=False)
     runs = {s: val_runs(s, args.seeds, args.runs, args.data_dir) for s in STRIDES}
-    doc = {"question": __doc__.split("\n")[0].removeprefix("Question: "), "machine": machine.describe(),
+    info = machine.describe()
+    doc = {"question": __doc__.split("\n")[0].removeprefix("Question: "), "machine": info,
+           "avx2_peak_gflops": avx2_peak_gflops(info),
            "date": time.strftime("%Y-%m-%d"), "split": "val", "seeds": args.seeds, "batch": BATCH,
            "strides": {str(s): {"step": steps[s], "summary": summary(runs[s]), "runs": runs[s]} for s in STRIDES}}
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from cign_train.trainer import NonFiniteLoss, Trainer
 #: Options that do not change a run's results: a resume may give them other values.
 OPERATIONAL_OPTIONS = {"threads", "workers", "out", "resume", "reuse", "no_progress"}
 #: Options that set a field of the model config.
-MODEL_OPTIONS = {"dim", "depth", "heads", "assign", "ctl_denominator", "ctl_negatives", "token_source", "teacher_bn"}
+MODEL_OPTIONS = {"dim", "depth", "heads", "visual_stride", "assign", "ctl_denominator", "ctl_negatives", "token_source", "teacher_bn"}
 #: Options of the rehearsal buffer: only for methods that keep one (NEEDS_BUFFER).
 BUFFER_OPTIONS = ("buffer_per_class", "buffer_select", "rehearsal_sampling")
 
@@ -223,6 +223,8 @@ def reusable(settings: TrainSettings, out: Path) -> bool:
 @click.option("--dim", type=int, help="Embedding width D of features and class tokens.")
 @click.option("--depth", type=int, help="Self-attention layers (1/3/6/12).")
 @click.option("--heads", type=int, help="Attention heads per layer.")
+@click.option("--visual-stride", type=int, help="Stride of cnn8's first visual convolution: 2 halves a cpu-preset step's FLOPs at a cost in visual "
+              "accuracy (docs/cign-train.md) [default: 1].")
 @click.option("--assign", type=click.Choice(["soft", "hard"]), help="Grouping assignment (Table 5).")
 @click.option("--no-avctd", is_flag=True, help="Drop token distillation + token CE (Table 4).")
 @click.option("--no-avcg", is_flag=True, help="Drop the continual-grouping loss (Table 4).")
@@ -244,7 +246,7 @@ def reusable(settings: TrainSettings, out: Path) -> bool:
 @click.option("--no-progress", is_flag=True, help="No progress bars (one line per task still prints).")
 def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, batch_size, lr, encoder_lr, audio_encoder_lr, visual_encoder_lr, lr_schedule, warmup, tasks, class_order, max_per_class,
          buffer_per_class, buffer_select, rehearsal_sampling, augment, seed, device, amp, threads, workers, eval_split, encoder_weights, dim, depth, heads,
-         assign, no_avctd, no_avcg, ctl_denominator, ctl_negatives, token_source, teacher_bn, out, resume, reuse, no_progress, **method_options):
+         visual_stride, assign, no_avctd, no_avcg, ctl_denominator, ctl_negatives, token_source, teacher_bn, out, resume, reuse, no_progress, **method_options):
     """Train CIGN (or another --method) task by task, evaluate, and print the results table."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -270,7 +272,7 @@ def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, bat
             )
         except ValueError as e:
             raise click.UsageError(str(e)) from e
-        model_overrides = {k: v for k, v in dict(dim=dim, depth=depth, heads=heads, assign=assign,
+        model_overrides = {k: v for k, v in dict(dim=dim, depth=depth, heads=heads, visual_stride=visual_stride, assign=assign,
                                                  ctl_denominator=ctl_denominator, ctl_negatives=ctl_negatives,
                                                  token_source=token_source, teacher_bn=teacher_bn).items()
                            if v is not None}
@@ -279,7 +281,10 @@ def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, bat
         if no_avcg:
             model_overrides["use_avcg"] = False
         if model_overrides:
-            settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, **model_overrides))
+            try:
+                settings = dataclasses.replace(settings, model=dataclasses.replace(settings.model, **model_overrides))
+            except ValueError as e:
+                raise click.UsageError(str(e)) from e
     if reuse:
         resume = reusable(settings, out)
     try:
