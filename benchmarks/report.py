@@ -973,8 +973,8 @@ def study_answers(ctx: Ctx) -> dict[str, str]:
     conv = {k: sum(op["self_ms_per_step"] for op in r["top_ops"] if "convolution" in op["op"]) for k, r in runs.items()}
     mm = {k: sum(op["self_ms_per_step"] for op in r["top_ops"] if op["op"] in ("aten::mm", "aten::addmm"))
           for k, r in runs.items()}
-    nan_cpus = [short_cpu(e["machine"]) for e in od if any(r["bf16"] for r in e["rows"])]
-    clean_cpus = [short_cpu(e["machine"]) for e in od if not any(r["bf16"] for r in e["rows"])]
+    nan_cpus = list(dict.fromkeys(short_cpu(e["machine"]) for e in od if any(r["bf16"] for r in e["rows"])))
+    clean_cpus = list(dict.fromkeys(short_cpu(e["machine"]) for e in od if not any(r["bf16"] for r in e["rows"])))
     v = lambda x: f"{x:.1f}"  # noqa: E731
     cell = lambda d, k: f"{pm([d['rows'][k]['mean'], d['rows'][k]['std']])} %"  # noqa: E731
     return {

@@ -13,7 +13,8 @@ disabled (``torch.backends.mkldnn.flags(enabled=False)``). It records the oneDNN
 ran the backward-weights pass (``ONEDNN_VERBOSE``), the torch and oneDNN versions and the machine.
 
 Answer: on the 2-core Xeon with AVX512-BF16 and AMX where the NaN appeared, yes, at batches of a few
-clips, never in fp32 or with oneDNN disabled; on an AMD EPYC (AVX512-BF16, no AMX) never. Per-CPU
+clips, in oneDNN's AMX kernel (``brgconv_bwd_w:avx10_1_512_amx``; reproduced by this script on such a
+Xeon), never in fp32 or with oneDNN disabled; on an AMD EPYC (AVX512-BF16, no AMX) never. Per-CPU
 counts: ``benchmarks/studies/results/onednn_bf16_conv_grad.json`` (one entry per CPU; tabulated in
 ``docs/limitations.md``). The trainer guards against it either way (``cign_train.guard``, and
 training batches are never a few clips: ``cign_train.data.loader.folded_sizes``).
