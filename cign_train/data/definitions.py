@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
+#: The paper's split of every data set (Sec. 4.1), in the order of ``SPLITS``.
+SPLIT_RATIOS = (0.8, 0.1, 0.1)
 #: The embedded ``avdigits`` data set: spoken + handwritten digits, class index = digit.
 AVDIGITS_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -93,6 +95,14 @@ def vggsound_clip_id(youtube_id: str, start: int) -> str:
     return f"{youtube_id}_{int(start):06d}"
 
 
+def parse_vggsound_clip_id(clip_id: str) -> tuple[str, int]:
+    """``(youtube_id, start_seconds)`` of a clip id made by :func:`vggsound_clip_id`."""
+    youtube_id, _, start = clip_id.rpartition("_")
+    if not youtube_id or not start.isdigit():
+        raise ValueError(f"{clip_id!r} is not a VGGSound clip id youtube_id_start")
+    return youtube_id, int(start)
+
+
 def read_vggsound_csv(path: Path) -> list[tuple[str, int, str, str]]:
     """Rows ``(youtube_id, start_seconds, label, split)`` of a VGGSound-format index (no header)."""
     rows = []
@@ -110,7 +120,7 @@ def read_vggsound_csv(path: Path) -> list[tuple[str, int, str, str]]:
     return rows
 
 
-def seeded_split(items: list[Candidate], seed: int, ratios=(0.8, 0.1, 0.1)) -> list[Candidate]:
+def seeded_split(items: list[Candidate], seed: int, ratios=SPLIT_RATIOS) -> list[Candidate]:
     """Assign train/val/test per label: a seeded shuffle, then the first 80% / next 10% / rest."""
     by_label: dict[str, list[Candidate]] = {}
     for c in items:
@@ -168,6 +178,23 @@ def split_file_candidates(
                     continue
                 out.append(Candidate(cid, clip, by_short[short], split))
     return out, rejected
+
+
+def vggsound_family_candidates(
+    definition: DatasetDefinition, clips_dir: Path | None, index_csv: Path | None, splits_dir: Path | None,
+    seed: int = 0,
+) -> tuple[list[Candidate], list[Rejection]]:
+    """The listed clips of a VGGSound-family data set: VGGSound-Instruments' official split when
+    ``splits_dir`` is given, else the data set's rows of the VGGSound index (seeded split)."""
+    official = definition.name == "vgginstruments" and splits_dir is not None
+    if index_csv is None and not official:
+        raise ValueError(f"--dataset {definition.name} needs --index (VGGSound's vggsound.csv)")
+    if clips_dir is None:
+        raise ValueError(f"--dataset {definition.name} needs --clips-dir")
+    if official:
+        return split_file_candidates(definition, Path(splits_dir), Path(clips_dir))
+    candidates, _ = vggsound_candidates(definition, Path(index_csv), Path(clips_dir), seed)
+    return candidates, []
 
 
 def labelled_candidates(

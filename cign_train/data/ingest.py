@@ -68,13 +68,9 @@ def prepare_dataset(
             root = Path(data_dir) / "avdigits"
             index = avdigits.generate(root, seed=seed, workers=workers, progress=progress)
             candidates, listing_rejected = defs.avdigits_candidates(index, root / "clips")
-        elif dataset == "vgginstruments" and sources.splits_dir is not None:
-            clips = _require(sources.clips_dir, "--clips-dir", dataset)
-            candidates, listing_rejected = defs.split_file_candidates(definition, Path(sources.splits_dir), clips)
         else:
-            index = _require(sources.index, "--index (VGGSound's vggsound.csv)", dataset)
-            clips = _require(sources.clips_dir, "--clips-dir", dataset)
-            candidates, _ = defs.vggsound_candidates(definition, index, clips, seed)
+            candidates, listing_rejected = defs.vggsound_family_candidates(
+                definition, sources.clips_dir, sources.index, sources.splits_dir, seed)
     return prepare_store(
         store_dir(data_dir, name, preset),
         name,
