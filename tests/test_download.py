@@ -139,6 +139,14 @@ def long_source(tmp_path_factory) -> bytes:
     return source(tmp_path_factory.mktemp("media") / "long.mp4", 30.0)
 
 
+def video_page(media_url: str, seconds: int) -> bytes:
+    """An HTML page describing a video (schema.org JSON-LD, as video sites publish) with its duration."""
+    about = {"@context": "https://schema.org", "@type": "VideoObject", "name": "clip", "contentUrl": media_url,
+             "duration": f"PT{seconds}S"}
+    return (f'<html><head><title>clip</title><script type="application/ld+json">{json.dumps(about)}</script>'
+            "</head><body></body></html>").encode()
+
+
 def write_index(path: Path, rows) -> Path:
     """A vggsound.csv: rows (youtube_id, start, label) in the train split."""
     with open(path, "w", newline="") as f:
@@ -242,10 +250,10 @@ def test_segments_are_cut_where_their_start_puts_them_and_prepare_and_train_use_
 
 def test_every_failure_ends_in_its_status_with_nothing_partial_and_reruns_skip_or_retry_it(server, long_source,
                                                                                            tmp_path):
-    """404, a truncated file, no audio stream, a source ending before the segment or less than 3 s into it, an
-    HTML page and an answer slower than --timeout each end in their status, leaving no file; a source ending
-    later within the segment is kept with its real length. A rerun asks again only for the transient failure (the timeout), --retry-failed for
-    all; a failure that passes is retried with backoff in the same run."""
+    """404, a truncated file, no audio stream, a source ending before the segment or less than 3 s into it (not
+    fetched at all when its page says its duration), an HTML page and an answer slower than --timeout each end in
+    their status, leaving no file; a source ending later within the segment is kept with its real length. A rerun asks again only for the transient failure
+    (the timeout), --retry-failed for all; a failure that passes is retried with backoff in the same run."""
     short = source(tmp_path / "short.mp4", 15.0)
     tiny = source(tmp_path / "tiny.mp4", 11.0)
     before_start = source(tmp_path / "before.mp4", 8.0)
@@ -260,9 +268,12 @@ def test_every_failure_ends_in_its_status_with_nothing_partial_and_reruns_skip_o
                          kind="text/html; charset=utf-8"),
         "slow001": Route(long_source, delay=2.5),
         "flaky01": Route(long_source, fail_first=1),
+        "ldmedia": Route(before_start),
+        "ldpage1": Route(video_page(server.template.format(youtube_id="ldmedia"), 8), kind="text/html"),
     })
     expected = {"gone001": "not_found", "trunc01": "decode_error", "noaud01": "no_audio", "tiny001": "too_short",
-                "ended01": "too_short", "html001": "not_media", "slow001": "timeout", "short01": "ok", "flaky01": "ok"}
+                "ended01": "too_short", "ldpage1": "too_short", "html001": "not_media", "slow001": "timeout",
+                "short01": "ok", "flaky01": "ok"}
     index = write_index(tmp_path / "vggsound.csv", [(yid, 10, CLASSES[3]) for yid in expected])
     out = tmp_path / "clips"
     args = ["--dataset", "vggsound100", "--index", str(index), "--out", str(out), "--jobs", "2", "--timeout", "1",
@@ -275,6 +286,7 @@ def test_every_failure_ends_in_its_status_with_nothing_partial_and_reruns_skip_o
     assert records["flaky01_000010"]["attempts"] == 2 and server.hits["flaky01"] >= 2
     assert records["slow001_000010"]["attempts"] == 2 and "timed out" in records["slow001_000010"]["message"]
     assert "404" in records["gone001_000010"]["message"]
+    assert server.hits["ldmedia"] == 0, "a video known to end before the segment is not fetched"
     assert all(records[f"{yid}_000010"]["attempts"] == 1 for yid in ("gone001", "trunc01", "noaud01", "html001", "ended01"))
     assert clips(out) == ["flaky01_000010", "short01_000010"] and leftovers(out) == []
     assert "1 shorter than 10 s" in done.output and "timeout 1 (a rerun tries again)" in done.output

@@ -31,10 +31,11 @@ def read_classes(path: Path, dataset: str) -> tuple[str, ...]:
     return names
 
 
-def check_template(template: str) -> str:
+def check_template(ctx, param, template: str) -> str:
+    """``--url-template``: it names ``{youtube_id}`` and no other field."""
     fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     if fields != {"youtube_id"}:
-        raise click.BadParameter(f"{template!r} must name {{youtube_id}} and no other field", param_hint="--url-template")
+        raise click.BadParameter(f"{template!r} must name {{youtube_id}} and no other field")
     return template
 
 
@@ -54,17 +55,17 @@ def prepare_command(dataset: str, index: Path | None, splits_dir: Path | None, o
 @click.option("--classes", "classes_file", type=_file, help="Only these classes: VGGSound labels, one per line.")
 @click.option("--max-per-class", type=click.IntRange(min=1), help="At most N rows per class (the first by clip id).")
 @click.option("--jobs", type=click.IntRange(min=1), default=4, show_default=True, help="Parallel downloads (processes).")
-@click.option("--interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--interval", type=click.FloatRange(min=0), default=dl.Fetcher.interval, show_default=True,
               help="Seconds between the starts of two downloads, all jobs together.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=dl.Fetcher.timeout, show_default=True,
               help="Seconds without an answer before a network operation fails (status timeout).")
-@click.option("--attempts", type=click.IntRange(min=1), default=3, show_default=True,
+@click.option("--attempts", type=click.IntRange(min=1), default=dl.Fetcher.attempts, show_default=True,
               help="Tries per row and run of a transient failure (timeout, HTTP 5xx, rate limit, ...).")
-@click.option("--backoff", type=click.FloatRange(min=0), default=5.0, show_default=True,
+@click.option("--backoff", type=click.FloatRange(min=0), default=dl.Fetcher.backoff, show_default=True,
               help=f"Seconds before the second try; doubles with each further one, up to {dl.MAX_BACKOFF:g}.")
 @click.option("--retry-failed", is_flag=True, help="Try again the rows that failed for good (private, removed, ...).")
 @click.option("--cookies", type=_file, help="Netscape cookies file for yt-dlp (age-restricted videos, bot checks).")
-@click.option("--url-template", default=dl.YOUTUBE_URL, show_default=True, callback=lambda c, p, v: check_template(v),
+@click.option("--url-template", default=dl.Fetcher.url_template, show_default=True, callback=check_template,
               help="Where a row's video is: a mirror of your institution, or a local server in tests.")
 @click.option("--dry-run", is_flag=True, help="Say what would be fetched, fetch nothing.")
 def main(dataset, index, splits_dir, out, classes_file, max_per_class, jobs, interval, timeout, attempts, backoff,
@@ -81,10 +82,11 @@ def main(dataset, index, splits_dir, out, classes_file, max_per_class, jobs, int
         rows = dl.listed_rows(dataset, out, index, splits_dir, classes, max_per_class)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
-    out.mkdir(parents=True, exist_ok=True)
-    removed = dl.remove_temporaries(out)
-    if removed:
-        click.echo(f"{out}: removed {removed} temporary file(s) of a run stopped midway")
+    if not dry_run:
+        out.mkdir(parents=True, exist_ok=True)
+        removed = dl.remove_temporaries(out)
+        if removed:
+            click.echo(f"{out}: removed {removed} temporary file(s) of a run stopped midway")
     ledger = Ledger(out)
     todo = ledger.pending(rows, retry_failed)
     click.echo(f"{dataset}: {len(rows)} rows listed, {len(rows) - len(todo)} done or failed for good, {len(todo)} to fetch")
@@ -112,7 +114,8 @@ def main(dataset, index, splits_dir, out, classes_file, max_per_class, jobs, int
             interrupted = True
         bar.close()
     click.echo(summary(rows, ledger, class_floor(), None if dry_run else time.monotonic() - started))
-    click.echo(f"ledger: {ledger.path}")
+    if ledger.path.is_file():
+        click.echo(f"ledger: {ledger.path}")
     if interrupted:
         click.echo("interrupted: the clips in place are whole; run the same command again to go on", err=True)
         raise SystemExit(130)

@@ -236,9 +236,9 @@ def _attempt(fetcher: Fetcher, row: Row, temp: Path) -> tuple[str, str, float]:
             with _stderr_into(log), yt_dlp.YoutubeDL(_params(fetcher, row, temp, cookies)) as ydl:
                 try:
                     info = ydl.extract_info(url, download=False, process=False)
-                    left = (info.get("duration") or float("inf")) - row.start
-                    if left < MIN_SECONDS:
-                        return "too_short", f"the video lasts {info['duration']:g} s, the segment starts at {row.start} s", 0.0
+                    if (info.get("duration") or float("inf")) - row.start < MIN_SECONDS:
+                        return ("too_short", f"the video lasts {info['duration']:g} s, the segment starts at "
+                                f"{row.start} s", 0.0)
                     ydl.process_ie_result(info, download=True)
                     error = ""
                 except yt_dlp.utils.DownloadError as e:

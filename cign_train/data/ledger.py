@@ -67,7 +67,8 @@ def class_floor() -> int:
 
 
 def human_size(n: float) -> str:
-    return next(f"{n / 10 ** p:.1f} {unit}" for p, unit in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "B")) if n >= 10 ** p or not p)
+    power, unit = next((p, unit) for p, unit in ((9, "GB"), (6, "MB"), (3, "kB"), (0, "B")) if n >= 10 ** p or not p)
+    return f"{n / 10 ** power:.1f} {unit}"
 
 
 def _duration(seconds: float) -> str:
@@ -104,8 +105,9 @@ def summary(rows: list[Row], ledger: Ledger, floor: int, run_seconds: float | No
     this_run = f", this run took {_duration(run_seconds)}" if run_seconds is not None else ""
     lines.append(f"clips obtained: {len(ok)}, {human_size(sum(r['bytes'] for r in ok))}, {short} shorter than "
                  f"{SEGMENT_SECONDS:g} s (their video ends sooner){spent}{this_run}")
-    low = [f"{label} ({c['ok']})" for label, c in counts.items() if c["ok"] < floor]
+    low = sorted((c["ok"], label) for label, c in counts.items() if c["ok"] < floor)
     if low:
+        named = ", ".join(f"{label} ({n})" for n, label in low[:10]) + (f" and {len(low) - 10} more" if low[10:] else "")
         lines.append(f"WARNING: {len(low)} of {len(counts)} classes have fewer than {floor} clips, the paper's "
-                     f"protocol's need (rehearsal exemplars from the train split): {', '.join(low)}")
+                     f"protocol's need (rehearsal exemplars from the train split): {named}")
     return "\n".join(lines)
