@@ -74,11 +74,12 @@ class Route:
 
 class MediaServer:
     """HTTP on 127.0.0.1 (port 0) in a thread: GET /{id}.mp4 answers ``routes[id]`` (404 without one), with
-    byte ranges as a video host does; ``hits`` counts the requests per id."""
+    byte ranges as a video host does; ``hits`` counts the requests per id, ``cookies`` keeps their Cookie headers."""
 
     def __init__(self):
         self.routes: dict[str, Route] = {}
         self.hits: Counter = Counter()
+        self.cookies: dict[str, set] = {}
         self.lock = threading.Lock()
         owner = self
 
@@ -99,6 +100,7 @@ class MediaServer:
         with self.lock:
             self.hits[name] += 1
             n = self.hits[name]
+            self.cookies.setdefault(name, set()).add(request.headers.get("Cookie"))
         route = self.routes.get(name, Route(status=404))
         time.sleep(route.delay)
         try:
@@ -194,7 +196,7 @@ def markers(path: Path) -> tuple[float, dict[int, float], int, int, str, str]:
 
 def test_segments_are_cut_where_their_start_puts_them_and_prepare_and_train_use_them(server, long_source, tmp_path):
     """vggsound100 from an index: a dry run fetches nothing (and counts --max-per-class); the run fetches the
-    rows of --classes (never another class's), each the 10 s from its start time (the frame of each second and
+    rows of --classes (never another class's; yt-dlp sends the --cookies), each the 10 s from its start time (the frame of each second and
     the audio burst where the start puts them), H.264 + AAC at most 360 px high at the source's audio rate, named
     as cign-prepare reads them; the printed cign-prepare command and a tiny cign-train run use them unchanged."""
     first, second, other = CLASSES[0], CLASSES[50], CLASSES[1]  # one class in each of two tasks
@@ -204,9 +206,11 @@ def test_segments_are_cut_where_their_start_puts_them_and_prepare_and_train_use_
         server.routes[yid] = Route(long_source)
     index = write_index(tmp_path / "vggsound.csv", rows + [("dog0000001", 30, "dog barking")])
     (tmp_path / "classes.txt").write_text(f"{first}\n{second}\n")
+    cookies = tmp_path / "cookies.txt"
+    cookies.write_text("# Netscape HTTP Cookie File\n127.0.0.1\tFALSE\t/\tFALSE\t0\tsession\tmine\n")
     out = tmp_path / "clips"
     args = ["--dataset", "vggsound100", "--index", str(index), "--out", str(out), "--classes",
-            str(tmp_path / "classes.txt"), "--jobs", "2"]
+            str(tmp_path / "classes.txt"), "--jobs", "2", "--cookies", str(cookies)]
     dry = cign_download(server, *args, "--dry-run", "--max-per-class", "3")
     assert dry.exit_code == 0, dry.output[-3000:]
     assert "6 rows listed, 0 done or failed for good, 6 to fetch" in dry.output and "would fetch 6 rows" in dry.output
@@ -219,6 +223,9 @@ def test_segments_are_cut_where_their_start_puts_them_and_prepare_and_train_use_
     assert set(records) == set(fetched) and all(r["status"] == "ok" for r in records.values()), records
     assert all(server.hits[yid] == 0 for yid, _, label in rows if label == other) and server.hits["dog0000001"] == 0
     assert clips(out) == sorted(fetched) and leftovers(out) == []
+    # yt-dlp sends them; ffmpeg (given them by yt-dlp) matches a cookie's domain against host:port, so it sends
+    # none to a server on another port than 80 or 443
+    assert all("session=mine" in server.cookies[cid.split("_")[0]] for cid in fetched), server.cookies
     for cid, start in fetched.items():
         burst, levels, rate, height, vcodec, acodec = markers(out / f"{cid}.mp4")
         assert abs(burst - (BURST_AT - start)) < 0.05, (cid, burst)
