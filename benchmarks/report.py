@@ -225,7 +225,8 @@ DEMO = f"{RESULTS}/demo.json"
 
 def gen_demo_time(ctx: Ctx) -> str:
     d = load(DEMO)
-    stages = list(next(iter(d["kinds"].values()))["pass1"]["stages"])
+    first_kind = next(iter(d["kinds"].values()))
+    stages = list(first_kind["pass1"]["stages"])
     rows = []
     for kind, r in d["kinds"].items():
         first = r["pass1"]
@@ -234,10 +235,10 @@ def gen_demo_time(ctx: Ctx) -> str:
                      f"{r['pass2']['seconds']:.0f} s", f(r["final_accuracy"]["audio_visual"]), f(r["live_top1"]["p_av"])])
     return "\n".join([
         table(["instruction set, precision", *stages, "total", f"within {d['budget_s']} s", "second run",
-               f"AV final ({next(iter(d['kinds'].values()))['eval_split']}), %", "live p_av top-1, %"], rows,
+               f"AV final ({first_kind['eval_split']}), %", "live p_av top-1, %"], rows,
               ["---"] + ["---:"] * (len(stages) + 1) + ["---"] + ["---:"] * 3), "",
         ctx.source(DEMO, "`make demo` after set-up, from an empty working folder, then once more (the second run reuses the "
-                   f"training run), seed {next(iter(d['kinds'].values()))['seed']}", cpu_label(d["machine"]), d["date"]),
+                   f"training run), seed {first_kind['seed']}", cpu_label(d["machine"]), d["date"]),
     ])
 
 
@@ -887,17 +888,13 @@ def gen_visual_readout(ctx: Ctx) -> str:
 STRIDE = rel_study("visual_stride.json")
 
 
-def stride_cells(row: dict, key: str) -> str:
-    return pm(row["summary"][key])
-
-
 def gen_visual_stride(ctx: Ctx) -> str:
     d = load(STRIDE)
     rows = []
     for stride, r in d["strides"].items():
         st = r["step"]
         rows.append([stride, f(st["gflop"]), f(st["native_ms"], 0), f(st.get("avx2_ms"), 0),
-                     *(stride_cells(r, k) for k in ("average_audio_visual", "final_audio_visual", "final_visual",
+                     *(pm(r["summary"][k]) for k in ("average_audio_visual", "final_audio_visual", "final_visual",
                                                      "final_audio", "worst_just_learned_audio_visual")),
                      f(statistics.fmean(x["seconds"] for x in r["runs"]), 0)])
     return "\n".join([
