@@ -79,9 +79,10 @@ def _duration(seconds: float) -> str:
 def summary(rows: list[Row], ledger: Ledger, floor: int, run_seconds: float | None = None) -> str:
     """Per class: listed / downloaded / failed / not yet tried, with the reasons; then the totals, the
     fraction obtained and the classes below ``floor`` clips."""
+    statuses = [ledger.status(row) or "pending" for row in rows]  # one look at each clip on disk
     counts: dict[str, Counter] = {}
-    for row in rows:
-        counts.setdefault(row.label, Counter())[ledger.status(row) or "pending"] += 1
+    for row, status in zip(rows, statuses):
+        counts.setdefault(row.label, Counter())[status] += 1
     width = max([len("class"), *map(len, counts)])
     lines = [f"{'class':<{width}}  listed      ok  failed  pending  failed by reason"]
     for label, c in counts.items():
@@ -89,7 +90,7 @@ def summary(rows: list[Row], ledger: Ledger, floor: int, run_seconds: float | No
         reasons = ", ".join(f"{s} {n}" for s, n in c.most_common() if s not in ("ok", "pending"))
         lines.append(f"{label:<{width}}  {listed:>6}  {c['ok']:>6}  {failed:>6}  {c['pending']:>7}  {reasons}")
     total = sum(counts.values(), Counter())
-    ok = [ledger.records[row.id] for row in rows if ledger.status(row) == "ok"]
+    ok = [ledger.records[row.id] for row, status in zip(rows, statuses) if status == "ok"]
     share = f" ({100 * len(ok) / len(rows):.1f} %)" if rows else ""
     lines.append(f"obtained {len(ok)} of {len(rows)} listed segments{share}: VGGSound's videos disappear from "
                  "YouTube over time (removed, made private, blocked), so every copy lacks some rows, later ones more")
