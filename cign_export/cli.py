@@ -67,9 +67,12 @@ def summary(result: ExportResult) -> str:
 @click.option("--calibration-per-class", type=click.IntRange(min=1), default=10, show_default=True, help="INT8 calibration clips per seen class.")
 @click.option("--parity-samples", type=click.IntRange(min=1), help="Test clips used for parity and accuracy [default: all].")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the run's prepared store is [default: the run's].")
+@click.option("--exemplars-per-class", type=click.IntRange(min=1), default=ExportOptions.exemplars_per_class,
+              show_default=True, help="--tokens-as-input: rehearsal-buffer exemplars per class kept as encoder features "
+                                      "(float16) for cign-enroll's negatives.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def main(run, task, all_tasks, out, fp16, int8, target, tokens_as_input, trt, opset, max_batch, calibration_per_class,
-         parity_samples, data_dir, seed):
+         parity_samples, data_dir, exemplars_per_class, seed):
     """Export a task's model to ONNX (and TensorRT) with its manifest, checking parity on the test split."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -92,7 +95,7 @@ def main(run, task, all_tasks, out, fp16, int8, target, tokens_as_input, trt, op
     tasks = done if all_tasks else [done[-1] if task is None else task]
     precisions = ("fp32",) + (("fp16",) if fp16 else ()) + ((f"int8-{target}",) if int8 else ())
     options = ExportOptions(precisions, tokens_as_input, trt, opset, max_batch, calibration_per_class, parity_samples,
-                            seed, None if data_dir is None else str(data_dir))
+                            seed, None if data_dir is None else str(data_dir), exemplars_per_class)
     failed = []
     for t in tasks:
         folder = out or EXPORTS / f"{run.name}-task{t}{'-tokens' if tokens_as_input else ''}"

@@ -48,6 +48,7 @@ class ExportOptions:
     parity_samples: int | None = None  # test samples for parity and accuracy (None: the whole split)
     seed: int = 0
     data_dir: str | None = None  # where the run's prepared store is (default: the run's data_dir)
+    exemplars_per_class: int = 10  # tokens-as-input: buffer exemplars per class kept as features for cign-enroll
 
 
 @dataclass
@@ -161,6 +162,8 @@ class Exporter:
             test = parity.load_samples(store, self.ckpt.classes, "test", self.opt.parity_samples, self.opt.seed)
             val = parity.load_samples(store, self.ckpt.classes, "val", None, self.opt.seed)
         report["samples"] = {"test": len(test), "val": len(val), "store": str(store.root)}
+        if self.opt.tokens_as_input:
+            artefacts += self.enrolment_artefacts(store, report)
 
         sessions = {}
         outputs = {}
@@ -168,7 +171,7 @@ class Exporter:
             sessions["fp32"] = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
             eager = parity.run_eager(self.graph, test.feeds, tokens=table)
             outputs["fp32"] = parity.run_session(sessions["fp32"], test.feeds, tokens=table)
-            report["parity"] = {"fp32_vs_eager": parity.check_fp32(outputs["fp32"], eager, str(fp32))}
+            report.setdefault("parity", {})["fp32_vs_eager"] = parity.check_fp32(outputs["fp32"], eager, str(fp32))
             if tables:  # every task's table through the one graph, against eager with that table
                 report["parity"]["tables"] = {
                     t: parity.check_fp32(parity.run_session(sessions["fp32"], test.feeds, tokens=tab),
@@ -219,6 +222,43 @@ class Exporter:
         )
         manifest.save(self.out)
         return ExportResult(self.out, manifest, report, engine_error)
+
+    def enrolment_artefacts(self, store, report: dict) -> list[mf.Artefact]:
+        """What ``cign-enroll`` needs (``cign_export.enrolment``): the encoders graph (parity-checked against
+        eager), the post-encoder weights, and the features of the buffer's first exemplars of each class."""
+        import onnxruntime as ort
+
+        from cign_export import enrolment
+
+        encoders = enrolment.Encoders(self.graph.model, self.graph.normalize, self.ckpt.spec)
+        path = self.out / "encoders_fp32.onnx"
+        with step("onnx encoders", report, path):
+            export_onnx(encoders, path, self.opt.opset, {**self.metadata, "cign.precision": "fp32"}, mf.FEATURES)
+        head = self.out / "head.npz"
+        with step("head weights", report, head):
+            enrolment.save_head(self.graph.model, head)
+        exemplars = self.out / "exemplars.npz"
+        with step("exemplar features", report, exemplars):
+            per_class = [ix[: self.opt.exemplars_per_class] for ix in self.ckpt.buffer["indices"]]
+            idx = np.concatenate(per_class).astype(np.int64) if per_class else np.zeros(0, np.int64)
+            if len(idx) == 0:
+                raise ExportError(f"{self.ckpt_path}: the run's rehearsal buffer is empty; cign-enroll needs exemplars")
+            model_class = {store.classes.index(c): k for k, c in enumerate(self.ckpt.classes)}
+            labels = np.array([model_class[int(s)] for s in store.labels[idx]], np.int64)
+            feeds = mf.feed(store.frames(idx), store.spectrograms(idx))
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            f_a, f_v = (np.concatenate(p) for p in zip(*(session.run(list(mf.FEATURES), {k: v[s : s + 32] for k, v in feeds.items()})
+                                                         for s in range(0, len(idx), 32))))
+            e_a, e_v = enrolment.encode(encoders, feeds)
+            diffs = {name: float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
+                     for name, got, ref in zip(mf.FEATURES, (f_a, f_v), (e_a, e_v))}
+            report.setdefault("parity", {})["encoders_vs_eager_relative"] = diffs
+            if max(diffs.values()) > parity.FP32_TOLERANCE:
+                raise parity.ParityError(f"{path}: encoder features differ from PyTorch eager by more than "
+                                         f"{parity.FP32_TOLERANCE} of their range: {diffs}")
+            enrolment.save_exemplars(exemplars, f_a, f_v, labels)
+        return [mf.Artefact.of(self.out, path, "encoders", precision="fp32"), mf.Artefact.of(self.out, head, "head"),
+                mf.Artefact.of(self.out, exemplars, "exemplars")]
 
     def write_trtexec(self, engines: list[str], report: dict) -> mf.Artefact:
         """``trtexec.sh``: the trtexec line of every engine for TensorRT 10 and 11 (also in the report)."""

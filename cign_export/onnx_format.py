@@ -33,8 +33,10 @@ def example_inputs(graph: ExportGraph, batch: int = EXAMPLE_BATCH, seed: int = 0
     return frame, spectrogram
 
 
-def export_onnx(graph: ExportGraph, path: Path, opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None) -> Path:
+def export_onnx(graph: ExportGraph, path: Path, opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None,
+                outputs: tuple[str, ...] = mf.OUTPUTS) -> Path:
     """Write ``graph`` to ``path`` as ONNX (opset ``opset``), with ``metadata`` in ``metadata_props``.
+    ``outputs`` names the graph's outputs (``cign_export.enrolment.Encoders``: ``manifest.FEATURES``).
 
     The file passes ``onnx.checker`` (full check) and TensorRT 10's operator list, or this raises.
     """
@@ -52,7 +54,7 @@ def export_onnx(graph: ExportGraph, path: Path, opset: int = DEFAULT_OPSET, meta
     with warnings.catch_warnings(), _quiet("torch.onnx", "onnxscript"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            graph, args, dynamo=True, input_names=names, output_names=list(mf.OUTPUTS), dynamic_shapes=dynamic,
+            graph, args, dynamo=True, input_names=names, output_names=list(outputs), dynamic_shapes=dynamic,
             opset_version=opset, optimize=True, verbose=False, external_data=False,
         )
     model = program.model_proto

@@ -36,11 +36,14 @@ FILENAME = "manifest.json"
 
 FRAME, SPECTROGRAM, TOKENS = "frame", "spectrogram", "tokens"
 OUTPUTS = ("p_audio", "p_visual", "p_av")
+#: Outputs of the ``encoders`` graph: f_a (N, 1, D) and f_v (N, P, D), the inputs of eqs 1-2.
+FEATURES = ("f_audio", "f_visual")
 #: Graph precisions an export can hold: fp32 always; fp16 (fp32 inputs/outputs); INT8 Q/DQ for
 #: TensorRT (symmetric, zero points 0) or for onnxruntime's CPU kernels (u8 activations).
 PRECISIONS = ("fp32", "fp16", "int8-trt", "int8-cpu")
-#: What each artefact role means; ``Artefact.role`` is one of these.
-ROLES = ("onnx", "engine", "tokens", "trtexec", "report")
+#: What each artefact role means; ``Artefact.role`` is one of these. ``encoders``, ``head`` and
+#: ``exemplars`` are what on-device enrolment needs (``cign_export.enrolment``, ``cign_runtime.enroll``).
+ROLES = ("onnx", "engine", "tokens", "trtexec", "report", "encoders", "head", "exemplars")
 
 NORMALIZATION = (
     "inside the graph: frame / 255, minus spec.frame_mean, over spec.frame_std (per RGB channel); "
@@ -117,6 +120,9 @@ class Manifest:
     artefacts: list[Artefact]
     checkpoint: dict  # {"path": str, "sha256": str} of the source task checkpoint (not verified at load)
     confidence: Confidence = field(default_factory=Confidence)
+    enrolled: list[dict] = field(default_factory=list)  # classes learned on the device (cign_runtime.enroll.Enrolled)
+    revision: int = 0  # 0: written by cign-export; n: the n-th version cign-enroll derived from it
+    parent: dict | None = None  # {"path", "manifest_sha256"} of the version this one was derived from
     normalization: str = NORMALIZATION
     created_by: str = ""  # exporter and library versions
     format: str = FORMAT

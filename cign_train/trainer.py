@@ -173,8 +173,9 @@ class Trainer:
             load_encoder_weights(model, self.s.encoder_weights)
         return model.to(self.dist.device, memory_format=torch.channels_last)
 
-    def run(self, resume: bool = False) -> dict:
-        """Train every task, or with ``resume`` the ones the run in ``run_dir`` has not finished.
+    def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
+        """Train every task, or with ``resume`` the ones the run in ``run_dir`` has not finished;
+        ``stop_after`` T stops once task T is checkpointed (a later ``resume`` goes on from there).
 
         A resume continues from the last finished task and the epochs of the next one saved in
         ``last.pt``; the settings must be the run's (``config.json``, up to the operational ones).
@@ -221,7 +222,8 @@ class Trainer:
         if resume and done == n_tasks - 1 and self.dist.main:
             tqdm.write(f"resuming {self.run_dir}: all {n_tasks} tasks are done already; reporting its results, "
                        "not training again")
-        for t in range(done + 1, n_tasks):
+        last = n_tasks - 1 if stop_after is None else min(stop_after, n_tasks - 1)
+        for t in range(done + 1, last + 1):
             self.train_task(method, model, t, resume=resume and t == done + 1)
         D.barrier(self.dist)
         summary = self.write_metrics() if self.dist.main else {}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cign_runtime.spec import PRESETS, log_spectrogram
-from cign_train.data.decode import ClipError, decode_clip
+from cign_runtime.decode import ClipError, decode_clip
 from media import gradient_frame, tone, write_clip
 
 SPEC = PRESETS["cpu"]

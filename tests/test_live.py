@@ -24,7 +24,7 @@ from cign_runtime.live import Live, LiveOptions, preprocess
 from cign_runtime.manifest import Manifest
 from cign_runtime.video import VideoSource
 from cign_runtime.spec import get_preset
-from cign_train.data.decode import decode_clip
+from cign_runtime.decode import decode_clip
 from cign_train.preprocess import log_spectrogram, normalize_frames, normalize_spectrogram
 from media import Streamer, free_udp_port
 from pulse import play

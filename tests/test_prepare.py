@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from cign_runtime.spec import PRESETS
 from cign_train.cli.prepare import main as prepare_cli
-from cign_train.data.decode import decode_clip
+from cign_runtime.decode import decode_clip
 from cign_train.data.ingest import Sources, prepare_dataset, store_dir
 from cign_train.data.store import PreparedStore
 from media import tone, write_clip

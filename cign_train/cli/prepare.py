@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from cign_runtime.spec import PRESETS
-from cign_train.data.decode import WINDOWS
+from cign_runtime.decode import WINDOWS
 from cign_train.data.definitions import DATASETS
 from cign_train.data.ingest import Sources, prepare_dataset
 

@@ -22,7 +22,7 @@ from cign_train.settings import EVAL_SPLITS, PRESETS, REHEARSAL_SAMPLING, TrainS
 from cign_train.trainer import NonFiniteLoss, Trainer
 
 #: Options that do not change a run's results: a resume may give them other values.
-OPERATIONAL_OPTIONS = {"threads", "workers", "out", "resume", "reuse", "no_progress"}
+OPERATIONAL_OPTIONS = {"threads", "workers", "out", "resume", "reuse", "no_progress", "stop_after"}
 #: Options that set a field of the model config.
 MODEL_OPTIONS = {"dim", "depth", "heads", "visual_stride", "assign", "ctl_denominator", "ctl_negatives", "token_source", "teacher_bn"}
 #: Options of the rehearsal buffer: only for methods that keep one (NEEDS_BUFFER).
@@ -243,10 +243,12 @@ def reusable(settings: TrainSettings, out: Path) -> bool:
 @click.option("--reuse", is_flag=True, help="Train into --out, or reuse the run it holds when its settings are these: "
               "continue it where it stopped, or report it when it is finished (make demo's way; a run with other "
               "settings is refused, naming them).")
+@click.option("--stop-after", type=click.IntRange(min=0), help="Stop once task T (0-based) is trained and "
+              "checkpointed; --resume goes on with the next (e.g. a model to enrol classes into on the device).")
 @click.option("--no-progress", is_flag=True, help="No progress bars (one line per task still prints).")
 def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, batch_size, lr, encoder_lr, audio_encoder_lr, visual_encoder_lr, lr_schedule, warmup, tasks, class_order, max_per_class,
          buffer_per_class, buffer_select, rehearsal_sampling, augment, seed, device, amp, threads, workers, eval_split, encoder_weights, dim, depth, heads,
-         visual_stride, assign, no_avctd, no_avcg, ctl_denominator, ctl_negatives, token_source, teacher_bn, out, resume, reuse, no_progress, **method_options):
+         visual_stride, assign, no_avctd, no_avcg, ctl_denominator, ctl_negatives, token_source, teacher_bn, out, resume, reuse, stop_after, no_progress, **method_options):
     """Train CIGN (or another --method) task by task, evaluate, and print the results table."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -291,7 +293,7 @@ def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, bat
         if settings.dataset == "avdigits" and int(os.environ.get("RANK", "0")) == 0:  # the other ranks wait to join
             ensure_avdigits(settings.data_dir, settings.spec, progress=not no_progress)
         trainer = Trainer(settings, out, progress=not no_progress)
-        metrics = trainer.run(resume=resume)
+        metrics = trainer.run(resume=resume, stop_after=stop_after)
     except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLoss) as e:
         raise click.ClickException(str(e)) from e
     if trainer.dist.main:

@@ -1,6 +1,6 @@
 """Decode every listed clip once into a prepared store (multi-process, resumable, idempotent).
 
-Workers decode with PyAV (:func:`cign_train.data.decode.decode_clip`), compute the log
+Workers decode with PyAV (:func:`cign_runtime.decode.decode_clip`), compute the log
 spectrogram with the torch implementation of the spec, and write straight into the store's
 memory maps; the parent only marks rows done. Killing and re-running resumes at the first
 pending row; re-running a finished store with the same plan does nothing.
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from cign_runtime.spec import PreprocessSpec
 from cign_train.data import store as st
-from cign_train.data.decode import ClipError, decode_clip
+from cign_runtime.decode import ClipError, decode_clip
 from cign_train.data.definitions import Candidate, Rejection
 from cign_train.preprocess import log_spectrogram
 
@@ -112,7 +112,7 @@ def prepare_store(
     window: str = "center",
 ) -> PrepareReport:
     """Prepare (or resume, or confirm) the store at ``root`` for ``candidates`` (``window``: see
-    :func:`cign_train.data.decode.window_start`)."""
+    :func:`cign_runtime.decode.window_start`)."""
     candidates, duplicates = _dedupe(candidates)
     listing_rejected = list(listing_rejected) + duplicates
     plan = st.plan_document(dataset, spec, classes, candidates, window)
