@@ -24,7 +24,7 @@ import numpy as np
 import machine
 from cign_runtime.spec import get_preset
 from cign_train.data.avdigits.media import write_mp4
-from cign_train.data.decode import decode_clip
+from cign_runtime.decode import decode_clip
 from cign_train.data.definitions import Candidate
 from cign_train.data.ingest import prepare_dataset
 from cign_train.data.prepare import prepare_store
