@@ -926,6 +926,48 @@ def gen_avx2_demo(ctx: Ctx) -> str:
             f"({d['split']} split, {seeds_text(d['seeds'])}; {ctx.link(STRIDE)})")
 
 
+ENROLL, ENROLL_SWEEP = f"{RESULTS}/enroll.json", f"{RESULTS}/enroll_sweep.json"
+
+
+def gen_enroll(ctx: Ctx) -> str:
+    """cign-enroll against cign-train on the same shots, per N, mean ± std over seeds (test split)."""
+    d = load(ENROLL)
+    s = d["summary"]
+    c = lambda x: pm([x["mean"], x["std"]], n=len(d["seeds"]))  # noqa: E731
+    rows = [["before enrolment (8 classes)", "–", c(s["before"]["fp32"]["old"]), "–", "–", "–"],
+            ["cign-train, all clips", c(s["train_all"]["new"]), c(s["train_all"]["old"]), c(s["train_all"]["false_accepts"]),
+             "–", "–"]]
+    for n in map(str, d["shots"]):
+        r = s[n]
+        for label, x in ((f"{n} shots: cign-enroll, fp32", r["enroll"]["fp32"]),
+                         (f"{n} shots: cign-enroll, int8-cpu", r["enroll"]["int8-cpu"])):
+            rows.append([label, c(x["new"]), c(x["old"]), c(x["false_accepts"]), c(r["enroll_s"]), f(r["peak_rss_mb"], 0)])
+        t = r["train_same_shots"]
+        rows.append([f"{n} shots: cign-train, same clips", c(t["new"]), c(t["old"]), c(t["false_accepts"]), "–", "–"])
+    return "\n".join([
+        table(["model", "new classes AV %", "old classes AV %", "false accepts %", "enrolment s / class", "peak MB"], rows,
+              ["---"] + ["---:"] * 5),
+        "",
+        ctx.source(ENROLL, f"avdigits, `cpu` preset, {d['split']} split, {seeds_text(d['seeds'])}, mean ± std over seeds; "
+                   "new classes: the two digits enrolled (or trained) after the first 8; false accepts: old-class clips "
+                   "whose top-1 is a new class; enrolment: inside the torch-free process, per class, and its peak RSS",
+                   cpu_label(d["machine"]), d["date"]),
+    ])
+
+
+def gen_enroll_sweep(ctx: Ctx) -> str:
+    """The fit-option grid on val from which FitOptions' defaults were chosen."""
+    d = load(ENROLL_SWEEP)
+    keys = list(d["grid"])
+    rows = [[*(str(r[k]) for k in keys), f(r["new"]), f(r["old"]), f(r["false_accepts"])] for r in d["rows"]]
+    return "\n".join([
+        table([*keys, "new AV %", "old AV %", "false accepts %"], rows, ["---"] * len(keys) + ["---:"] * 3),
+        "",
+        ctx.source(ENROLL_SWEEP, f"avdigits, `cpu` preset, {d['split']} split without the export's exemplar clips "
+                   f"({d['clips']} clips), seed {d['seed']}, {d['shots']} shots per class", cpu_label(d["machine"]), d["date"]),
+    ])
+
+
 def where(split: str, seeds, machine) -> str:
     """'(val split, seeds 1-5; AMD EPYC, 2 cores, AVX-512 BF16)' for a study's answer."""
     m = machine if isinstance(machine, str) else short_cpu(machine)
@@ -1085,6 +1127,7 @@ GENERATORS = {
     "encoder_lr": gen_encoder_lr, "first_step_table": gen_first_step_table, "head_probe": gen_head_probe,
     "joint_epochs": gen_joint_epochs, "pretrain": gen_pretrain, "task_probe": gen_task_probe, "visual_readout": gen_visual_readout,
     "visual_stride": gen_visual_stride, "avx2_demo": gen_avx2_demo, "studies": gen_studies,
+    "enroll": gen_enroll, "enroll_sweep": gen_enroll_sweep,
 }
 
 

@@ -68,8 +68,8 @@ def summary(result: ExportResult) -> str:
 @click.option("--parity-samples", type=click.IntRange(min=1), help="Test clips used for parity and accuracy [default: all].")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the run's prepared store is [default: the run's].")
 @click.option("--exemplars-per-class", type=click.IntRange(min=1), default=ExportOptions.exemplars_per_class,
-              show_default=True, help="--tokens-as-input: rehearsal-buffer exemplars per class kept as encoder features "
-                                      "(float16) for cign-enroll's negatives.")
+              show_default=True, help="--tokens-as-input: val clips per class kept as encoder features (float16), "
+                                      "cign-enroll's negatives.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def main(run, task, all_tasks, out, fp16, int8, target, tokens_as_input, trt, opset, max_batch, calibration_per_class,
          parity_samples, data_dir, exemplars_per_class, seed):

@@ -4,9 +4,9 @@
   the graph's normalisation, so a shot is encoded once;
 - ``head.npz``: the weights after the encoders (phi_a, phi_v, grouping, heads) and their config, for
   ``cign_runtime.head``'s numpy forward and token gradient;
-- ``exemplars.npz``: encoder features (float16) of up to ``per_class`` of the run's rehearsal-buffer
-  exemplars per class, in the buffer's selection order. They are the negatives a new token is fitted
-  against, since the device has no training clips (rehearsal without raw data).
+- ``exemplars.npz``: encoder features (float16) of a few val clips per class
+  (``cign_export.exporter.exemplar_indices``), the negatives a new token is fitted against, since the
+  device has no training clips (rehearsal without raw data).
 """
 from __future__ import annotations
 

@@ -33,6 +33,20 @@ DROP_GOALS = {"fp16": 0.2, "int8-trt": 1.0, "int8-cpu": 1.0}
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8-trt")
 
 
+#: Where the exemplar features of a tokens-as-input export come from (:func:`exemplar_indices`).
+EXEMPLAR_SPLIT = "val"
+
+
+def exemplar_indices(store, classes: list[str], per_class: int, seed: int, notes: list[str] | None = None) -> np.ndarray:
+    """Store indices of the exemplars ``cign-enroll`` fits new tokens against: ``per_class`` seeded clips of each
+    class from the val split, which the model never trained on. Features of the training buffer's clips, which
+    the encoders have fitted, were too easy as negatives: on avdigits' val split a token fitted against them
+    named old-class clips as the new class several times as often (``benchmarks/bench_enroll.py``)."""
+    from calibration.dataset import calibration_indices
+
+    return calibration_indices(store, [store.classes.index(c) for c in classes], per_class, seed, EXEMPLAR_SPLIT, notes)
+
+
 class ExportError(RuntimeError):
     """A step of the export failed; the message names the step."""
 
@@ -48,7 +62,7 @@ class ExportOptions:
     parity_samples: int | None = None  # test samples for parity and accuracy (None: the whole split)
     seed: int = 0
     data_dir: str | None = None  # where the run's prepared store is (default: the run's data_dir)
-    exemplars_per_class: int = 10  # tokens-as-input: buffer exemplars per class kept as features for cign-enroll
+    exemplars_per_class: int = 8  # tokens-as-input: val clips per class kept as encoder features for cign-enroll
 
 
 @dataclass
@@ -239,12 +253,13 @@ class Exporter:
             enrolment.save_head(self.graph.model, head)
         exemplars = self.out / "exemplars.npz"
         with step("exemplar features", report, exemplars):
-            per_class = [ix[: self.opt.exemplars_per_class] for ix in self.ckpt.buffer["indices"]]
-            idx = np.concatenate(per_class).astype(np.int64) if per_class else np.zeros(0, np.int64)
-            if len(idx) == 0:
-                raise ExportError(f"{self.ckpt_path}: the run's rehearsal buffer is empty; cign-enroll needs exemplars")
+            notes: list[str] = []
+            idx = exemplar_indices(store, self.ckpt.classes, self.opt.exemplars_per_class, self.opt.seed, notes)
+            for note in notes:
+                log.warning("exemplars: %s", note)
             model_class = {store.classes.index(c): k for k, c in enumerate(self.ckpt.classes)}
             labels = np.array([model_class[int(s)] for s in store.labels[idx]], np.int64)
+            report["exemplars"] = {"split": EXEMPLAR_SPLIT, "store_indices": idx.tolist()}
             feeds = mf.feed(store.frames(idx), store.spectrograms(idx))
             session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             f_a, f_v = (np.concatenate(p) for p in zip(*(session.run(list(mf.FEATURES), {k: v[s : s + 32] for k, v in feeds.items()})

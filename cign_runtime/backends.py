@@ -9,10 +9,12 @@ by the ``trt`` backend.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -285,12 +287,15 @@ class TensorRTRunner:
 
 
 class Model:
-    """An opened export: ``predict(frame, spectrogram)`` -> {p_audio, p_visual, p_av} (N, K) on one backend."""
+    """An opened export: ``predict(frame, spectrogram)`` -> {p_audio, p_visual, p_av} (N, K) on one backend.
+
+    ``opener(root, manifest)`` opens this backend and precision's runner on another version (:meth:`version`)."""
 
     def __init__(self, root: Path, manifest: mf.Manifest, backend: str, precision: str, task: int,
-                 tokens: np.ndarray | None, runner: OrtRunner | TensorRTRunner, reason: str):
+                 tokens: np.ndarray | None, runner: OrtRunner | TensorRTRunner, reason: str,
+                 opener: Callable[[Path, mf.Manifest], OrtRunner | TensorRTRunner]):
         self.root, self.manifest, self.backend, self.precision, self.task = root, manifest, backend, precision, task
-        self.tokens, self.runner, self.reason = tokens, runner, reason
+        self.tokens, self.runner, self.reason, self.opener = tokens, runner, reason, opener
         self.classes = manifest.classes[: manifest.n_classes(task)]
 
     @property
@@ -308,6 +313,28 @@ class Model:
         if self.tokens is not None:
             feeds[mf.TOKENS] = self.tokens
         return self.runner.run(feeds)
+
+    def version(self, root: Path, manifest: mf.Manifest, task: int | None = None) -> "Model":
+        """This backend and precision on another version of a tokens-as-input export (``manifest``, verified, of
+        ``root``), with the table of ``task`` (default: that version's newest).
+
+        The running session is shared when that version's graph for this precision has the same sha256 (an
+        enrolled version's graphs are hard links of its parent's); else a new runner opens. ValueError naming
+        ``root`` when the version cannot take this model's place."""
+        kind = role(self.backend)
+        if self.tokens is None or not manifest.tokens_as_input:
+            raise ValueError(f"{root}: the class tokens are baked into its graph; only tokens-as-input versions "
+                             "replace a running tokens-as-input model")
+        if manifest.spec != self.spec:
+            raise ValueError(f"{root}: its preprocessing spec differs from the running export's; restart cign-live "
+                             "with it as --model")
+        if self.precision not in manifest.precisions(kind):
+            raise ValueError(f"{root}: no {self.precision} {kind} artefact, which the running {self.backend} model "
+                             f"runs (it has {kind} precisions {manifest.precisions(kind)})")
+        task, tokens = _tokens(root, manifest, task)
+        same = manifest.artefact(kind, self.precision).sha256 == self.manifest.artefact(kind, self.precision).sha256
+        runner = self.runner if same else self.opener(root, manifest)
+        return Model(root, manifest, self.backend, self.precision, task, tokens, runner, self.reason, self.opener)
 
     def close(self) -> None:
         self.runner.close()
@@ -397,5 +424,7 @@ def open_model(export_dir: str | os.PathLike, backend: str = "auto", precision: 
             reason += f"; skipped {'; '.join(skipped)})" if skipped else ")"
         else:
             reason = f"{b} as requested"
-        return Model(root, manifest, b, p, task, tokens, runner, "; ".join([reason, *notes]))
+        return Model(root, manifest, b, p, task, tokens, runner, "; ".join([reason, *notes]),
+                     functools.partial(_runner, backend=b, precision=p, threads=threads, cache_dir=cache_dir,
+                                       spinning=spinning))
     raise BackendUnavailable(f"auto: no backend could run {root} here (available: {here}; tried: {'; '.join(skipped)})")

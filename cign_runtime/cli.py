@@ -1,32 +1,47 @@
 """``cign-live``: classify a live camera + microphone (or files / streams) with an exported CIGN, without torch."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
+from cign_runtime import enroll as en
 from cign_runtime import latency
+from cign_runtime import swap
 from cign_runtime.audio import AudioSourceError, list_inputs, open_audio
 from cign_runtime import manifest as mf
 from cign_runtime.backends import BACKENDS, BackendUnavailable, TensorRTRunner, open_model
-from cign_runtime.live import Live, LiveOptions, Recorder, json_lines, overlay
+from cign_runtime.live import JsonLines, Live, LiveOptions, Recorder, notice, overlay
 from cign_runtime.video import VideoSource, VideoSourceError, list_cameras
 
+#: Seconds an event's line (an enrolment prompt, a swap) stays in the window unless a newer one replaces it.
+NOTICE_SECONDS = 5.0
 
-def display(window: str = "cign-live"):
-    """Sink: the annotated frame in an OpenCV window (q or Esc stops)."""
-    import cv2
 
-    def show(result: dict, rgb) -> None:
+class Display:
+    """Sink: the annotated frame in an OpenCV window (q or Esc stops); :meth:`event` shows an event's line."""
+
+    def __init__(self, window: str = "cign-live"):
+        import cv2
+
+        self.cv2, self.window = cv2, window
+        self._note: tuple[str, float] = ("", 0.0)  # (line, perf_counter when it expires), replaced whole
+
+    def event(self, event: dict) -> None:
+        self._note = (notice(event), time.perf_counter() + NOTICE_SECONDS)
+
+    def __call__(self, result: dict, rgb) -> None:
+        line, until = self._note
         if rgb is not None:
-            cv2.imshow(window, overlay(rgb, result, fps=0.0))
-        if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+            self.cv2.imshow(self.window, overlay(rgb, result, 0.0, line if time.perf_counter() < until else ""))
+        if self.cv2.waitKey(1) & 0xFF in (ord("q"), 27):
             raise KeyboardInterrupt
-
-    return show
 
 
 def devices() -> str:
@@ -78,8 +93,16 @@ def register(model_dir: Path, plan: Path, precision: str | None) -> str:
 @click.option("--register-engine", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Add a TensorRT engine built on this device (trtexec.sh) to --model's manifest as --precision, "
                    "after loading it with TensorRT; then exit.")
+@click.option("--no-watch", is_flag=True, help="Keep the opened version: do not swap in newer versions (EXPORT.rN "
+              "beside it) of a tokens-as-input export.")
+@click.option("--enroll", "enroll_name", metavar="NAME", help="Learn class NAME from --shots shots of the running "
+              "camera and microphone while predicting, then swap the new version in.")
+@click.option("--shots", type=click.IntRange(min=1), default=en.SHOTS, show_default=True, help="--enroll: shots to take.")
+@click.option("--countdown", type=click.FloatRange(min=0), default=en.COUNTDOWN, show_default=True,
+              help="--enroll: seconds of countdown before each shot.")
 def main(model_dir, camera, mic, task, backend, precision, threads, hop, topk, smooth, headless, record, latency_log,
-         max_seconds, max_predictions, no_realtime, loop, list_devices, summarize, register_engine):
+         max_seconds, max_predictions, no_realtime, loop, list_devices, summarize, register_engine, no_watch,
+         enroll_name, shots, countdown):
     """Live audio-visual classification: p_av = p_audio * p_visual every --hop seconds, with per-stage latency."""
     if list_devices:
         click.echo(devices())
@@ -96,12 +119,20 @@ def main(model_dir, camera, mic, task, backend, precision, threads, hop, topk, s
         raise click.UsageError("--no-realtime steps through files: give a video file as --camera and a file as --mic")
     if loop and no_realtime:
         raise click.UsageError("--loop plays files at 1x forever; it cannot be combined with --no-realtime")
+    check_enroll_flags(enroll_name, no_watch, no_realtime, task)
     logging.basicConfig(level=logging.WARNING, format="cign-live: %(message)s", stream=sys.stderr)
+    logging.getLogger("cign_runtime").setLevel(logging.INFO)  # swaps and enrolments are news, not warnings
     try:
         model = open_model(model_dir, backend, precision, task, threads, spinning=False)
     except (BackendUnavailable, ValueError, KeyError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"model: {model}", err=True)
+    if enroll_name is not None:
+        try:  # refuse a baked-tokens export or a taken name before the sources open
+            en.check_name(en.Export(model_dir).manifest, enroll_name)
+        except en.EnrollError as e:
+            model.close()
+            raise click.ClickException(f"--enroll: {e}") from e
     spec = model.spec
     options = LiveOptions(hop, topk, smooth, not no_realtime, max_seconds, max_predictions)
     try:
@@ -111,24 +142,51 @@ def main(model_dir, camera, mic, task, backend, precision, threads, hop, topk, s
         video.start()
     except (AudioSourceError, VideoSourceError) as e:
         raise click.ClickException(str(e)) from e
-    sinks = [json_lines(sys.stdout)] if headless else [display()]
+    out = JsonLines(sys.stdout) if headless else Display()
+    sinks = [out]
     recorder = Recorder(str(record), hop) if record else None
     if recorder:
         sinks.append(recorder)
+    watcher = None
+    if model.manifest.tokens_as_input and not no_watch:
+        watcher = swap.Watcher(model, task, emit=out.event).start()
+        signal.signal(signal.SIGHUP, lambda *_: watcher.poke())
     with latency.LatencyLog(latency_log) as log:
-        live = Live(model, video, audio, options, log, sinks)
+        live = Live(model, video, audio, options, log, sinks, updates=watcher)
         signal.signal(signal.SIGTERM, lambda *_: live.stop())
+        enrolment = swap.enrol(live, watcher, enroll_name, shots, countdown, out.event) if enroll_name else None
         try:
-            live.run()
-        except KeyboardInterrupt:
-            live.stop()
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, or q / Esc in the window
+                live.run()
         finally:
+            live.stop()  # abandons a capture still under way
+            if enrolment:
+                enrolment.join()
+            if watcher:
+                watcher.stop()
             video.stop()
             audio.stop()
             if recorder:
                 recorder.close()
-            model.close()
+            live.model.close()
     click.echo(latency.summary_table(log), err=True)
+
+
+def check_enroll_flags(enroll_name: str | None, no_watch: bool, no_realtime: bool, task: int | None) -> None:
+    """UsageError for --shots / --countdown without --enroll, and --enroll with --no-watch, --no-realtime or --task."""
+    ctx = click.get_current_context()
+    given = [f"--{p}" for p in ("shots", "countdown") if ctx.get_parameter_source(p) == ParameterSource.COMMANDLINE]
+    if enroll_name is None:
+        if given:
+            raise click.UsageError(f"{' and '.join(given)} belong to --enroll NAME")
+        return
+    if no_watch:
+        raise click.UsageError("--enroll swaps the enrolled version in, which --no-watch turns off")
+    if no_realtime:
+        raise click.UsageError("--enroll captures shots in real time; it cannot be combined with --no-realtime")
+    if task is not None:
+        raise click.UsageError("--enroll adds the class as a task of its own, which a pinned --task would not show; "
+                               "leave --task out")
 
 
 if __name__ == "__main__":

@@ -46,8 +46,12 @@ from cign_runtime.head import Head
 MIN_LEVEL_DBFS = -50.0
 #: Shots whose frame's mean value (0-255) is below this are refused as black.
 MIN_FRAME_MEAN = 8.0
+#: Live capture: shots asked for, and the countdown before each (s).
+SHOTS, COUNTDOWN = 5, 3.0
 #: How the new token starts (:func:`initial_token`).
 INITS = ("shots", "mean")
+#: What the token is fitted on: eq 10's BCE terms, or the cross-entropy of the inference rule over ln p_av.
+LOSSES = ("bce", "ce")
 #: An enrolled version's folder: the lineage's base name, then ``.r`` and its revision.
 REVISION = re.compile(r"^(?P<base>.+)\.r(?P<rev>\d+)$")
 
@@ -63,9 +67,12 @@ class FitOptions:
     init: str = "shots"  # INITS
     negatives: int = 16  # exemplars per step, drawn class-balanced
     positive_weight: float = 0.5  # share of the loss on the shots (the exemplars have the rest)
+    loss: str = "bce"  # LOSSES (cign_runtime.head.Head.loss_and_grad)
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.steps < 0 or self.lr <= 0 or self.negatives < 0 or not 0 < self.positive_weight <= 1:
@@ -185,7 +192,7 @@ def fit_token(head: Head, table: np.ndarray, f_a: np.ndarray, f_v: np.ndarray, e
         weights = np.concatenate([np.full(s, opt.positive_weight / s),
                                   np.full(n, (1 - opt.positive_weight) / max(n, 1))]).astype(np.float32)
         loss, grad, _, _ = head.loss_and_grad(np.concatenate([f_a, ex_a[pick]]), np.concatenate([f_v, ex_v[pick]]),
-                                              np.vstack([table, token[None]]), targets, weights)
+                                              np.vstack([table, token[None]]), targets, weights, opt.loss)
         g = grad[-1]
         m1 = b1 * m1 + (1 - b1) * g
         m2 = b2 * m2 + (1 - b2) * g * g

@@ -34,8 +34,8 @@ def emit(event: dict) -> None:
               help="Shot clips listed in a CSV (a 'path' column, or the first column).")
 @click.option("--camera", help="Capture the shots live: device index or path, or a stream URL (with --mic, --shots).")
 @click.option("--mic", help="Microphone of the live capture: 'default', a PortAudio name or index.")
-@click.option("--shots", type=click.IntRange(min=1), default=5, show_default=True, help="Live capture: shots to take.")
-@click.option("--countdown", type=click.FloatRange(min=0), default=3.0, show_default=True,
+@click.option("--shots", type=click.IntRange(min=1), default=en.SHOTS, show_default=True, help="Live capture: shots to take.")
+@click.option("--countdown", type=click.FloatRange(min=0), default=en.COUNTDOWN, show_default=True,
               help="Live capture: seconds of countdown before each shot.")
 @click.option("--list", "list_", is_flag=True, help="List the export's classes and versions, then exit.")
 @click.option("--remove", help="Forget this class: a new version without its token (re-enrol to restore it).")

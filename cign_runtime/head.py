@@ -206,15 +206,27 @@ class Head:
         """f_a (B, 1, D), f_v (B, P, D), tokens (K, D) -> FC(g_a,i), FC(g_v,i), each (B, K)."""
         return self.audio.forward(f_a, tokens)[0], self.visual.forward(f_v, tokens)[0]
 
-    def loss_and_grad(self, f_a, f_v, tokens, targets, weights) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
-        """L = sum_n w_n sum_i [BCE(FC(g_a,n,i), y_n,i) + BCE(FC(g_v,n,i), y_n,i)] (eq 10's classification
-        terms, weighted per sample) and dL/d tokens (K, D), with the logits (B, K) of both modalities.
+    def loss_and_grad(self, f_a, f_v, tokens, targets, weights, loss: str = "bce") -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+        """A loss on the heads' logits and dL/d tokens (K, D), with the logits (B, K) of both modalities.
 
-        ``targets`` (B, K) in {0, 1}; ``weights`` (B,)."""
+        ``bce``: L = sum_n w_n sum_i [BCE(FC(g_a,n,i), y_n,i) + BCE(FC(g_v,n,i), y_n,i)], eq 10's
+        classification terms weighted per sample. ``ce``: L = sum_n w_n CE(softmax_i(ln p_av,n,i), y_n), the
+        cross-entropy of the inference rule (Sec. 3.3: the class of the largest p_av = p_a p_v).
+        ``targets`` (B, K) one-hot; ``weights`` (B,)."""
         za, ca = self.audio.forward(f_a, tokens)
         zv, cv = self.visual.forward(f_v, tokens)
         w = weights[:, None].astype(np.float32)
-        loss = sum(float((w * (np.logaddexp(0, z) - targets * z)).sum()) for z in (za, zv))
-        sig = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
-        grad = self.audio.backward_tokens(w * (sig(za) - targets), ca) + self.visual.backward_tokens(w * (sig(zv) - targets), cv)
-        return loss, grad.astype(np.float32), za, zv
+        sig_a, sig_v = 1.0 / (1.0 + np.exp(-za)), 1.0 / (1.0 + np.exp(-zv))
+        if loss == "bce":
+            value = sum(float((w * (np.logaddexp(0, z) - targets * z)).sum()) for z in (za, zv))
+            d_a, d_v = w * (sig_a - targets), w * (sig_v - targets)
+        elif loss == "ce":
+            s = -np.logaddexp(0, -za) - np.logaddexp(0, -zv)  # ln p_av
+            q = softmax(s)
+            value = float(-(w * targets * np.log(np.maximum(q, 1e-30))).sum())
+            ds = w * (q - targets)
+            d_a, d_v = ds * (1.0 - sig_a), ds * (1.0 - sig_v)  # d ln sigmoid(z) / dz = 1 - sigmoid(z)
+        else:
+            raise ValueError(f"loss must be 'bce' or 'ce', got {loss!r}")
+        grad = self.audio.backward_tokens(d_a.astype(np.float32), ca) + self.visual.backward_tokens(d_v.astype(np.float32), cv)
+        return value, grad.astype(np.float32), za, zv

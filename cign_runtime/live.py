@@ -17,6 +17,10 @@ for the next frame to arrive and starts as soon as it does, so the frame it clas
 age is the capture thread's wake-up, not up to one frame interval: at 25 fps that takes 0-40 ms
 out of every answer's end-to-end latency; ``benchmarks/bench_live.py`` measures it). The schedule
 stays on the hop grid: the wait delays one prediction, not the next.
+
+Hot swap: with ``updates`` (a ``cign_runtime.swap.Watcher``) the loop takes a newer version of the export
+between two predictions; each prediction says which revision made it, and the latency log counts swaps
+(``swap``, ``swap_refused``) and carries the swap's details on the first record after it.
 """
 from __future__ import annotations
 
@@ -91,8 +95,28 @@ def top_k(scores: dict[str, np.ndarray], key: str, classes: list[str], k: int) -
     return [{"class": classes[i], **{name: round(float(scores[name][i]), 6) for name in mf.OUTPUTS}} for i in order]
 
 
-def overlay(rgb: np.ndarray, result: dict, fps: float) -> np.ndarray:
-    """A BGR copy of the frame with the top-k classes, p_av / p_a / p_v bars, fps and latency."""
+#: The overlay's line for each event of a live enrolment or swap (``--enroll``; ``cign_runtime.swap``).
+NOTICES = {
+    "prompt": "shot {shot}/{of}: recording in {countdown_s:g} s",
+    "recording": "recording shot {shot}/{of} ({seconds:g} s)",
+    "shot": "shot {shot} taken",
+    "refused": "shot {shot} refused: {reason}",
+    "fitting": "learning '{name}' from {shots} shots",
+    "enrolled": "learned '{name}'",
+    "enroll_failed": "enrolment failed: {reason}",
+    "swap": "now running revision {revision}",
+    "swap_refused": "revision {revision} refused: {reason}",
+}
+
+
+def notice(event: dict) -> str:
+    """The overlay's line for an event dict (``NOTICES``; another kind shows its name)."""
+    return NOTICES.get(event["event"], "{event}").format(**event)
+
+
+def overlay(rgb: np.ndarray, result: dict, fps: float, note: str = "") -> np.ndarray:
+    """A BGR copy of the frame with the top-k classes, p_av / p_a / p_v bars, fps and latency, and ``note``
+    (an enrolment prompt) above the bottom line."""
     h, w = rgb.shape[:2]
     scale = max(1.0, 480 / w)
     img = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), (int(w * scale), int(h * scale)), interpolation=cv2.INTER_NEAREST)
@@ -106,15 +130,22 @@ def overlay(rgb: np.ndarray, result: dict, fps: float) -> np.ndarray:
             cv2.rectangle(img, (x, y), (x + int(60 * item[name]), y + 12), colour, -1)
     cv2.putText(img, f"{fps:.1f} pred/s  {result['latency_ms']:.0f} ms", (8, img.shape[0] - 8),
                 cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1)
+    if note:
+        cv2.putText(img, note[: img.shape[1] // 9], (8, img.shape[0] - 30), cv2.FONT_HERSHEY_SIMPLEX, 0.5,
+                    (0, 255, 255), 1)
     return img
 
 
 class Live:
-    """Runs the loop over a model and two started sources until a limit, the end of the files, or ``stop()``."""
+    """Runs the loop over a model and two started sources until a limit, the end of the files, or ``stop()``.
+
+    ``updates``: a ``cign_runtime.swap.Watcher`` whose prepared versions replace ``model`` between predictions."""
 
     def __init__(self, model, video, audio, options: LiveOptions, log: LatencyLog,
-                 sinks: list[Callable[[dict, np.ndarray | None], None]]):
+                 sinks: list[Callable[[dict, np.ndarray | None], None]], updates=None):
         self.model, self.video, self.audio, self.opt, self.log, self.sinks = model, video, audio, options, log, sinks
+        self.updates = updates
+        self._note: dict[str, object] = {}  # swap details for the next latency record
         self.history: deque[dict[str, np.ndarray]] = deque(maxlen=max(1, options.smooth))
         self.preprocess = Preprocessor(model.spec)
         self.stopped = threading.Event()
@@ -160,6 +191,18 @@ class Live:
                 self.log.count("overflow", overflows - self._overflows)
                 self._overflows = overflows
 
+    def _take_updates(self) -> None:
+        """Between predictions: count refused versions and switch to a prepared one (one reference replaced)."""
+        for update in self.updates.take():
+            if update.model is None:
+                self.log.count("swap_refused")
+                self._note.setdefault("swap_refused", []).append(update.record())
+                continue
+            self.model = update.model
+            self.history.clear()  # smoothing must not average two class lists
+            self.log.count("swap")
+            self._note["swap"] = update.record()
+
     def step(self, media_t: float) -> dict:
         frame = self._frame(media_t)
         sw = Stopwatch()  # the prediction starts with its frame in hand: ages are >= 0
@@ -182,6 +225,7 @@ class Live:
             top_class, confidence = top_confidence(scores[key], conf.temperature)
             known = bool(confidence >= conf.threshold)
             result = {"t": round(time.time(), 3), "index": self.predictions, "media_time": round(media_t, 3),
+                      "revision": self.model.manifest.revision,
                       "modality": "audio_visual" if visual else "audio", "known": known,
                       "label": self.model.classes[int(top_class)] if known else UNKNOWN,
                       "confidence": round(float(confidence), 6),
@@ -191,7 +235,9 @@ class Live:
         with sw.stage("output"):
             for sink in self.sinks:
                 sink(result, frame.rgb if frame is not None else None)
-        self.log.record(sw.finish(), label=result["label"], modality=result["modality"], known=known)
+        self.log.record(sw.finish(), label=result["label"], modality=result["modality"], known=known,
+                        revision=result["revision"], **self._note)
+        self._note = {}
         self.predictions += 1
         return result
 
@@ -212,6 +258,8 @@ class Live:
         started = time.perf_counter()
         try:
             while not self._done(started):
+                if self.updates is not None:
+                    self._take_updates()
                 if self.opt.realtime:
                     wait = started + (self.predictions + 1) * self.opt.hop - time.perf_counter()
                     if wait > 0 and self.stopped.wait(wait):
@@ -222,14 +270,25 @@ class Live:
         return self.predictions
 
 
-def json_lines(stream) -> Callable[[dict, np.ndarray | None], None]:
-    """Sink: one JSON line per prediction (``--headless``)."""
+class JsonLines:
+    """Sink: one JSON line per prediction (``--headless``); :meth:`event` writes an event line (an ``"event"``
+    key and ``t``) between them, from any thread."""
 
-    def write(result: dict, rgb) -> None:
-        stream.write(json.dumps(result) + "\n")
-        stream.flush()
+    def __init__(self, stream):
+        self.stream = stream
+        self._lock = threading.Lock()
 
-    return write
+    def __call__(self, result: dict, rgb) -> None:
+        self._write(result)
+
+    def event(self, event: dict) -> None:
+        self._write({"t": round(time.time(), 3), **event})
+
+    def _write(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
+        with self._lock:
+            self.stream.write(line)
+            self.stream.flush()
 
 
 class Recorder:

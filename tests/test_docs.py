@@ -134,7 +134,7 @@ def test_the_link_check_catches_what_it_should(tmp_path):
 
 def test_every_console_script_has_its_page():
     scripts = re.findall(r"^(cign-[a-z]+) = ", (ROOT / "pyproject.toml").read_text(), re.M)
-    assert len(scripts) == 8
+    assert len(scripts) == 9
     readme = (ROOT / "README.md").read_text()
     for script in scripts:
         assert (ROOT / "docs" / f"{script}.md").is_file(), script

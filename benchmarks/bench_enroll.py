@@ -1,0 +1,262 @@
+"""On-device enrolment against cign-train on the same shots (avdigits, cpu preset, 3 seeds).
+
+Per seed: the default CIGN run stopped after its fourth task (8 classes; ``cign-train --stop-after 3``),
+exported with the token table as an input (fp32 and int8-cpu). For N in 1, 3, 5, 10, ``cign-enroll`` (a
+subprocess in which torch cannot be imported; wall time and peak RSS) enrols the two remaining digits
+one after the other, each from the N training clips that ``cign-train --max-per-class N`` would pick.
+References on the same seed: the run's fifth task trained by cign-train on those N clips per class (the
+stopped run resumed with ``max_per_class`` N; the usual buffer), and on all of its training clips.
+
+On test (argmax of p_av over all classes): new classes' accuracy, old classes' accuracy before and after,
+false accepts (old-class clips whose top-1 is a new class). ``--sweep`` scores a grid of fit options on
+val (seed 0, N 5; the val clips the export keeps as exemplar features left out), from which
+``cign_runtime.enroll.FitOptions``' defaults were chosen; test is not read.
+
+Writes ``benchmarks/results/enroll.json`` and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+import machine
+from cign_export.exporter import Exporter, ExportOptions
+from cign_export.graph import ExportGraph
+from cign_export.parity import Samples, load_samples, run_eager, run_session
+from cign_runtime import enroll as en
+from cign_runtime import manifest as mf
+from cign_train import checkpoint as ck
+from cign_train.experiments import mean_std
+from cign_train.settings import TrainSettings, preset_settings
+from cign_train.trainer import Trainer, make_plan, train_indices
+
+RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "runs" / "bench-enroll"
+SHOTS = (1, 3, 5, 10)
+SEEDS = (0, 1, 2)
+STOP_AFTER = 3  # tasks 0-3: 8 of avdigits' 10 classes
+PRECISIONS = ("fp32", "int8-cpu")
+#: The --sweep grid (val, seed 0, N 5).
+GRID = {"loss": en.LOSSES, "positive_weight": (0.1, 0.2, 0.3), "init": en.INITS}
+
+
+def settings(seed: int) -> TrainSettings:
+    """``cign-train --seed SEED``'s settings (avdigits, the cpu preset)."""
+    return preset_settings("cpu", dataset="avdigits", data_dir=str(ROOT / "data"), seed=seed)
+
+
+def base_run(seed: int) -> Path:
+    """The default run of ``seed`` stopped after task STOP_AFTER (reused when there)."""
+    run = WORK / f"seed{seed}" / "base"
+    if not ck.task_path(run, STOP_AFTER).is_file():
+        Trainer(settings(seed), run, progress=False).run(resume=(run / "config.json").is_file(), stop_after=STOP_AFTER)
+    return run
+
+
+def reference(seed: int, shots: int | None) -> Path:
+    """The base run's task STOP_AFTER + 1 trained by cign-train on ``shots`` clips per new class (None: all)."""
+    run = WORK / f"seed{seed}" / (f"train-{shots}shot" if shots else "train-all")
+    if ck.task_path(run, STOP_AFTER + 1).is_file():
+        return run
+    shutil.rmtree(run, ignore_errors=True)
+    base = base_run(seed)
+    run.mkdir(parents=True)
+    for f in base.iterdir():
+        if f.name.startswith("task_") or f.name in ("config.json", "last.pt", "metrics.json", "steps.jsonl"):
+            shutil.copy2(f, run / f.name)
+    s = dataclasses.replace(settings(seed), max_per_class=shots)  # tasks 0-3 are trained already: it caps task 4
+    (run / "config.json").write_text(json.dumps(s.to_dict(), indent=1))
+    Trainer(s, run, progress=False).run(resume=True)
+    return run
+
+
+def export(seed: int) -> Path:
+    out = WORK / f"seed{seed}" / "export"
+    if not (out / mf.FILENAME).is_file():
+        Exporter(base_run(seed), STOP_AFTER, out, ExportOptions(precisions=PRECISIONS, tokens_as_input=True))()
+    return out
+
+
+def shot_clips(seed: int, new_class: int, n: int) -> list[str]:
+    """The clip files of the ``n`` training clips of model class ``new_class`` that cign-train picks."""
+    plan = make_plan(settings(seed))
+    idx = train_indices(plan, [new_class], n, seed)
+    clips = ROOT / "data" / "avdigits" / "clips"
+    return [str(clips / f"{plan.store.ids[i]}.mp4") for i in idx]
+
+
+def scores(p_av: np.ndarray, columns: list[str], truth: list[str], new: list[str]) -> dict:
+    """Accuracy (%) of new- and old-class clips, and new-class false accepts on old-class clips (%)."""
+    pred = np.asarray(columns)[p_av.argmax(1)]
+    truth = np.asarray(truth)
+    is_new = np.isin(truth, new)
+    pct = lambda x: round(100 * float(np.mean(x)), 2) if len(x) else None  # noqa: E731
+    return {"new": pct(pred[is_new] == truth[is_new]), "old": pct(pred[~is_new] == truth[~is_new]),
+            "false_accepts": pct(np.isin(pred[~is_new], new))}
+
+
+def score_export(root: Path, precision: str, samples, truth: list[str], new: list[str]) -> dict:
+    manifest = mf.Manifest.load(root)
+    session = ort.InferenceSession(str(root / manifest.artefact("onnx", precision).path), providers=["CPUExecutionProvider"])
+    table = np.load(root / manifest.artefact("tokens", task=manifest.task).path)
+    return scores(run_session(session, samples.feeds, tokens=table)["p_av"], manifest.classes, truth, new)
+
+
+def score_run(run: Path, samples, truth: list[str], new: list[str]) -> dict:
+    saved = ck.TaskCheckpoint.load(ck.task_path(run, STOP_AFTER + 1))
+    return scores(run_eager(ExportGraph(saved.build_model(), saved.spec), samples.feeds)["p_av"], saved.classes, truth, new)
+
+
+def enroll_cli(export_dir: Path, name: str, clips: list[str], options: list[str]) -> tuple[Path, dict]:
+    """``cign-enroll`` in a subprocess that cannot import torch: the new version and its costs (wall time,
+    time inside the process, the fit's time, peak RSS from wait4) and the graphs' re-checks."""
+    fake = WORK / "torchless"
+    (fake / "torch").mkdir(parents=True, exist_ok=True)
+    (fake / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked: cign-enroll must not need it')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(ROOT)])}
+    logs = WORK / "enroll.out", WORK / "enroll.err"
+    start = time.perf_counter()
+    with open(logs[0], "w") as out, open(logs[1], "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "cign_runtime.enroll_cli", str(export_dir), "--name", name, *clips,
+                                 *options], stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"cign-enroll failed: {logs[1].read_text()}")
+    version = Path(logs[0].read_text().strip().splitlines()[-1])
+    record = mf.Manifest.load(version).enrolled[-1]
+    return version, {"wall_s": round(wall, 3), "in_process_s": record["seconds"], "fit_s": record["fit"]["seconds"],
+                     "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "checks": record["checks"]}
+
+
+def enrol_both(seed: int, n: int, options: list[str] | None = None) -> tuple[Path, list[dict]]:
+    """Enrol the two new classes from ``n`` shots each into the seed's export: the final version and per-class costs."""
+    root = export(seed)
+    for _, old in en.revisions(root)[1:]:
+        shutil.rmtree(old)
+    classes = mf.Manifest.load(root).classes
+    store_classes = make_plan(settings(seed)).class_names
+    new = [c for c in store_classes if c not in classes]
+    costs = []
+    version = root
+    for name in new:
+        version, cost = enroll_cli(version, name, shot_clips(seed, store_classes.index(name), n), options or [])
+        costs.append(cost)
+    return version, costs
+
+
+def evaluate_seed(seed: int) -> dict:
+    plan = make_plan(settings(seed))
+    names = plan.class_names
+    old = mf.Manifest.load(export(seed)).classes
+    new = [c for c in names if c not in old]
+    test = load_samples(plan.store, names, "test")
+    truth = [names[k] for k in test.labels]
+    out = {"new_classes": new, "before": {p: score_export(export(seed), p, test, truth, new) for p in PRECISIONS},
+           "train_all": score_run(reference(seed, None), test, truth, new), "shots": {}}
+    for n in SHOTS:
+        version, costs = enrol_both(seed, n)
+        out["shots"][n] = {"enroll": {p: score_export(version, p, test, truth, new) for p in PRECISIONS},
+                           "train_same_shots": score_run(reference(seed, n), test, truth, new),
+                           "cost": costs}
+        print(f"seed {seed} N {n}: {out['shots'][n]['enroll']['fp32']} (cign-train: {out['shots'][n]['train_same_shots']})",
+              flush=True)
+    return out
+
+
+def sweep() -> dict:
+    """The grid on val, seed 0, N 5, in-process through cign-enroll's API. The val clips the export keeps as
+    exemplar features (its negatives) are left out of the scoring."""
+    seed, n = 0, 5
+    plan = make_plan(settings(seed))
+    names = plan.class_names
+    root = export(seed)
+    old = mf.Manifest.load(root).classes
+    new = [c for c in names if c not in old]
+    val = load_samples(plan.store, names, "val")
+    held = np.isin(val.indices, json.loads((root / "report.json").read_text())["exemplars"]["store_indices"])
+    val = Samples(val.split, val.indices[~held], {k: v[~held] for k, v in val.feeds.items()}, val.labels[~held])
+    truth = [names[k] for k in val.labels]
+    rows = []
+    for values in itertools.product(*GRID.values()):
+        for _, v in en.revisions(root)[1:]:
+            shutil.rmtree(v)
+        opt = en.FitOptions(**dict(zip(GRID, values)))
+        version = root
+        for name in new:
+            shots = en.load_shots(shot_clips(seed, names.index(name), n), mf.Manifest.load(root).spec).accepted
+            version, _ = en.enroll(version, name, shots, opt)
+        rows.append({**dict(zip(GRID, values)), **score_export(version, "fp32", val, truth, new)})
+        print(rows[-1], flush=True)
+    return {"split": "val", "seed": seed, "shots": n, "clips": len(val.labels), "rows": rows}
+
+
+def summary(per_seed: dict) -> dict:
+    """Mean and std over seeds of every number, per N."""
+    def ms(values):
+        m, s = mean_std([v for v in values if v is not None])
+        return {"mean": round(m, 2), "std": round(s, 2)}
+
+    seeds = list(per_seed.values())
+    out = {"before": {p: {k: ms([s["before"][p][k] for s in seeds]) for k in ("old",)} for p in PRECISIONS},
+           "train_all": {k: ms([s["train_all"][k] for s in seeds]) for k in ("new", "old", "false_accepts")}}
+    for n in SHOTS:
+        row = {"enroll": {p: {k: ms([s["shots"][n]["enroll"][p][k] for s in seeds]) for k in ("new", "old", "false_accepts")}
+                          for p in PRECISIONS},
+               "train_same_shots": {k: ms([s["shots"][n]["train_same_shots"][k] for s in seeds])
+                                    for k in ("new", "old", "false_accepts")},
+               "enroll_s": ms([c["in_process_s"] for s in seeds for c in s["shots"][n]["cost"]]),
+               "enroll_wall_s": ms([c["wall_s"] for s in seeds for c in s["shots"][n]["cost"]]),
+               "peak_rss_mb": max(c["peak_rss_mb"] for s in seeds for c in s["shots"][n]["cost"])}
+        out[n] = row
+    return out
+
+
+def table(doc: dict) -> str:
+    s = doc["summary"]
+    f = lambda d: f"{d['mean']:.1f} ± {d['std']:.1f}"  # noqa: E731
+    lines = [f"On-device enrolment, avdigits test, seeds {doc['seeds']}, {doc['machine_label']}",
+             f"old classes before: fp32 {f(s['before']['fp32']['old'])}; cign-train on all clips: new {f(s['train_all']['new'])}, "
+             f"old {f(s['train_all']['old'])}",
+             "N | enrol fp32 new / old / false acc. | enrol int8-cpu new / old | cign-train same N new / old | enrol s | peak MB"]
+    for n in SHOTS:
+        r = s[str(n)] if str(n) in s else s[n]
+        e, q, t = r["enroll"]["fp32"], r["enroll"]["int8-cpu"], r["train_same_shots"]
+        lines.append(f"{n} | {f(e['new'])} / {f(e['old'])} / {f(e['false_accepts'])} | {f(q['new'])} / {f(q['old'])} | "
+                     f"{f(t['new'])} / {f(t['old'])} | {f(r['enroll_s'])} | {r['peak_rss_mb']:.0f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", action="store_true", help="Score the fit-option grid on val (seed 0, N 5) and exit.")
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    args = ap.parse_args()
+    info = machine.describe()
+    RESULTS.mkdir(exist_ok=True)
+    if args.sweep:
+        doc = {"machine": info, "machine_label": machine.label(info), "date": time.strftime("%Y-%m-%d"), "grid": GRID, **sweep()}
+        (RESULTS / "enroll_sweep.json").write_text(json.dumps(doc, indent=1))
+        return
+    per_seed = {s: evaluate_seed(s) for s in args.seeds}
+    doc = {"machine": info, "machine_label": machine.label(info), "date": time.strftime("%Y-%m-%d"), "seeds": args.seeds,
+           "shots": list(SHOTS), "split": "test",
+           "fit_options": dataclasses.asdict(en.FitOptions()), "per_seed": per_seed, "summary": summary(per_seed)}
+    (RESULTS / "enroll.json").write_text(json.dumps(doc, indent=1))
+    print(table(json.loads(json.dumps(doc))))
+
+
+if __name__ == "__main__":
+    main()
