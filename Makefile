@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: setup demo test report bench experiments bench-demo bench-default bench-export bench-live bench-latency
+.PHONY: setup demo test report bench experiments bench-demo bench-default bench-export bench-live bench-latency bench-enroll
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -41,6 +41,11 @@ bench-latency: setup
 # resumed, about 8 h on 2 cores from scratch; docs/cign-experiment.md)
 experiments: setup
 	for e in methods ablation depth tasks buffer tsne; do $(PYTHON) -m cign_train.cli.experiment $$e || exit 1; done
+
+# cign-enroll against cign-train on the same shots: avdigits, 3 seeds, N = 1, 3, 5, 10 (trains its runs under
+# runs/bench-enroll the first time, about 1.5 h on 2 cores; then minutes)
+bench-enroll: setup
+	$(PYTHON) benchmarks/bench_enroll.py
 
 # wall time of make demo after set-up, per stage, native and on the AVX2 instruction set (CPUID mask), each
 # run twice from an empty folder under runs/bench-demo (about 15 min)

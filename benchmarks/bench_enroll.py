@@ -5,7 +5,8 @@ exported with the token table as an input (fp32 and int8-cpu). For N in 1, 3, 5,
 subprocess in which torch cannot be imported; wall time and peak RSS) enrols the two remaining digits
 one after the other, each from the N training clips that ``cign-train --max-per-class N`` would pick.
 References on the same seed: the run's fifth task trained by cign-train on those N clips per class (the
-stopped run resumed with ``max_per_class`` N; the usual buffer), and on all of its training clips.
+stopped run resumed with ``max_per_class`` N; the usual buffer; at N 5, the goals' N), and on all of its
+training clips.
 
 On test (argmax of p_av over all classes): new classes' accuracy, old classes' accuracy before and after,
 false accepts (old-class clips whose top-1 is a new class). ``--sweep`` scores a grid of fit options on
@@ -21,6 +22,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +47,8 @@ RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "bench-enroll"
 SHOTS = (1, 3, 5, 10)
+#: N of the cign-train reference on the same clips: the goals' N (each costs a training run per seed).
+REFERENCE_SHOTS = (5,)
 SEEDS = (0, 1, 2)
 STOP_AFTER = 3  # tasks 0-3: 8 of avdigits' 10 classes
 PRECISIONS = ("fp32", "int8-cpu")
@@ -119,26 +123,40 @@ def score_run(run: Path, samples, truth: list[str], new: list[str]) -> dict:
     return scores(run_eager(ExportGraph(saved.build_model(), saved.spec), samples.feeds)["p_av"], saved.classes, truth, new)
 
 
+def vm_hwm_kb(pid: int) -> int:
+    """Peak resident set of a running process's address space (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+
+
 def enroll_cli(export_dir: Path, name: str, clips: list[str], options: list[str]) -> tuple[Path, dict]:
     """``cign-enroll`` in a subprocess that cannot import torch: the new version and its costs (wall time,
-    time inside the process, the fit's time, peak RSS from wait4) and the graphs' re-checks."""
+    time inside the process, the fit's time, peak RSS) and the graphs' re-checks."""
     fake = WORK / "torchless"
     (fake / "torch").mkdir(parents=True, exist_ok=True)
     (fake / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked: cign-enroll must not need it')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(ROOT)])}
     logs = WORK / "enroll.out", WORK / "enroll.err"
     start = time.perf_counter()
+    peak_kb = 0
     with open(logs[0], "w") as out, open(logs[1], "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "cign_runtime.enroll_cli", str(export_dir), "--name", name, *clips,
                                  *options], stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        while proc.poll() is None:  # VmHWM: the peak of the enrolment's own address space (a fork's ru_maxrss
+            peak_kb = max(peak_kb, vm_hwm_kb(proc.pid))  # would count this torch-laden parent's pages)
+            time.sleep(0.02)
     wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+    if proc.returncode != 0:
         raise RuntimeError(f"cign-enroll failed: {logs[1].read_text()}")
-    version = Path(logs[0].read_text().strip().splitlines()[-1])
+    lines = logs[0].read_text().strip().splitlines()
+    version = Path(lines[-1])
     record = mf.Manifest.load(version).enrolled[-1]
-    return version, {"wall_s": round(wall, 3), "in_process_s": record["seconds"], "fit_s": record["fit"]["seconds"],
-                     "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "checks": record["checks"]}
+    seconds = float(re.search(r" shots in ([0-9.]+) s", lines[-2])[1])  # the CLI's line: decoding to written version
+    return version, {"wall_s": round(wall, 3), "in_process_s": seconds, "fit_s": record["fit"]["seconds"],
+                     "peak_rss_mb": round(peak_kb / 1024, 1), "checks": record["checks"]}
 
 
 def enrol_both(seed: int, n: int, options: list[str] | None = None) -> tuple[Path, list[dict]]:
@@ -164,15 +182,15 @@ def evaluate_seed(seed: int) -> dict:
     new = [c for c in names if c not in old]
     test = load_samples(plan.store, names, "test")
     truth = [names[k] for k in test.labels]
-    out = {"new_classes": new, "before": {p: score_export(export(seed), p, test, truth, new) for p in PRECISIONS},
+    exemplars = mf.Manifest.load(export(seed)).artefact("exemplars")
+    out = {"new_classes": new, "exemplars_bytes": exemplars.bytes, "before": {p: score_export(export(seed), p, test, truth, new) for p in PRECISIONS},
            "train_all": score_run(reference(seed, None), test, truth, new), "shots": {}}
     for n in SHOTS:
         version, costs = enrol_both(seed, n)
-        out["shots"][n] = {"enroll": {p: score_export(version, p, test, truth, new) for p in PRECISIONS},
-                           "train_same_shots": score_run(reference(seed, n), test, truth, new),
-                           "cost": costs}
-        print(f"seed {seed} N {n}: {out['shots'][n]['enroll']['fp32']} (cign-train: {out['shots'][n]['train_same_shots']})",
-              flush=True)
+        out["shots"][str(n)] = {"enroll": {p: score_export(version, p, test, truth, new) for p in PRECISIONS}, "cost": costs}
+        if n in REFERENCE_SHOTS:
+            out["shots"][str(n)]["train_same_shots"] = score_run(reference(seed, n), test, truth, new)
+        print(f"seed {seed} N {n}: {out['shots'][str(n)]}", flush=True)
     return out
 
 
@@ -213,14 +231,14 @@ def summary(per_seed: dict) -> dict:
     out = {"before": {p: {k: ms([s["before"][p][k] for s in seeds]) for k in ("old",)} for p in PRECISIONS},
            "train_all": {k: ms([s["train_all"][k] for s in seeds]) for k in ("new", "old", "false_accepts")}}
     for n in SHOTS:
-        row = {"enroll": {p: {k: ms([s["shots"][n]["enroll"][p][k] for s in seeds]) for k in ("new", "old", "false_accepts")}
+        row = {"enroll": {p: {k: ms([s["shots"][str(n)]["enroll"][p][k] for s in seeds]) for k in ("new", "old", "false_accepts")}
                           for p in PRECISIONS},
-               "train_same_shots": {k: ms([s["shots"][n]["train_same_shots"][k] for s in seeds])
-                                    for k in ("new", "old", "false_accepts")},
-               "enroll_s": ms([c["in_process_s"] for s in seeds for c in s["shots"][n]["cost"]]),
-               "enroll_wall_s": ms([c["wall_s"] for s in seeds for c in s["shots"][n]["cost"]]),
-               "peak_rss_mb": max(c["peak_rss_mb"] for s in seeds for c in s["shots"][n]["cost"])}
-        out[n] = row
+               **({"train_same_shots": {k: ms([s["shots"][str(n)]["train_same_shots"][k] for s in seeds])
+                                       for k in ("new", "old", "false_accepts")}} if n in REFERENCE_SHOTS else {}),
+               "enroll_s": ms([c["in_process_s"] for s in seeds for c in s["shots"][str(n)]["cost"]]),
+               "enroll_wall_s": ms([c["wall_s"] for s in seeds for c in s["shots"][str(n)]["cost"]]),
+               "peak_rss_mb": max(c["peak_rss_mb"] for s in seeds for c in s["shots"][str(n)]["cost"])}
+        out[str(n)] = row
     return out
 
 
@@ -232,10 +250,11 @@ def table(doc: dict) -> str:
              f"old {f(s['train_all']['old'])}",
              "N | enrol fp32 new / old / false acc. | enrol int8-cpu new / old | cign-train same N new / old | enrol s | peak MB"]
     for n in SHOTS:
-        r = s[str(n)] if str(n) in s else s[n]
-        e, q, t = r["enroll"]["fp32"], r["enroll"]["int8-cpu"], r["train_same_shots"]
+        r = s[str(n)]
+        e, q, t = r["enroll"]["fp32"], r["enroll"]["int8-cpu"], r.get("train_same_shots")
+        ref = f"{f(t['new'])} / {f(t['old'])}" if t else "-"
         lines.append(f"{n} | {f(e['new'])} / {f(e['old'])} / {f(e['false_accepts'])} | {f(q['new'])} / {f(q['old'])} | "
-                     f"{f(t['new'])} / {f(t['old'])} | {f(r['enroll_s'])} | {r['peak_rss_mb']:.0f}")
+                     f"{ref} | {f(r['enroll_s'])} | {r['peak_rss_mb']:.0f}")
     return "\n".join(lines)
 
 
@@ -243,6 +262,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="Score the fit-option grid on val (seed 0, N 5) and exit.")
     ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    ap.add_argument("--fresh", action="store_true", help="Measure seeds whose numbers are kept already again.")
     args = ap.parse_args()
     info = machine.describe()
     RESULTS.mkdir(exist_ok=True)
@@ -250,9 +270,14 @@ def main() -> None:
         doc = {"machine": info, "machine_label": machine.label(info), "date": time.strftime("%Y-%m-%d"), "grid": GRID, **sweep()}
         (RESULTS / "enroll_sweep.json").write_text(json.dumps(doc, indent=1))
         return
-    per_seed = {s: evaluate_seed(s) for s in args.seeds}
+    per_seed = {}
+    for seed in args.seeds:  # a seed's numbers are kept beside its runs; --fresh measures them again
+        cached = WORK / f"seed{seed}" / "enroll.json"
+        if args.fresh or not cached.is_file():
+            cached.write_text(json.dumps(evaluate_seed(seed), indent=1))
+        per_seed[seed] = json.loads(cached.read_text())
     doc = {"machine": info, "machine_label": machine.label(info), "date": time.strftime("%Y-%m-%d"), "seeds": args.seeds,
-           "shots": list(SHOTS), "split": "test",
+           "shots": list(SHOTS), "reference_shots": list(REFERENCE_SHOTS), "split": "test",
            "fit_options": dataclasses.asdict(en.FitOptions()), "per_seed": per_seed, "summary": summary(per_seed)}
     (RESULTS / "enroll.json").write_text(json.dumps(doc, indent=1))
     print(table(json.loads(json.dumps(doc))))

@@ -942,15 +942,17 @@ def gen_enroll(ctx: Ctx) -> str:
         for label, x in ((f"{n} shots: cign-enroll, fp32", r["enroll"]["fp32"]),
                          (f"{n} shots: cign-enroll, int8-cpu", r["enroll"]["int8-cpu"])):
             rows.append([label, c(x["new"]), c(x["old"]), c(x["false_accepts"]), c(r["enroll_s"]), f(r["peak_rss_mb"], 0)])
-        t = r["train_same_shots"]
-        rows.append([f"{n} shots: cign-train, same clips", c(t["new"]), c(t["old"]), c(t["false_accepts"]), "–", "–"])
+        if "train_same_shots" in r:
+            t = r["train_same_shots"]
+            rows.append([f"{n} shots: cign-train, same clips", c(t["new"]), c(t["old"]), c(t["false_accepts"]), "–", "–"])
     return "\n".join([
         table(["model", "new classes AV %", "old classes AV %", "false accepts %", "enrolment s / class", "peak MB"], rows,
               ["---"] + ["---:"] * 5),
         "",
         ctx.source(ENROLL, f"avdigits, `cpu` preset, {d['split']} split, {seeds_text(d['seeds'])}, mean ± std over seeds; "
                    "new classes: the two digits enrolled (or trained) after the first 8; false accepts: old-class clips "
-                   "whose top-1 is a new class; enrolment: inside the torch-free process, per class, and its peak RSS",
+                   "whose top-1 is a new class; enrolment: inside the torch-free process, per class, and its peak RSS; "
+                   f"the export's exemplar features take {statistics.fmean(x['exemplars_bytes'] for x in d['per_seed'].values()) / 1e6:.1f} MB",
                    cpu_label(d["machine"]), d["date"]),
     ])
 
@@ -964,7 +966,7 @@ def gen_enroll_sweep(ctx: Ctx) -> str:
         table([*keys, "new AV %", "old AV %", "false accepts %"], rows, ["---"] * len(keys) + ["---:"] * 3),
         "",
         ctx.source(ENROLL_SWEEP, f"avdigits, `cpu` preset, {d['split']} split without the export's exemplar clips "
-                   f"({d['clips']} clips), seed {d['seed']}, {d['shots']} shots per class", cpu_label(d["machine"]), d["date"]),
+                   f"({d['clips']} clips), seed {d['seed']}, {d['shots']} shots per class", cpu_label(d["machine"]), d.get("date", "")),
     ])
 
 

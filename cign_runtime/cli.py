@@ -12,6 +12,7 @@ import click
 from click.core import ParameterSource
 
 from cign_runtime import enroll as en
+from cign_runtime.enroll_cli import FIT_FLAGS, fit_flags, fit_options
 from cign_runtime import latency
 from cign_runtime import swap
 from cign_runtime.audio import AudioSourceError, list_inputs, open_audio
@@ -100,9 +101,10 @@ def register(model_dir: Path, plan: Path, precision: str | None) -> str:
 @click.option("--shots", type=click.IntRange(min=1), default=en.SHOTS, show_default=True, help="--enroll: shots to take.")
 @click.option("--countdown", type=click.FloatRange(min=0), default=en.COUNTDOWN, show_default=True,
               help="--enroll: seconds of countdown before each shot.")
+@fit_flags
 def main(model_dir, camera, mic, task, backend, precision, threads, hop, topk, smooth, headless, record, latency_log,
          max_seconds, max_predictions, no_realtime, loop, list_devices, summarize, register_engine, no_watch,
-         enroll_name, shots, countdown):
+         enroll_name, shots, countdown, **fit):
     """Live audio-visual classification: p_av = p_audio * p_visual every --hop seconds, with per-stage latency."""
     if list_devices:
         click.echo(devices())
@@ -154,7 +156,8 @@ def main(model_dir, camera, mic, task, backend, precision, threads, hop, topk, s
     with latency.LatencyLog(latency_log) as log:
         live = Live(model, video, audio, options, log, sinks, updates=watcher)
         signal.signal(signal.SIGTERM, lambda *_: live.stop())
-        enrolment = swap.enrol(live, watcher, enroll_name, shots, countdown, out.event) if enroll_name else None
+        enrolment = (swap.enrol(live, watcher, enroll_name, shots, countdown, out.event, fit_options(fit))
+                     if enroll_name else None)
         try:
             with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, or q / Esc in the window
                 live.run()
@@ -173,9 +176,10 @@ def main(model_dir, camera, mic, task, backend, precision, threads, hop, topk, s
 
 
 def check_enroll_flags(enroll_name: str | None, no_watch: bool, no_realtime: bool, task: int | None) -> None:
-    """UsageError for --shots / --countdown without --enroll, and --enroll with --no-watch, --no-realtime or --task."""
+    """UsageError for --shots / --countdown / the fit's flags without --enroll, and --enroll with --no-watch, --no-realtime or --task."""
     ctx = click.get_current_context()
-    given = [f"--{p}" for p in ("shots", "countdown") if ctx.get_parameter_source(p) == ParameterSource.COMMANDLINE]
+    given = [f"--{p.replace('_', '-')}" for p in ("shots", "countdown", *FIT_FLAGS)
+             if ctx.get_parameter_source(p) == ParameterSource.COMMANDLINE]
     if enroll_name is None:
         if given:
             raise click.UsageError(f"{' and '.join(given)} belong to --enroll NAME")

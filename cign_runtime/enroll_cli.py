@@ -22,6 +22,36 @@ def clips_from_csv(path: Path) -> list[str]:
     return [str(p if Path(p).is_absolute() else path.parent / p) for p in (r[col] for r in body if r)]
 
 
+#: The fit's flags (FitOptions' fields but the seed), shared by cign-enroll and cign-live --enroll.
+FIT_FLAGS = ("steps", "lr", "init", "negatives", "loss", "positive_weight")
+
+
+def fit_flags(command):
+    """Add the fit's options (``FitOptions``' defaults) to a click command; :func:`fit_options` reads them back."""
+    flags = [
+        click.option("--steps", type=click.IntRange(min=0), default=en.FitOptions.steps, show_default=True,
+                     help="Adam steps on the token."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=en.FitOptions.lr, show_default=True),
+        click.option("--init", type=click.Choice(en.INITS), default=en.FitOptions.init, show_default=True,
+                     help="The token's start: the old tokens' mean, or the shots' mean feature."),
+        click.option("--negatives", type=click.IntRange(min=0), default=en.FitOptions.negatives, show_default=True,
+                     help="Exemplar features per step (class-balanced)."),
+        click.option("--loss", type=click.Choice(en.LOSSES), default=en.FitOptions.loss, show_default=True,
+                     help="bce: eq 10's terms on p_a and p_v; ce: cross-entropy over ln p_av, the inference rule."),
+        click.option("--positive-weight", type=click.FloatRange(0, 1, min_open=True),
+                     default=en.FitOptions.positive_weight, show_default=True,
+                     help="Share of the loss on the shots (the exemplars have the rest)."),
+    ]
+    for flag in reversed(flags):
+        command = flag(command)
+    return command
+
+
+def fit_options(params: dict, seed: int = 0) -> en.FitOptions:
+    """The FitOptions of a command's parameters (those of :func:`fit_flags`)."""
+    return en.FitOptions(**{k: params[k] for k in FIT_FLAGS}, seed=seed)
+
+
 def emit(event: dict) -> None:
     click.echo(json.dumps(event))
 
@@ -40,19 +70,14 @@ def emit(event: dict) -> None:
 @click.option("--list", "list_", is_flag=True, help="List the export's classes and versions, then exit.")
 @click.option("--remove", help="Forget this class: a new version without its token (re-enrol to restore it).")
 @click.option("--rename", help="Rename this class to --name in a new version.")
-@click.option("--steps", type=click.IntRange(min=0), default=en.FitOptions.steps, show_default=True, help="Adam steps on the token.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=en.FitOptions.lr, show_default=True)
-@click.option("--init", type=click.Choice(en.INITS), default=en.FitOptions.init, show_default=True,
-              help="The token's start: the shots' mean feature, or the old tokens' mean.")
-@click.option("--negatives", type=click.IntRange(min=0), default=en.FitOptions.negatives, show_default=True,
-              help="Exemplar features per step (class-balanced).")
+@fit_flags
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--min-level-dbfs", type=float, default=en.MIN_LEVEL_DBFS, show_default=True,
               help="Shots with a quieter audio RMS are refused as silent.")
 @click.option("--min-frame-mean", type=float, default=en.MIN_FRAME_MEAN, show_default=True,
               help="Shots whose frame's mean value (0-255) is lower are refused as black.")
-def main(export, clips, name, csv_path, camera, mic, shots, countdown, list_, remove, rename, steps, lr, init, negatives,
-         seed, min_level_dbfs, min_frame_mean):
+def main(export, clips, name, csv_path, camera, mic, shots, countdown, list_, remove, rename, seed, min_level_dbfs,
+         min_frame_mean, **fit):
     """Enrol class --name into EXPORT from CLIPS (files), --csv, or live shots (--camera/--mic), writing a new
     version EXPORT.rN beside it; or --list, --remove NAME, --rename OLD --name NEW."""
     try:
@@ -67,7 +92,7 @@ def main(export, clips, name, csv_path, camera, mic, shots, countdown, list_, re
         if rename:
             click.echo(f"renamed {rename!r} to {name!r}: {en.rename(export, rename, name)}")
             return
-        opt = en.FitOptions(steps, lr, init, negatives, seed=seed)
+        opt = fit_options(fit, seed)
         source = en.Export(export)  # refuses a wrong export before any shot is taken
         en.check_name(source.manifest, name)
         spec = source.manifest.spec

@@ -286,6 +286,7 @@ def test_enroll_inside_cign_live_learns_a_new_sound_from_the_running_stream_and_
         with Streamer(port, frames=frames):
             live = LiveProcess("--model", model_dir, "--camera", f"udp://127.0.0.1:{port}", "--mic", "pulse",
                                "--headless", "--enroll", "tone", "--shots", 2, "--countdown", 0.5, "--hop", 0.25,
+                               "--positive-weight", 0.5,  # the default's tenth is tuned to a trained model
                                "--latency-log", log_path, "--max-seconds", 60, env=torchless_env)
             live.wait(lambda: live.events("swap") or live.events("enroll_failed"), 45, "the enrolment and swap")
             swapped_at = len(live.predictions)

@@ -270,6 +270,16 @@ def test_existing_run_needs_resume(tiny_avdigits, tmp_path):
         Trainer(other, tmp_path / "r", progress=False).run(resume=True)
 
 
+def test_stop_after_leaves_a_run_that_a_resume_finishes_as_one_uninterrupted(tiny_avdigits, tmp_path):
+    s = tiny_settings(tiny_avdigits, model=CNN8)
+    Trainer(s, tmp_path / "stopped", progress=False).run(stop_after=0)
+    assert ck.task_path(tmp_path / "stopped", 0).is_file() and not ck.task_path(tmp_path / "stopped", 1).exists()
+    Trainer(s, tmp_path / "stopped", progress=False).run(resume=True)
+    Trainer(s, tmp_path / "whole", progress=False).run()
+    resumed, whole = (ck.TaskCheckpoint.load(ck.task_path(tmp_path / r, 1)) for r in ("stopped", "whole"))
+    assert all(torch.equal(resumed.model[k], whole.model[k]) for k in whole.model)
+
+
 def test_a_store_of_a_former_preset_spec_is_prepared_again_and_its_runs_are_refused(tiny_avdigits, tmp_path, monkeypatch,
                                                                                      capsys):
     """The cpu preset's spec changed (8 -> 16 kHz): an avdigits store prepared with the former
