@@ -13,6 +13,9 @@ false accepts (old-class clips whose top-1 is a new class). ``--sweep`` scores a
 val (seed 0, N 5; the val clips the export keeps as exemplar features left out), from which
 ``cign_runtime.enroll.FitOptions``' defaults were chosen; test is not read.
 
+Hot swap: a running ``cign-live`` (file inputs at 1x) while an enrolled version is written beside its
+export; the intervals between predictions around the swap against the hop.
+
 Writes ``benchmarks/results/enroll.json`` and prints the table.
 """
 from __future__ import annotations
@@ -135,10 +138,7 @@ def vm_hwm_kb(pid: int) -> int:
 def enroll_cli(export_dir: Path, name: str, clips: list[str], options: list[str]) -> tuple[Path, dict]:
     """``cign-enroll`` in a subprocess that cannot import torch: the new version and its costs (wall time,
     time inside the process, the fit's time, peak RSS) and the graphs' re-checks."""
-    fake = WORK / "torchless"
-    (fake / "torch").mkdir(parents=True, exist_ok=True)
-    (fake / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked: cign-enroll must not need it')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(ROOT)])}
+    env = torchless_env()
     logs = WORK / "enroll.out", WORK / "enroll.err"
     start = time.perf_counter()
     peak_kb = 0
@@ -173,6 +173,50 @@ def enrol_both(seed: int, n: int, options: list[str] | None = None) -> tuple[Pat
         version, cost = enroll_cli(version, name, shot_clips(seed, store_classes.index(name), n), options or [])
         costs.append(cost)
     return version, costs
+
+
+def torchless_env() -> dict:
+    fake = WORK / "torchless"
+    (fake / "torch").mkdir(parents=True, exist_ok=True)
+    (fake / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked: the runtime must not need it')\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(ROOT)])}
+
+
+def swap_gap(seed: int, hop: float = 0.25, before: float = 6.0, after: float = 4.0) -> dict:
+    """A running ``cign-live`` (a test clip as camera and microphone, looped at 1x, torch blocked) while a version
+    with one more class is written beside its export: the intervals between consecutive predictions' start
+    times, before and around the swap, against the hop."""
+    from cign_runtime import latency
+
+    root = export(seed)
+    for _, old in en.revisions(root)[1:]:
+        shutil.rmtree(old)
+    plan = make_plan(settings(seed))
+    clip = str(ROOT / "data" / "avdigits" / "clips" / f"{plan.store.ids[plan.store.indices('test')[0]]}.mp4")
+    log = WORK / "swap-latency.jsonl"
+    log.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "cign_runtime.cli", "--model", str(root), "--camera", clip, "--mic", clip,
+                             "--loop", "--headless", "--hop", str(hop), "--latency-log", str(log), "--max-seconds", "300"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=torchless_env())
+    time.sleep(before)
+    names = mf.Manifest.load(root).classes
+    new = next(c for c in plan.class_names if c not in names)
+    shots = en.load_shots(shot_clips(seed, plan.class_names.index(new), 5), mf.Manifest.load(root).spec).accepted
+    version, _ = en.enroll(root, new, shots)  # in this process, beside the running one
+    time.sleep(after)
+    proc.terminate()  # cign-live stops on SIGTERM and writes its log
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cign-live failed: {err[-2000:]}")
+    records = [r for r in latency.read_log(log) if "index" in r]
+    swapped = next(i for i, r in enumerate(records) if "swap" in r)
+    t = np.array([r["t"] for r in records])
+    gaps = np.diff(t)
+    around = gaps[max(0, swapped - 4): swapped + 4]
+    return {"hop_s": hop, "predictions": len(records), "swap_index": swapped, "to_revision": records[swapped]["revision"],
+            "session": records[swapped]["swap"]["session"], "max_gap_before_s": round(float(gaps[: swapped - 4].max()), 3),
+            "max_gap_around_swap_s": round(float(around.max()), 3), "max_gap_s": round(float(gaps.max()), 3),
+            "version": version.name}
 
 
 def evaluate_seed(seed: int) -> dict:
@@ -277,7 +321,7 @@ def main() -> None:
             cached.write_text(json.dumps(evaluate_seed(seed), indent=1))
         per_seed[seed] = json.loads(cached.read_text())
     doc = {"machine": info, "machine_label": machine.label(info), "date": time.strftime("%Y-%m-%d"), "seeds": args.seeds,
-           "shots": list(SHOTS), "reference_shots": list(REFERENCE_SHOTS), "split": "test",
+           "shots": list(SHOTS), "reference_shots": list(REFERENCE_SHOTS), "split": "test", "swap": swap_gap(args.seeds[0]),
            "fit_options": dataclasses.asdict(en.FitOptions()), "per_seed": per_seed, "summary": summary(per_seed)}
     (RESULTS / "enroll.json").write_text(json.dumps(doc, indent=1))
     print(table(json.loads(json.dumps(doc))))

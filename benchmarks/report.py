@@ -957,6 +957,16 @@ def gen_enroll(ctx: Ctx) -> str:
     ])
 
 
+def gen_enroll_swap(ctx: Ctx) -> str:
+    """Inline: the prediction intervals of a running cign-live around a hot swap."""
+    d = load(ENROLL)
+    w = d["swap"]
+    return (f"at a hop of {w['hop_s']:g} s the longest interval between two predictions around the swap was "
+            f"{w['max_gap_around_swap_s']:.3f} s, and {w['max_gap_before_s']:.3f} s before it ({w['predictions']} "
+            f"predictions, the swap at prediction {w['swap_index']}, onnxruntime session {w['session']}; "
+            f"{short_cpu(d['machine'])}; {ctx.link(ENROLL)})")
+
+
 def gen_enroll_sweep(ctx: Ctx) -> str:
     """The fit-option grid on val from which FitOptions' defaults were chosen."""
     d = load(ENROLL_SWEEP)
@@ -1129,7 +1139,7 @@ GENERATORS = {
     "encoder_lr": gen_encoder_lr, "first_step_table": gen_first_step_table, "head_probe": gen_head_probe,
     "joint_epochs": gen_joint_epochs, "pretrain": gen_pretrain, "task_probe": gen_task_probe, "visual_readout": gen_visual_readout,
     "visual_stride": gen_visual_stride, "avx2_demo": gen_avx2_demo, "studies": gen_studies,
-    "enroll": gen_enroll, "enroll_sweep": gen_enroll_sweep,
+    "enroll": gen_enroll, "enroll_sweep": gen_enroll_sweep, "enroll_swap": gen_enroll_swap,
 }
 
 
