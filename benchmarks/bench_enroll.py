@@ -40,6 +40,7 @@ from cign_export.exporter import Exporter, ExportOptions
 from cign_export.graph import ExportGraph
 from cign_export.parity import Samples, load_samples, run_eager, run_session
 from cign_runtime import enroll as en
+from cign_runtime.confidence import known
 from cign_runtime import manifest as mf
 from cign_train import checkpoint as ck
 from cign_train.experiments import mean_std
@@ -104,21 +105,27 @@ def shot_clips(seed: int, new_class: int, n: int) -> list[str]:
     return [str(clips / f"{plan.store.ids[i]}.mp4") for i in idx]
 
 
-def scores(p_av: np.ndarray, columns: list[str], truth: list[str], new: list[str]) -> dict:
-    """Accuracy (%) of new- and old-class clips, and new-class false accepts on old-class clips (%)."""
+def scores(p_av: np.ndarray, columns: list[str], truth: list[str], new: list[str], confidence=None) -> dict:
+    """Accuracy (%) of new- and old-class clips, and new-class false accepts on old-class clips (%); with the
+    export's confidence rule, the share of new-class clips named right and answered (not "no known source")."""
     pred = np.asarray(columns)[p_av.argmax(1)]
     truth = np.asarray(truth)
     is_new = np.isin(truth, new)
     pct = lambda x: round(100 * float(np.mean(x)), 2) if len(x) else None  # noqa: E731
-    return {"new": pct(pred[is_new] == truth[is_new]), "old": pct(pred[~is_new] == truth[~is_new]),
-            "false_accepts": pct(np.isin(pred[~is_new], new))}
+    out = {"new": pct(pred[is_new] == truth[is_new]), "old": pct(pred[~is_new] == truth[~is_new]),
+           "false_accepts": pct(np.isin(pred[~is_new], new))}
+    if confidence is not None:
+        answered = known(p_av, confidence.temperature, confidence.threshold)
+        out["new_answered"] = pct((pred == truth)[is_new] & answered[is_new])
+    return out
 
 
 def score_export(root: Path, precision: str, samples, truth: list[str], new: list[str]) -> dict:
     manifest = mf.Manifest.load(root)
     session = ort.InferenceSession(str(root / manifest.artefact("onnx", precision).path), providers=["CPUExecutionProvider"])
     table = np.load(root / manifest.artefact("tokens", task=manifest.task).path)
-    return scores(run_session(session, samples.feeds, tokens=table)["p_av"], manifest.classes, truth, new)
+    return scores(run_session(session, samples.feeds, tokens=table)["p_av"], manifest.classes, truth, new,
+                  manifest.confidence)
 
 
 def score_run(run: Path, samples, truth: list[str], new: list[str]) -> dict:
@@ -275,7 +282,8 @@ def summary(per_seed: dict) -> dict:
     out = {"before": {p: {k: ms([s["before"][p][k] for s in seeds]) for k in ("old",)} for p in PRECISIONS},
            "train_all": {k: ms([s["train_all"][k] for s in seeds]) for k in ("new", "old", "false_accepts")}}
     for n in SHOTS:
-        row = {"enroll": {p: {k: ms([s["shots"][str(n)]["enroll"][p][k] for s in seeds]) for k in ("new", "old", "false_accepts")}
+        row = {"enroll": {p: {k: ms([s["shots"][str(n)]["enroll"][p][k] for s in seeds])
+                              for k in ("new", "old", "false_accepts", "new_answered")}
                           for p in PRECISIONS},
                **({"train_same_shots": {k: ms([s["shots"][str(n)]["train_same_shots"][k] for s in seeds])
                                        for k in ("new", "old", "false_accepts")}} if n in REFERENCE_SHOTS else {}),

@@ -934,24 +934,25 @@ def gen_enroll(ctx: Ctx) -> str:
     d = load(ENROLL)
     s = d["summary"]
     c = lambda x: pm([x["mean"], x["std"]], n=len(d["seeds"]))  # noqa: E731
-    rows = [["before enrolment (8 classes)", "–", c(s["before"]["fp32"]["old"]), "–", "–", "–"],
-            ["cign-train, all clips", c(s["train_all"]["new"]), c(s["train_all"]["old"]), c(s["train_all"]["false_accepts"]),
-             "–", "–"]]
+    rows = [["before enrolment (8 classes)", "–", "–", c(s["before"]["fp32"]["old"]), "–", "–", "–"],
+            ["cign-train, all clips", c(s["train_all"]["new"]), "–", c(s["train_all"]["old"]),
+             c(s["train_all"]["false_accepts"]), "–", "–"]]
     for n in map(str, d["shots"]):
         r = s[n]
         for label, x in ((f"{n} shots: cign-enroll, fp32", r["enroll"]["fp32"]),
                          (f"{n} shots: cign-enroll, int8-cpu", r["enroll"]["int8-cpu"])):
-            rows.append([label, c(x["new"]), c(x["old"]), c(x["false_accepts"]), c(r["enroll_s"]), f(r["peak_rss_mb"], 0)])
+            rows.append([label, c(x["new"]), c(x["new_answered"]), c(x["old"]), c(x["false_accepts"]), c(r["enroll_s"]),
+                         f(r["peak_rss_mb"], 0)])
         if "train_same_shots" in r:
             t = r["train_same_shots"]
-            rows.append([f"{n} shots: cign-train, same clips", c(t["new"]), c(t["old"]), c(t["false_accepts"]), "–", "–"])
+            rows.append([f"{n} shots: cign-train, same clips", c(t["new"]), "–", c(t["old"]), c(t["false_accepts"]), "–", "–"])
     return "\n".join([
-        table(["model", "new classes AV %", "old classes AV %", "false accepts %", "enrolment s / class", "peak MB"], rows,
-              ["---"] + ["---:"] * 5),
+        table(["model", "new classes AV %", "new, answered %", "old classes AV %", "false accepts %", "enrolment s / class",
+               "peak MB"], rows, ["---"] + ["---:"] * 6),
         "",
         ctx.source(ENROLL, f"avdigits, `cpu` preset, {d['split']} split, {seeds_text(d['seeds'])}, mean ± std over seeds; "
-                   "new classes: the two digits enrolled (or trained) after the first 8; false accepts: old-class clips "
-                   "whose top-1 is a new class; enrolment: inside the torch-free process, per class, and its peak RSS; "
+                   "new classes: the two digits enrolled (or trained) after the first 8; answered: named right with the "
+                   "export's confidence above its threshold; false accepts: old-class clips whose top-1 is a new class; enrolment: inside the torch-free process, per class, and its peak RSS; "
                    f"the export's exemplar features take {statistics.fmean(x['exemplars_bytes'] for x in d['per_seed'].values()) / 1e6:.1f} MB",
                    cpu_label(d["machine"]), d["date"]),
     ])

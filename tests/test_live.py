@@ -276,8 +276,9 @@ def test_bad_inputs_are_clear_errors(export, clips, torchless_env):
     assert proc.returncode == 2 and "--no-realtime steps through files" in proc.stderr
 
 
-def test_runtime_installs_into_a_fresh_venv_without_torch_and_runs(export, clips, tmp_path):
-    """The base install is the runtime: a virtual environment with only it runs cign-live."""
+def test_runtime_installs_into_a_fresh_venv_without_torch_and_runs(export, clips, tiny_run, tmp_path):
+    """The base install is the runtime: a virtual environment with only it runs cign-live, and cign-enroll, whose
+    new version a running cign-live takes up."""
     import venv
 
     env_dir = tmp_path / "venv"
@@ -299,6 +300,22 @@ def test_runtime_installs_into_a_fresh_venv_without_torch_and_runs(export, clips
     lines = [json.loads(x) for x in proc.stdout.splitlines()]
     assert 12 <= len(lines) <= 17 and time.perf_counter() - started < 10  # every 0.25 s for 4 s
     assert all(x["modality"] == "audio_visual" for x in lines) and "end_to_end" in proc.stderr
+
+    tokens = tmp_path / "tokens"
+    Exporter(tiny_run, 0, tokens, ExportOptions(tokens_as_input=True, parity_samples=6))()
+    live = subprocess.Popen([str(env_dir / "bin" / "cign-live"), "--model", str(tokens), "--camera", str(clips[0]),
+                             "--mic", str(clips[0]), "--loop", "--headless", "--max-seconds", "40"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    enrol = subprocess.run([str(env_dir / "bin" / "cign-enroll"), str(tokens), "--name", "late", *map(str, clips),
+                            "--steps", "5"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert enrol.returncode == 0, enrol.stderr[-3000:]
+    assert enrol.stdout.strip().splitlines()[-1] == str(tokens.parent / "tokens.r1")
+    out, err = live.communicate(timeout=120)
+    assert live.returncode == 0, err[-3000:]
+    lines = [json.loads(x) for x in out.splitlines()]
+    swaps = [x for x in lines if x.get("event") == "swap"]
+    assert len(swaps) == 1 and swaps[0]["classes"][-1] == "late"
+    assert [x["revision"] for x in lines if "revision" in x][-1] == 1
 
 
 def test_stream_camera_that_stops_is_reconnected_and_sigterm_stops_cleanly(export, clips, tmp_path, torchless_env):
