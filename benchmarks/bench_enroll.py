@@ -40,6 +40,7 @@ from cign_export.exporter import Exporter, ExportOptions
 from cign_export.graph import ExportGraph
 from cign_export.parity import Samples, load_samples, run_eager, run_session
 from cign_runtime import enroll as en
+from cign_runtime import isa
 from cign_runtime.confidence import known
 from cign_runtime import manifest as mf
 from cign_train import checkpoint as ck
@@ -142,10 +143,11 @@ def vm_hwm_kb(pid: int) -> int:
         return 0
 
 
-def enroll_cli(export_dir: Path, name: str, clips: list[str], options: list[str]) -> tuple[Path, dict]:
+def enroll_cli(export_dir: Path, name: str, clips: list[str], options: list[str], kind: str = "native") -> tuple[Path, dict]:
     """``cign-enroll`` in a subprocess that cannot import torch: the new version and its costs (wall time,
-    time inside the process, the fit's time, peak RSS) and the graphs' re-checks."""
-    env = torchless_env()
+    time inside the process, the fit's time, peak RSS) and the graphs' re-checks. ``kind``: the instruction set
+    (``cign_runtime.isa``: ``avx2`` masks AVX-512, VNNI and AMX)."""
+    env = isa.environ(kind, torchless_env())
     logs = WORK / "enroll.out", WORK / "enroll.err"
     start = time.perf_counter()
     peak_kb = 0
@@ -224,6 +226,28 @@ def swap_gap(seed: int, hop: float = 0.25, before: float = 6.0, after: float = 4
             "session": records[swapped]["swap"]["session"], "max_gap_before_s": round(float(gaps[: swapped - 4].max()), 3),
             "max_gap_around_swap_s": round(float(around.max()), 3), "max_gap_s": round(float(gaps.max()), 3),
             "version": version.name}
+
+
+def timing(seed: int = 0, n: int = 5, repeats: int = 3) -> dict:
+    """One class enrolled from ``n`` shots, ``repeats`` times per instruction set, on an otherwise idle machine:
+    seconds inside the torch-free process (decoding to written version) and its peak RSS."""
+    root = export(seed)
+    plan = make_plan(settings(seed))
+    new = next(c for c in plan.class_names if c not in mf.Manifest.load(root).classes)
+    clips = shot_clips(seed, plan.class_names.index(new), n)
+    out = {"seed": seed, "shots": n, "kinds": {}}
+    for kind in isa.ISAS:
+        if isa.unavailable(kind):
+            out["kinds"][kind] = {"skipped": isa.unavailable(kind)}
+            continue
+        runs = []
+        for _ in range(repeats):
+            for _, old in en.revisions(root)[1:]:
+                shutil.rmtree(old)
+            runs.append(enroll_cli(root, new, clips, [], kind)[1])
+        out["kinds"][kind] = {k: [r[k] for r in runs] for k in ("in_process_s", "wall_s", "fit_s", "peak_rss_mb")}
+        print(f"timing {kind}: {out['kinds'][kind]}", flush=True)
+    return out
 
 
 def evaluate_seed(seed: int) -> dict:
@@ -329,7 +353,7 @@ def main() -> None:
             cached.write_text(json.dumps(evaluate_seed(seed), indent=1))
         per_seed[seed] = json.loads(cached.read_text())
     doc = {"machine": info, "machine_label": machine.label(info), "date": time.strftime("%Y-%m-%d"), "seeds": args.seeds,
-           "shots": list(SHOTS), "reference_shots": list(REFERENCE_SHOTS), "split": "test", "swap": swap_gap(args.seeds[0]),
+           "shots": list(SHOTS), "reference_shots": list(REFERENCE_SHOTS), "split": "test", "timing": timing(args.seeds[0]), "swap": swap_gap(args.seeds[0]),
            "fit_options": dataclasses.asdict(en.FitOptions()), "per_seed": per_seed, "summary": summary(per_seed)}
     (RESULTS / "enroll.json").write_text(json.dumps(doc, indent=1))
     print(table(json.loads(json.dumps(doc))))
