@@ -938,12 +938,13 @@ def gen_enroll(ctx: Ctx) -> str:
             ["cign-train, all clips", c(s["train_all"]["new"]), "–", c(s["train_all"]["old"]), c(s["train_all"]["false_accepts"])]]
     for n in map(str, d["shots"]):
         r = s[n]
-        for label, x in ((f"{n} shots: cign-enroll, fp32", r["enroll"]["fp32"]),
-                         (f"{n} shots: cign-enroll, int8-cpu", r["enroll"]["int8-cpu"])):
+        shots = f"{n} shot{'' if n == '1' else 's'}"
+        for label, x in ((f"{shots}: cign-enroll, fp32", r["enroll"]["fp32"]),
+                         (f"{shots}: cign-enroll, int8-cpu", r["enroll"]["int8-cpu"])):
             rows.append([label, c(x["new"]), c(x["new_answered"]), c(x["old"]), c(x["false_accepts"])])
         if "train_same_shots" in r:
             t = r["train_same_shots"]
-            rows.append([f"{n} shots: cign-train, same clips", c(t["new"]), "–", c(t["old"]), c(t["false_accepts"])])
+            rows.append([f"{shots}: cign-train, same clips", c(t["new"]), "–", c(t["old"]), c(t["false_accepts"])])
     return "\n".join([
         table(["model", "new classes AV %", "new, answered %", "old classes AV %", "false accepts %"], rows,
               ["---"] + ["---:"] * 4),
@@ -952,6 +953,24 @@ def gen_enroll(ctx: Ctx) -> str:
                    "new classes: the two digits enrolled (or trained) after the first 8; answered: named right with the "
                    "export's confidence above its threshold; false accepts: old-class clips whose top-1 is a new class; "
                    f"the export's exemplar features take {statistics.fmean(x['exemplars_bytes'] for x in d['per_seed'].values()) / 1e6:.1f} MB",
+                   cpu_label(d["machine"]), d["date"]),
+    ])
+
+
+def gen_enroll_seeds(ctx: Ctx) -> str:
+    """Per N and seed: cign-enroll (fp32) against the model before it and cign-train on the same clips."""
+    d = load(ENROLL)
+    rows = []
+    for n in map(str, d["shots"]):
+        for seed, r in d["per_seed"].items():
+            e, ref = r["shots"][n]["enroll"]["fp32"], r["shots"][n].get("train_same_shots")
+            rows.append([n, seed, f(e["new"]), f(e["old"]), f(e["false_accepts"]), f(r["before"]["fp32"]["old"]),
+                         f(ref["new"]) if ref else "–", f(ref["old"]) if ref else "–", f(r["train_all"]["new"])])
+    return "\n".join([
+        table(["shots", "seed", "enrolled: new %", "old %", "false accepts %", "old % before", "cign-train same shots: new %",
+               "old %", "cign-train all clips: new %"], rows, ["---:"] * 9),
+        "",
+        ctx.source(ENROLL, f"avdigits, `cpu` preset, {d['split']} split, audio-visual accuracy, fp32 graph",
                    cpu_label(d["machine"]), d["date"]),
     ])
 
@@ -1149,7 +1168,7 @@ GENERATORS = {
     "encoder_lr": gen_encoder_lr, "first_step_table": gen_first_step_table, "head_probe": gen_head_probe,
     "joint_epochs": gen_joint_epochs, "pretrain": gen_pretrain, "task_probe": gen_task_probe, "visual_readout": gen_visual_readout,
     "visual_stride": gen_visual_stride, "avx2_demo": gen_avx2_demo, "studies": gen_studies,
-    "enroll": gen_enroll, "enroll_sweep": gen_enroll_sweep, "enroll_swap": gen_enroll_swap, "enroll_time": gen_enroll_time,
+    "enroll": gen_enroll, "enroll_sweep": gen_enroll_sweep, "enroll_swap": gen_enroll_swap, "enroll_time": gen_enroll_time, "enroll_seeds": gen_enroll_seeds,
 }
 
 
