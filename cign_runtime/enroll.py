@@ -10,8 +10,9 @@ row. :func:`enroll` fits that row from a few shots and writes a new export versi
 2. the export's ``encoders`` graph gives its features f_a, f_v once;
 3. the token starts from the old tokens' mean (``init="mean"``; or ``"shots"``, the shots' mean audio and
    visual feature scaled to the old tokens' mean norm), then takes Adam steps on eq 10's BCE terms (or
-   the cross-entropy of the inference rule) through the post-encoder part in numpy (``cign_runtime.head``). Every other weight
-   and every old token stays as it was; old classes move only through the attention of eqs 1-2.
+   the cross-entropy of the inference rule) through the post-encoder part in numpy
+   (``cign_runtime.head``). Every other weight and every old token stays as it was; old classes move
+   only through the attention of eqs 1-2.
    Each step sees all shots (positives of the new class) and a class-balanced draw of the export's
    exemplar features (``exemplars.npz``, computed at export from val clips), labelled with their
    classes: the rehearsal that keeps the new token from firing on old classes and the old classes'
@@ -22,8 +23,7 @@ row. :func:`enroll` fits that row from a few shots and writes a new export versi
 
 The defaults of :class:`FitOptions` were chosen on avdigits' val split (``benchmarks/bench_enroll.py
 --sweep``): the fewest false accepts on old-class clips, the goals' binding constraint; more weight on
-the shots buys new-class accuracy with false accepts.
-TensorRT engines are not carried over: their optimisation profile bounds the class count, so rebuild
+the shots buys new-class accuracy with false accepts. TensorRT engines are not carried over: their optimisation profile bounds the class count, so rebuild
 them for the grown table (``docs/cign-enroll.md``).
 """
 from __future__ import annotations
