@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import glob
 import hashlib
 import os
 import re
@@ -43,6 +44,7 @@ import numpy as np
 from cign_runtime import manifest as mf
 from cign_runtime.decode import ClipError, decode_clip
 from cign_runtime.head import Head
+from cign_runtime.spec import fit_window, log_spectrogram, resize_frame
 
 #: Shots whose audio RMS is below this (dBFS) are refused as silent.
 MIN_LEVEL_DBFS = -50.0
@@ -116,8 +118,6 @@ def shot_from_file(path: str | os.PathLike, spec) -> Shot:
 
 def shot_from_capture(rgb: np.ndarray, audio: np.ndarray, spec, source: str) -> Shot:
     """A frame (any size, RGB uint8) and the audio window (spec rate) from live devices."""
-    from cign_runtime.spec import fit_window, resize_frame
-
     frame = resize_frame(spec, rgb)
     audio = fit_window(np.asarray(audio, np.float32), spec.n_samples)
     digest = hashlib.sha256(frame.tobytes() + audio.tobytes()).hexdigest()
@@ -216,15 +216,11 @@ def revisions(root: str | os.PathLike) -> list[tuple[int, Path]]:
     root = Path(root)
     base, _ = lineage(root)
     found = [(0, root.parent / base)] if (root.parent / base / mf.FILENAME).is_file() else []
-    for p in root.parent.glob(f"{glob_escape(base)}.r*"):
+    for p in root.parent.glob(f"{glob.escape(base)}.r*"):
         m = REVISION.match(p.name)
         if m and m["base"] == base and (p / mf.FILENAME).is_file():
             found.append((int(m["rev"]), p))
     return sorted(found)
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 class Export:
@@ -259,16 +255,18 @@ class Export:
     def exemplars(self) -> Exemplars:
         return Exemplars.load(self.root / self.manifest.artefact("exemplars").path)
 
-    def features(self, shots: list[Shot]) -> tuple[np.ndarray, np.ndarray]:
-        """f_a (S, 1, D), f_v (S, P, D) of the shots from the ``encoders`` graph."""
+    def feeds(self, shots: list[Shot]) -> dict[str, np.ndarray]:
+        """The graphs' frame and spectrogram inputs of the shots (``manifest.feed``)."""
+        spec = self.manifest.spec
+        return mf.feed(np.stack([s.frame for s in shots]), np.stack([log_spectrogram(spec, s.audio) for s in shots]))
+
+    def features(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """f_a (S, 1, D), f_v (S, P, D) of :meth:`feeds` from the ``encoders`` graph."""
         import onnxruntime as ort
 
         if self._encoders is None:
             path = self.root / self.manifest.artefact("encoders").path
             self._encoders = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        from cign_runtime.spec import log_spectrogram
-
-        feeds = mf.feed(np.stack([s.frame for s in shots]), np.stack([log_spectrogram(self.manifest.spec, s.audio) for s in shots]))
         f_a, f_v = self._encoders.run(list(mf.FEATURES), feeds)
         return f_a, f_v
 
@@ -351,16 +349,14 @@ def enroll(root: str | os.PathLike, name: str, shots: list[Shot], opt: FitOption
     check_name(src.manifest, name)
     if not shots:
         raise EnrollError(f"{root}: no usable shot of {name!r}")
-    f_a, f_v = src.features(shots)
+    feeds = src.feeds(shots)  # decoded once: the encoders' input here, the graphs' in recheck
+    f_a, f_v = src.features(feeds)
     t1 = time.perf_counter()
     exemplars = src.exemplars()
     token, fit = fit_token(src.head, src.table, f_a, f_v, exemplars, opt)
     t2 = time.perf_counter()
     table = np.vstack([src.table, token[None]]).astype(np.float32)
     k = len(src.table)
-    from cign_runtime.spec import log_spectrogram
-
-    feeds = mf.feed(np.stack([s.frame for s in shots]), np.stack([log_spectrogram(src.manifest.spec, s.audio) for s in shots]))
     za, zv = src.head.logits(f_a, f_v, table)
     p_av = 1 / (1 + np.exp(-za)) / (1 + np.exp(-zv))
     checks = recheck(src, table, feeds, p_av, k)
