@@ -1,7 +1,7 @@
 """The deployment latency targets from ``cign-bench`` runs on this machine: paper preset (K 100, random weights),
 cpu preset (K 10) and, when present, a trained avdigits export (its report gives the INT8 accuracy drop).
 
-Each model is one ``cign-bench`` process (torch eager + onnxruntime CPU, fp32 / fp16 / int8, batch 1
+Each model is one ``cign-bench`` process (torch-cpu eager + onnxruntime CPU, fp32 / fp16 / int8, batch 1
 and 8, ``--threads`` as given), so every ratio below is from one run. Copies each run's JSON and
 plot to ``benchmarks/results/latency_<name>[_avx2][_TAG].{json,png}`` (``--tag``: what tells a second
 CPU's results apart, e.g. ``--tag avx512`` for a CPU with AVX-512 VNNI but no AMX) and prints, per model, batch 1:
@@ -29,8 +29,8 @@ RESULTS = Path(__file__).parent / "results"
 
 def run(name: str, args: list[str], a: argparse.Namespace, iterations: int) -> dict:
     out = a.work / f"{name}{a.suffix}"
-    cmd = [sys.executable, "-m", "cign_export.bench_cli", *args, "--backends", "torch,ort-cpu", "--precision",
-           "fp32,fp16,int8", "--batch", "1,8", "--iterations", str(iterations), "--warmup", str(a.warmup),
+    cmd = [sys.executable, "-m", "cign_export.bench_cli", *args, "--backends", "torch-cpu,ort-cpu", "--torch-modes",
+           "eager", "--precision", "fp32,fp16,int8", "--batch", "1,8", "--iterations", str(iterations), "--warmup", str(a.warmup),
            "--threads", str(a.threads), "--out", str(out), "--data-dir", str(a.data_dir), "--cpu-isa", a.cpu_isa,
            "--profile", str(a.profile)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -69,7 +69,7 @@ def score(export: Path, threads: int) -> dict:
 
 def summary(name: str, r: dict) -> str:
     rows = {(x["backend"], x["precision"]): x for x in r["rows"] if x["batch"] == 1}
-    eager, fp32, int8 = rows[("torch", "fp32")], rows[("ort-cpu", "fp32")], rows[("ort-cpu", "int8-cpu")]
+    eager, fp32, int8 = rows[("torch-cpu", "fp32")], rows[("ort-cpu", "fp32")], rows[("ort-cpu", "int8-cpu")]
     drop = r.get("accuracy_here", r["accuracy"]).get("int8-cpu", {}).get("drop")
     return (f"| {name} | {r['flops']['1'] / 1e9:.2f} | {eager['median_ms']:.1f} | {fp32['median_ms']:.1f} | "
             f"{fp32['median_ms'] / eager['median_ms']:.2f}x | {fp32['vs_floor']:.2f}x | {int8['median_ms']:.1f} | "

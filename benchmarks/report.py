@@ -558,7 +558,7 @@ def gen_latency(ctx: Ctx) -> str:
         files = [load(r) for r in rels]
         rows = []
         for d in files:
-            e, o32, o8 = lat_row(d, "fp32", backend="torch"), lat_row(d, "fp32"), lat_row(d, "int8-cpu")
+            e, o32, o8 = lat_row(d, "fp32", backend="torch-cpu"), lat_row(d, "fp32"), lat_row(d, "int8-cpu")
             acc = d.get("accuracy_here") or d.get("accuracy") or {}
             drop = (f"{acc['int8-cpu']['drop']:+.2f} ({acc['fp32']['audio_visual']:.2f} -> {acc['int8-cpu']['audio_visual']:.2f} %)"
                     if "int8-cpu" in acc else "–")

@@ -1,17 +1,20 @@
 """``cign-bench``: latency of an exported CIGN per backend, precision and batch, beside the hardware floor.
 
-``cign-bench --model EXPORT_DIR`` times the export's graphs on every requested backend
-(``cign_runtime.backends``: ort-cpu, ort-cuda, ort-trt, trt) and, when torch and the export's
-source checkpoint are here, PyTorch eager on the same model. ``cign-bench --preset cpu|paper``
-first writes an export of a random-weight model at the preset's shapes (``cign_export.preset``).
-Timing, statistics, FLOPs, the GEMM peaks and the environment come from ``cign_runtime.bench``;
-this module only imports torch for ``--preset`` and the ``torch`` backend, so ``--model`` runs on
-a runtime-only install.
+``cign-bench --model EXPORT_DIR`` times the export on every requested backend
+(``cign_runtime.backends``: ort-cpu, ort-cuda, ort-trt, trt on its graphs; torch-cpu and
+torch-cuda on its source checkpoint, in each ``--torch-modes`` mode: eager, CUDA graph,
+torch.compile). ``cign-bench --preset cpu|paper`` first writes an export of a random-weight model
+at the preset's shapes (``cign_export.preset``), with the graphs the requested backends run.
+Timing, statistics, FLOPs, the CPU GEMM peaks and the environment come from ``cign_runtime.bench``;
+this module only imports torch for ``--preset`` and the torch backends, so ``--model`` runs on a
+runtime-only install.
 
 Per configuration: latency min / median / mean / p90 / p95 / p99 / max and throughput (samples /
 s); on a GPU also the host-to-device, compute and device-to-host parts (as trtexec splits them,
-``split_times``); on the CPU the floor, FLOPs / measured peak (fp32 MatMul for fp32 / fp16 and
-torch, u8 x s8 MatMulInteger for int8), and latency / floor. A backend or precision that cannot
+``split_times``); the floor, FLOPs / measured peak (on the CPU fp32 MatMul for fp32 / fp16 and
+torch-cpu, u8 x s8 MatMulInteger for int8; on torch-cuda this GPU's dense matrix-product rate at
+the row's precision, ``torch_backend.gpu_peak_tflops``), and latency / floor; torch backends also
+the seconds to the first output and, on CUDA, the peak GPU memory. A backend or precision that cannot
 run here is listed with the reason. ``--profile N`` adds, per onnxruntime CPU configuration, where
 the time goes (``bench.op_profile``: per part, op type and node, with each kernel's rate against the
 peak). ``--cpu-isa avx2`` re-runs the command with the AVX2-only instruction set
@@ -24,6 +27,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import click
@@ -31,48 +35,26 @@ import numpy as np
 
 from cign_runtime import bench, isa
 from cign_runtime import manifest as mf
-from cign_runtime.backends import PROVIDERS, BackendUnavailable, open_model
+from cign_runtime.backends import (PROVIDERS, TORCH_BACKENDS, TORCH_MODES, TORCH_PRECISIONS, BackendUnavailable,
+                                   open_model)
 
-#: ``--backends`` choices: PyTorch eager, then the runtime's backends.
-BENCH_BACKENDS = ("torch", *PROVIDERS, "trt")
+#: ``--backends`` choices: PyTorch on the source checkpoint, then the runtime's graph backends.
+BENCH_BACKENDS = (*TORCH_BACKENDS[::-1], *PROVIDERS, "trt")
 #: ``--precision`` choices; "int8" means the backend's INT8 graph (int8-cpu on ort-cpu, int8-trt on GPUs).
-BENCH_PRECISIONS = ("fp32", "fp16", "int8", *mf.PRECISIONS[2:])
+BENCH_PRECISIONS = ("fp32", "fp16", "bf16", "int8", *mf.PRECISIONS[2:])
 
 
 def resolve_precision(backend: str, precision: str) -> str:
-    if precision == "int8":
+    if precision == "int8" and backend not in TORCH_BACKENDS:
         return "int8-cpu" if backend == "ort-cpu" else "int8-trt"
     return precision
 
 
-class TorchRunner:
-    """PyTorch eager on the export's source checkpoint (its sha256 checked against the manifest)."""
-
-    def __init__(self, root: Path, manifest: mf.Manifest, threads: int | None):
-        try:
-            import torch
-        except ImportError as e:
-            raise BackendUnavailable(f"torch: not installed ({e}); pip install 'cign-edge[train]'") from e
-        from cign_export.graph import ExportGraph
-        from cign_train.checkpoint import TaskCheckpoint
-
-        path = Path(manifest.checkpoint["path"])
-        if not path.is_file():
-            raise BackendUnavailable(f"torch: the export's source checkpoint {path} is not on this machine")
-        if mf.sha256(path) != manifest.checkpoint["sha256"]:
-            raise BackendUnavailable(f"torch: {path} changed since the export (sha256 differs from the manifest's)")
-        if threads is not None:
-            torch.set_num_threads(threads)
-        ckpt = TaskCheckpoint.load(path)
-        self.torch = torch
-        self.graph = ExportGraph(ckpt.build_model(), ckpt.spec, manifest.tokens_as_input)
-        self.tokens = ckpt.tokens.float().numpy()[: manifest.n_classes()] if manifest.tokens_as_input else None
-
-    def run(self, feeds: dict[str, np.ndarray]):
-        names = [mf.FRAME, mf.SPECTROGRAM] + ([mf.TOKENS] if self.tokens is not None else [])
-        feeds = {**feeds, mf.TOKENS: self.tokens} if self.tokens is not None else feeds
-        with self.torch.inference_mode():
-            return self.graph(*[self.torch.from_numpy(feeds[n]) for n in names])
+def configurations(a: dict) -> list[tuple[str, str, str | None, int]]:
+    """(backend, precision, torch mode or None, batch) of every requested combination, in order, once each."""
+    configs = [(b, resolve_precision(b, p), m if b in TORCH_BACKENDS else None, n)
+               for b in a["backends"] for p in a["precision"] for m in a["torch_modes"] for n in a["batch"]]
+    return list(dict.fromkeys(configs))
 
 
 def inputs(spec, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -94,23 +76,51 @@ def accuracy_drops(root: Path) -> dict:
             for p, a in test.items()}
 
 
-def measure(root: Path, manifest: mf.Manifest, backend: str, precision: str, batch: int, a: dict, bar) -> dict:
-    """One configuration's row: latencies, statistics, GPU split where it applies."""
+def measure(root: Path, manifest: mf.Manifest, backend: str, precision: str, mode: str | None, batch: int, a: dict,
+            bar) -> dict:
+    """One configuration's row: latencies, statistics, GPU split where it applies; torch backends also the
+    seconds to the first output (load, CUDA graph capture, compilation) and, on CUDA, the peak GPU memory."""
     frame, spectrogram = inputs(manifest.spec, batch)
     feeds = {mf.FRAME: frame, mf.SPECTROGRAM: spectrogram}
-    if backend == "torch":
-        if precision != "fp32":
-            raise BackendUnavailable("torch: eager runs the fp32 checkpoint only")
-        return timed_row(TorchRunner(root, manifest, a["threads"]).run, None, feeds, backend, precision, batch, a, bar)
-    with open_model(root, backend, precision, threads=a["threads"]) as model:
+    if backend in TORCH_BACKENDS and precision not in TORCH_PRECISIONS:
+        raise BackendUnavailable(f"{backend}: runs {TORCH_PRECISIONS}, not {precision}")
+    cuda = backend == "torch-cuda" and _torch_cuda()
+    if cuda:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    with open_model(root, backend, precision, threads=a["threads"], mode=mode) as model:
         if model.tokens is not None:
             feeds[mf.TOKENS] = model.tokens
-        split = model.runner.split_times if backend != "ort-cpu" else None
-        row = timed_row(model.runner.run, split, feeds, backend, precision, batch, a, bar)
+        model.runner.run(feeds)
+        setup_s = time.perf_counter() - started
+        graph = backend not in ("ort-cpu", "torch-cpu") and (backend != "torch-cuda" or mode.split(":")[0].endswith("graph"))
+        row = timed_row(model.runner.run, model.runner.split_times if graph else None, feeds, backend, precision,
+                        batch, a, bar)
+    if backend in TORCH_BACKENDS:
+        row.update(mode=mode, setup_s=setup_s)
+    if cuda:
+        row["gpu_memory_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if backend == "ort-cpu" and a["profile"]:  # after the timed calls, which the profiler would slow
         row["profile"] = bench.op_profile(root / manifest.artefact("onnx", precision).path, feeds, a["profile"],
                                           a["threads"], a["peaks"])
     return row
+
+
+def preset_precisions(a: dict) -> tuple[str, ...]:
+    """The graph precisions ``--preset`` exports: fp32 (the FLOP count reads it) and those the graph backends run."""
+    graphs = {p for b, p, _, _ in configurations(a) if b not in TORCH_BACKENDS and p in mf.PRECISIONS}
+    return tuple(p for p in mf.PRECISIONS if p == "fp32" or p in graphs)
+
+
+def _torch_cuda() -> bool:
+    """torch is importable and sees a CUDA GPU."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def timed_row(run, split, feeds: dict, backend: str, precision: str, batch: int, a: dict, bar) -> dict:
@@ -129,30 +139,46 @@ def run_bench(root: Path, a: dict) -> dict:
     env = bench.environment(a["threads"])
     tokens = manifest.n_classes() if manifest.tokens_as_input else None
     fp32 = root / manifest.artefact("onnx", "fp32").path
-    flops = {b: sum(bench.graph_flops(fp32, b, tokens).values()) for b in a["batch"]}
+    try:
+        flops = {b: sum(bench.graph_flops(fp32, b, tokens).values()) for b in a["batch"]}
+        flops_error = None
+    except ValueError as e:  # ONNX shape inference cannot size every node of some tokens-as-input graphs
+        flops, flops_error = {}, str(e)
     peaks = a["peaks"] = {kind: bench.gemm_peak(kind, a["threads"]) for kind in ("fp32", "int8")}
-    configs = [(b, resolve_precision(b, p), n) for b in a["backends"] for p in a["precision"] for n in a["batch"]]
-    configs = list(dict.fromkeys(configs))
+    configs = configurations(a)
+    gpu_peaks: dict[str, float] = {}
     rows, skipped = [], []
     with click.progressbar(length=len(configs) * a["iterations"], label="cign-bench", file=None) as bar:
-        for backend, precision, batch in configs:
+        for backend, precision, mode, batch in configs:
             try:
-                row = measure(root, manifest, backend, precision, batch, a, bar)
+                row = measure(root, manifest, backend, precision, mode, batch, a, bar)
             except (BackendUnavailable, ValueError, KeyError) as e:
-                skipped.append({"backend": backend, "precision": precision, "batch": batch, "reason": str(e)})
+                skipped.append({"backend": backend, "precision": precision, "mode": mode, "batch": batch,
+                                "reason": str(e)})
                 bar.update(a["iterations"])
                 continue
-            if backend in ("torch", "ort-cpu"):
-                peak = peaks["int8" if precision.startswith("int8") else "fp32"]
-                row["floor_ms"] = flops[batch] / (peak * 1e9) * 1e3
+            if backend in ("torch-cpu", "ort-cpu"):
+                peak_gflops = peaks["int8" if precision.startswith("int8") else "fp32"]
+            elif backend == "torch-cuda":
+                if precision not in gpu_peaks:
+                    from cign_export.torch_backend import gpu_peak_tflops
+
+                    gpu_peaks[precision] = gpu_peak_tflops(precision)
+                peak_gflops = gpu_peaks[precision] * 1e3
+            else:
+                peak_gflops = None
+            if peak_gflops and flops:
+                row["floor_ms"] = flops[batch] / (peak_gflops * 1e9) * 1e3
                 row["vs_floor"] = row["median_ms"] / row["floor_ms"]
             rows.append(row)
-    eager = {r["batch"]: r["median_ms"] for r in rows if r["backend"] == "torch"}
+    eager = {r["batch"]: r["median_ms"] for r in rows
+             if (r["backend"], r["precision"], r.get("mode")) == ("torch-cpu", "fp32", "eager")}
     for r in rows:
         if r["batch"] in eager:
             r["vs_eager"] = r["median_ms"] / eager[r["batch"]]
     return {"model": str(root), "classes": manifest.n_classes(), "spec": manifest.spec.name, "environment": env,
-            "flops": flops, "gemm_peak_gflops": peaks, "iterations": a["iterations"], "warmup": a["warmup"],
+            "flops": flops, "flops_error": flops_error, "gemm_peak_gflops": peaks, "gpu_peak_tflops": gpu_peaks, "iterations": a["iterations"],
+            "warmup": a["warmup"],
             "accuracy": accuracy_drops(root), "rows": rows, "skipped": skipped}
 
 
@@ -162,20 +188,26 @@ def table(result: dict) -> str:
     lines = [f"CPU: {bench.cpu_label(env)}, {env['threads'] or 'default'} threads"
              + (f"; GPU: {env['gpu']['name']} (driver {env['gpu']['driver']})" if env["gpu"] else ""),
              f"model: {result['model']} (spec {result['spec']}, K {result['classes']}); GFLOP per sample "
-             f"{result['flops'][min(result['flops'])] / min(result['flops']) / 1e9:.2f}; peak fp32 "
+             + (f"{result['flops'][min(result['flops'])] / min(result['flops']) / 1e9:.2f}" if result["flops"] else
+                f"unknown, so no floor ({result['flops_error']})") + "; peak fp32 "
              f"{result['gemm_peak_gflops']['fp32']:.0f} GFLOP/s, int8 {result['gemm_peak_gflops']['int8']:.0f} GOP/s", "",
-             "| backend | precision | batch | median | mean | p90 | p95 | p99 | min | max | samples/s | vs eager | floor | vs floor | H2D / compute / D2H |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| backend | precision | batch | median | mean | p90 | p95 | p99 | min | max | samples/s | vs eager | floor | vs floor | H2D / compute / D2H | first output s | GPU MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    if result.get("gpu_peak_tflops"):
+        lines.insert(2, "GPU dense matrix-product rate measured: " + ", ".join(
+            f"{p} {v:.0f} TFLOP/s" for p, v in result["gpu_peak_tflops"].items()))
     for r in result["rows"]:
         split = r.get("gpu_split_ms")
-        cells = [r["backend"], r["precision"], r["batch"]]
-        cells += [f"{r[k]:.2f}" for k in ("median_ms", "mean_ms", "p90_ms", "p95_ms", "p99_ms", "min_ms", "max_ms")]
+        cells = [label(r), r["precision"], r["batch"]]
+        cells += [ms(r[k]) for k in ("median_ms", "mean_ms", "p90_ms", "p95_ms", "p99_ms", "min_ms", "max_ms")]
         cells += [f"{r['samples_per_s']:.1f}", f"{r['vs_eager']:.2f}x" if "vs_eager" in r else "-"]
-        cells += [f"{r['floor_ms']:.2f}", f"{r['vs_floor']:.2f}x"] if "floor_ms" in r else ["-", "-"]
+        cells += [ms(r["floor_ms"]), f"{r['vs_floor']:.2f}x"] if "floor_ms" in r else ["-", "-"]
         cells.append(" / ".join(f"{split[k]:.3f}" for k in ("h2d_ms", "compute_ms", "d2h_ms")) if split else "-")
+        cells.append(f"{r['setup_s']:.1f}" if "setup_s" in r else "-")
+        cells.append(f"{r['gpu_memory_peak_mib']:.0f}" if "gpu_memory_peak_mib" in r else "-")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     if result["skipped"]:
-        lines += ["", "Skipped:"] + [f"- {s['backend']} {s['precision']} batch {s['batch']}: {s['reason']}"
+        lines += ["", "Skipped:"] + [f"- {label(s)} {s['precision']} batch {s['batch']}: {s['reason']}"
                                      for s in result["skipped"]]
     if result["accuracy"]:
         lines.append("\naudio-visual test accuracy from the export's report: " + ", ".join(
@@ -184,6 +216,15 @@ def table(result: dict) -> str:
         if "profile" in r:
             lines += ["", profile_table(r)]
     return "\n".join(lines) + "\n"
+
+
+def label(row: dict) -> str:
+    """The backend, with the mode for the torch backends."""
+    return f"{row['backend']} {row['mode']}" if row.get("mode") else row["backend"]
+
+
+def ms(x: float) -> str:
+    return f"{x:.2f}" if x >= 1 else f"{x:.3f}"
 
 
 def profile_table(row: dict, ops: int = 12) -> str:
@@ -213,7 +254,7 @@ def plot(result: dict, path: Path) -> None:
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4.5))
     ax.boxplot([r["latencies_ms"] for r in rows], whis=(1, 99), showfliers=True)
-    ax.set_xticks(range(1, len(rows) + 1), [f"{r['backend']}\n{r['precision']}\nb{r['batch']}" for r in rows], fontsize=8)
+    ax.set_xticks(range(1, len(rows) + 1), [f"{label(r)}\n{r['precision']}\nb{r['batch']}" for r in rows], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("latency per call (ms)")
     ax.set_title(f"{Path(result['model']).name}: {bench.cpu_label(result['environment'])}", fontsize=8)
@@ -291,6 +332,9 @@ def _csv(choices):
               help="--preset: where the avdigits store for INT8 calibration is (prepared when missing).")
 @click.option("--backends", default=",".join(BENCH_BACKENDS), show_default=True, callback=_csv(BENCH_BACKENDS))
 @click.option("--precision", default="fp32,fp16,int8", show_default=True, callback=_csv(BENCH_PRECISIONS))
+@click.option("--torch-modes", default="eager,graph", show_default=True, callback=_csv(None),
+              help="torch backends: execution modes, each of " + ", ".join(TORCH_MODES) + " (compile modes as "
+                   "compile:MODE with a torch.compile mode; graph modes need torch-cuda).")
 @click.option("--batch", default="1,8", show_default=True, callback=_csv(None))
 @click.option("--iterations", type=click.IntRange(min=1), default=200, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True)
@@ -306,8 +350,8 @@ def _csv(choices):
 @click.option("--device", default="cpu", show_default=True, help="--train: torch device (cpu, cuda).")
 @click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True, help="--train: timed steps per case.")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help="--train: loader processes.")
-def main(model_dir, preset, classes, data_dir, backends, precision, batch, iterations, warmup, threads, out, profile,
-         cpu_isa, train, device, steps, workers):
+def main(model_dir, preset, classes, data_dir, backends, precision, torch_modes, batch, iterations, warmup, threads, out,
+         profile, cpu_isa, train, device, steps, workers):
     """Latency of an exported CIGN on each backend / precision / batch, with the FLOPs floor of this machine."""
     if cpu_isa != isa.current():  # start over in a process that runs with that instruction set
         try:
@@ -332,8 +376,12 @@ def main(model_dir, preset, classes, data_dir, backends, precision, batch, itera
         batches = sorted({int(b) for b in batch})
     except ValueError as e:
         raise click.BadParameter(f"--batch takes integers: {batch}") from e
-    a = {"backends": backends, "precision": precision, "batch": batches, "iterations": iterations, "warmup": warmup,
-         "threads": threads, "profile": profile}
+    bad = [m for m in torch_modes if m.split(":")[0] not in TORCH_MODES]
+    if bad:
+        raise click.BadParameter(f"{bad} not among {list(TORCH_MODES)} (compile modes as compile:MODE)",
+                                 param_hint="--torch-modes")
+    a = {"backends": backends, "precision": precision, "torch_modes": torch_modes, "batch": batches,
+         "iterations": iterations, "warmup": warmup, "threads": threads, "profile": profile}
     with tempfile.TemporaryDirectory() as tmp:
         if preset is not None:
             try:
@@ -341,7 +389,7 @@ def main(model_dir, preset, classes, data_dir, backends, precision, batch, itera
             except ImportError as e:
                 raise click.ClickException(f"--preset builds the model with torch: {e}; pip install 'cign-edge[train]'")
             model_dir = Path(tmp) / f"{preset}-random"
-            export_preset(preset, model_dir, classes, data_dir=data_dir)
+            export_preset(preset, model_dir, classes, preset_precisions(a), data_dir=data_dir)
         try:
             result = run_bench(model_dir, a)
         except (FileNotFoundError, ValueError) as e:

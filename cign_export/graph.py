@@ -38,18 +38,31 @@ class ExportGraph(nn.Module):
     frame (N, 3, H, W) float RGB in [0, 255]; spectrogram (N, 1, F, T) float log power; tokens
     (K, D) when ``tokens_as_input`` (one graph serves every task's table), else the model's table
     is a constant of the graph.
+
+    ``dtype`` (PyTorch deployment, ``cign_export.torch_backend``): the model's weights and arithmetic in
+    float16 / bfloat16. Inputs, normalisation and outputs stay float32, as in the FP16 ONNX
+    (``calibration.fp16``): raw pixel values up to 255 keep their precision until they are normalised.
+    float32 (the ONNX export) adds no cast.
     """
 
-    def __init__(self, model: CIGN, spec: PreprocessSpec, tokens_as_input: bool = False):
+    def __init__(self, model: CIGN, spec: PreprocessSpec, tokens_as_input: bool = False,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.model = model.eval()
+        self.model = model.eval().to(dtype)
         self.spec = spec
         self.tokens_as_input = tokens_as_input
+        self.dtype = dtype
         self.normalize = Normalize(spec)
 
     def forward(self, frame: torch.Tensor, spectrogram: torch.Tensor, tokens: torch.Tensor | None = None):
         frames, spectrograms = self.normalize(frame, spectrogram)
-        p = predict(self.model(spectrograms, frames, tokens if self.tokens_as_input else None))
+        tokens = tokens if self.tokens_as_input else None
+        if self.dtype != torch.float32:
+            frames, spectrograms = frames.to(self.dtype), spectrograms.to(self.dtype)
+            tokens = None if tokens is None else tokens.to(self.dtype)
+        p = predict(self.model(spectrograms, frames, tokens))
+        if self.dtype != torch.float32:
+            return p.p_a.float(), p.p_v.float(), p.p_av.float()
         return p.p_a, p.p_v, p.p_av  # each (N, K)
 
 

@@ -3,10 +3,10 @@
 
 The model is ``CIGN(PRESETS[preset]["model"], classes)`` seeded with ``seed``; its task checkpoint
 (``random_task0.pt``, the layout ``cign_train.checkpoint`` defines) is written beside the graphs
-so the torch backend can rebuild it. INT8 graphs are calibrated, as ``cign-export`` calibrates
+so the torch backends can rebuild it. INT8 graphs are calibrated, as ``cign-export`` calibrates
 them, on a class-balanced set of real avdigits clips prepared at the preset's spec (generated and
-prepared under ``data_dir`` when missing): the scales do not change the speed, but real inputs
-keep the quantized graph the one a trained model would get. The manifest's accuracy fields stay
+prepared under ``data_dir`` when missing; without INT8 precisions no data is needed): the scales
+do not change the speed, but real inputs keep the quantized graph the one a trained model would get. The manifest's accuracy fields stay
 empty: random weights have none.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from calibration.quantize import quantize_int8
 from cign_export.graph import ExportGraph, input_infos, output_infos
 from cign_export.onnx_format import DEFAULT_OPSET, export_onnx
 from cign_runtime import manifest as mf
+from cign_runtime.spec import get_preset
 from cign_train.checkpoint import TaskCheckpoint
 from cign_train.data.ingest import prepare_dataset, store_dir
 from cign_train.data.store import PreparedStore
@@ -51,18 +52,19 @@ def export_preset(preset: str, out_dir: Path, classes: int | None = None, precis
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = CIGN(cfg, k).eval()
-    store = calibration_store(spec_name, Path(data_dir))
+    int8 = any(p.startswith("int8-") for p in precisions)
+    store = calibration_store(spec_name, Path(data_dir)) if int8 else None
+    spec = store.spec if int8 else get_preset(spec_name)
     names = [f"class_{i:03d}" for i in range(k)]
     ckpt_path = out / "random_task0.pt"
-    TaskCheckpoint(task=0, model=model.state_dict(), config=cfg, spec=store.spec, classes=names, classes_per_task=[k],
+    TaskCheckpoint(task=0, model=model.state_dict(), config=cfg, spec=spec, classes=names, classes_per_task=[k],
                    tokens=model.tokens.detach().clone(), method="random", settings={"preset": preset, "seed": seed},
                    buffer={}, evaluation={}).save(ckpt_path)
-    meta = {"cign.task": 0, "cign.classes": json.dumps(names), "cign.spec": store.spec.to_json(),
+    meta = {"cign.task": 0, "cign.classes": json.dumps(names), "cign.spec": spec.to_json(),
             "cign.random_weights": f"{preset} seed {seed}"}
-    fp32 = export_onnx(ExportGraph(model, store.spec), out / "model_fp32.onnx", DEFAULT_OPSET, meta)
+    fp32 = export_onnx(ExportGraph(model, spec), out / "model_fp32.onnx", DEFAULT_OPSET, meta)
     artefacts = [mf.Artefact.of(out, fp32, "onnx", precision="fp32")]
-    calibration = (calibration_indices(store, range(len(store.classes)), per_class=10, seed=seed)
-                   if any(p.startswith("int8-") for p in precisions) else None)
+    calibration = calibration_indices(store, range(len(store.classes)), per_class=10, seed=seed) if int8 else None
     for precision in precisions:
         path = out / f"model_{precision}.onnx"
         if precision == "fp16":
@@ -73,8 +75,8 @@ def export_preset(preset: str, out_dir: Path, classes: int | None = None, precis
             raise ValueError(f"unknown precision {precision!r}; choose from {mf.PRECISIONS}")
         if precision != "fp32":
             artefacts.append(mf.Artefact.of(out, path, "onnx", precision=precision))
-    manifest = mf.Manifest(task=0, classes=names, classes_per_task=[k], spec=store.spec,
-                           inputs=input_infos(store.spec, cfg.dim, False), outputs=output_infos(), opset=DEFAULT_OPSET,
+    manifest = mf.Manifest(task=0, classes=names, classes_per_task=[k], spec=spec,
+                           inputs=input_infos(spec, cfg.dim, False), outputs=output_infos(), opset=DEFAULT_OPSET,
                            tokens_as_input=False, artefacts=artefacts,
                            checkpoint={"path": str(ckpt_path.resolve()), "sha256": mf.sha256(ckpt_path)},
                            created_by=f"cign-bench --preset {preset} (random weights, seed {seed})")

@@ -1,20 +1,25 @@
-"""Inference backends of the live runtime: onnxruntime (CPU, CUDA or TensorRT execution provider)
-and native TensorRT engines, behind one :class:`Model` opened from an export folder.
+"""Inference backends of the live runtime: onnxruntime (CPU, CUDA or TensorRT execution provider),
+native TensorRT engines and PyTorch on the export's source checkpoint, behind one :class:`Model`
+opened from an export folder.
 
 ``open_model(dir, backend="auto")`` loads the manifest (every artefact's sha256 verified), picks a
-backend (auto: a built TensorRT engine > ort-trt > ort-cuda > ort-cpu, falling back when one
-cannot start here and recording why in ``Model.reason``), a precision and, for tokens-as-input
-exports, one task's token table. Torch-free; ``tensorrt`` and ``cuda-python`` are imported only
-by the ``trt`` backend.
+backend (auto: a built TensorRT engine > ort-trt > ort-cuda > torch-cuda > ort-cpu, falling back
+when one cannot start here and recording why in ``Model.reason``), a precision and, for
+tokens-as-input exports, one task's token table. Torch-free; ``tensorrt`` and ``cuda-python`` are
+imported only by the ``trt`` backend, and the ``torch-*`` backends' runner comes from the package
+registered under the ``cign_runtime.runners`` entry point (``cign_export.torch_backend`` in the
+training install), loaded only when one is opened.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import importlib.metadata
 import importlib.util
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -24,15 +29,26 @@ from cign_runtime import manifest as mf
 from cign_runtime.spec import PreprocessSpec
 
 #: The ``--backend`` choices.
-BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt")
-#: Preference of ``auto``, best first.
-AUTO_ORDER = ("trt", "ort-trt", "ort-cuda", "ort-cpu")
+BACKENDS = ("auto", "ort-cpu", "ort-cuda", "ort-trt", "trt", "torch-cuda", "torch-cpu")
+#: Preference of ``auto``, best first (torch-cpu, for parity checks, only when asked for).
+AUTO_ORDER = ("trt", "ort-trt", "ort-cuda", "torch-cuda", "ort-cpu")
+#: PyTorch on the export's source checkpoint (``cign_export.torch_backend``).
+TORCH_BACKENDS = ("torch-cuda", "torch-cpu")
+#: Precisions of the torch backends: the checkpoint's weights cast when it is opened, no artefact each.
+TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
+#: Execution modes of the torch backends (``MODE[:torch.compile mode]``; ``cign_export.torch_backend``).
+TORCH_MODES = ("eager", "graph", "compile", "compile-graph")
+#: Default mode per torch backend.
+DEFAULT_MODES = {"torch-cuda": "graph", "torch-cpu": "eager"}
+#: Entry-point group (name ``torch``) of the runner class the torch backends open.
+RUNNER_GROUP = "cign_runtime.runners"
 #: The onnxruntime execution provider each ``ort-*`` backend needs.
 PROVIDERS = {"ort-cpu": "CPUExecutionProvider", "ort-cuda": "CUDAExecutionProvider",
              "ort-trt": "TensorrtExecutionProvider"}
 #: Default precision per backend: the first of these the export has.
 DEFAULT_PRECISIONS = {"ort-cpu": ("int8-cpu", "fp32"), "ort-cuda": ("fp16", "fp32"),
-                      "ort-trt": ("fp16", "fp32"), "trt": ("fp16", "fp32")}
+                      "ort-trt": ("fp16", "fp32"), "trt": ("fp16", "fp32"), "torch-cuda": ("fp16",),
+                      "torch-cpu": ("fp32",)}
 
 
 #: x86 flags whose integer dot products accumulate in int32. Without them (AVX2 and pre-VNNI AVX-512
@@ -60,13 +76,34 @@ def saturates_here(onnx_path: Path) -> str | None:
             f"(cign-export --int8 --target cpu writes 7-bit weights)")
 
 
+class Runner(Protocol):
+    """What a backend runs: graph feeds (``manifest.feed`` + tokens) -> the outputs, float32 (N, K) each."""
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
 class BackendUnavailable(ValueError):
     """A backend cannot run here; the message names it and lists the backends that can."""
 
 
 def role(backend: str) -> str:
-    """The artefact role a backend runs: ``engine`` for native TensorRT, else ``onnx``."""
-    return "engine" if backend == "trt" else "onnx"
+    """What a backend runs: ``engine`` for native TensorRT, ``checkpoint`` (the manifest's source checkpoint)
+    for the torch backends, else the ``onnx`` artefacts."""
+    return "engine" if backend == "trt" else "checkpoint" if backend in TORCH_BACKENDS else "onnx"
+
+
+def precisions(manifest: mf.Manifest, backend: str) -> list[str]:
+    """The precisions ``backend`` can run this export at."""
+    return list(TORCH_PRECISIONS) if backend in TORCH_BACKENDS else manifest.precisions(role(backend))
+
+
+def source_sha256(manifest: mf.Manifest, backend: str, precision: str) -> str:
+    """The sha256 of what ``backend`` runs at ``precision``: its artefact's, or the source checkpoint's."""
+    if backend in TORCH_BACKENDS:
+        return manifest.checkpoint["sha256"]
+    return manifest.artefact(role(backend), precision).sha256
 
 
 def cache_root() -> Path:
@@ -86,14 +123,35 @@ def _cudart():
     return runtime
 
 
-def _gpu_count() -> int:
-    """CUDA devices visible through cuda-python (0 without cuda-python, driver or GPU)."""
+def gpu_count() -> int:
+    """CUDA devices the driver API sees (``libcuda``, also on Jetson), 0 without driver or GPU; no toolkit needed."""
     try:
-        cudart = _cudart()
-    except BackendUnavailable:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
         return 0
-    err, n = cudart.cudaGetDeviceCount()
-    return n if err == cudart.cudaError_t.cudaSuccess else 0
+    n = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(n)) != 0:
+        return 0
+    return n.value
+
+
+def _torch_entry_point() -> importlib.metadata.EntryPoint | None:
+    """The torch backends' runner entry point when it and torch are installed (nothing imported)."""
+    found = importlib.metadata.entry_points(group=RUNNER_GROUP, name="torch")
+    return next(iter(found)) if found and importlib.util.find_spec("torch") is not None else None
+
+
+def torch_runner():
+    """The runner class of the torch backends (entry point ``torch`` of ``RUNNER_GROUP``), or BackendUnavailable."""
+    entry = _torch_entry_point()
+    try:
+        if entry is not None:
+            return entry.load()
+        why = "not installed"
+    except ImportError as e:
+        why = str(e)
+    raise BackendUnavailable(f"torch-*: PyTorch and the training install are not here ({why}; pip install "
+                             "'cign-edge[train]', or JetPack's torch wheel and then cign-edge)")
 
 
 def available(manifest: mf.Manifest) -> list[str]:
@@ -101,22 +159,25 @@ def available(manifest: mf.Manifest) -> list[str]:
 
     ``ort-*``: onnxruntime lists the provider (onnxruntime-gpu lists CUDA/TensorRT even without a
     GPU; opening such a backend then fails with the reason). ``trt``: ``tensorrt`` importable, a
-    built engine in the manifest and a CUDA GPU.
+    built engine in the manifest and a CUDA GPU. ``torch-*``: torch and the runner installed
+    (torch-cuda: and a CUDA GPU); opening one fails with the reason when the source checkpoint is missing.
     """
     providers = set(ort.get_available_providers())
-    here = [b for b in AUTO_ORDER if b in PROVIDERS and PROVIDERS[b] in providers]
-    if manifest.precisions("engine") and importlib.util.find_spec("tensorrt") is not None and _gpu_count() > 0:
+    gpus = gpu_count()
+    torch_here = ["torch-cuda"] * (gpus > 0) + ["torch-cpu"] if _torch_entry_point() else []
+    here = [b for b in AUTO_ORDER if (b in PROVIDERS and PROVIDERS[b] in providers) or b in torch_here]
+    if manifest.precisions("engine") and importlib.util.find_spec("tensorrt") is not None and gpus > 0:
         here.insert(0, "trt")
-    return here
+    return here + ["torch-cpu"] * ("torch-cpu" in torch_here)
 
 
 def pick_precision(manifest: mf.Manifest, backend: str, precision: str | None) -> str:
-    """``precision`` if this export has it for ``backend`` (else ValueError listing what it has), or the default."""
-    have = manifest.precisions(role(backend))
+    """``precision`` if ``backend`` has it for this export (else ValueError listing what it has), or the default."""
+    have = precisions(manifest, backend)
     if precision is not None:
         if precision not in have:
             raise ValueError(f"precision {precision!r} is not in this export for {backend} "
-                             f"({role(backend)} precisions exported: {have})")
+                             f"({role(backend)} precisions: {have})")
         return precision
     for p in DEFAULT_PRECISIONS[backend]:
         if p in have:
@@ -292,8 +353,8 @@ class Model:
     ``opener(root, manifest)`` opens this backend and precision's runner on another version (:meth:`version`)."""
 
     def __init__(self, root: Path, manifest: mf.Manifest, backend: str, precision: str, task: int,
-                 tokens: np.ndarray | None, runner: OrtRunner | TensorRTRunner, reason: str,
-                 opener: Callable[[Path, mf.Manifest], OrtRunner | TensorRTRunner]):
+                 tokens: np.ndarray | None, runner: Runner, reason: str,
+                 opener: Callable[[Path, mf.Manifest], Runner]):
         self.root, self.manifest, self.backend, self.precision, self.task = root, manifest, backend, precision, task
         self.tokens, self.runner, self.reason, self.opener = tokens, runner, reason, opener
         self.classes = manifest.classes[: manifest.n_classes(task)]
@@ -321,18 +382,19 @@ class Model:
         The running session is shared when that version's graph for this precision has the same sha256 (an
         enrolled version's graphs are hard links of its parent's); else a new runner opens. ValueError naming
         ``root`` when the version cannot take this model's place."""
-        kind = role(self.backend)
         if self.tokens is None or not manifest.tokens_as_input:
             raise ValueError(f"{root}: the class tokens are baked into its graph; only tokens-as-input versions "
                              "replace a running tokens-as-input model")
         if manifest.spec != self.spec:
             raise ValueError(f"{root}: its preprocessing spec differs from the running export's; restart cign-live "
                              "with it as --model")
-        if self.precision not in manifest.precisions(kind):
+        if self.precision not in precisions(manifest, self.backend):
+            kind = role(self.backend)
             raise ValueError(f"{root}: no {self.precision} {kind} artefact, which the running {self.backend} model "
                              f"runs (it has {kind} precisions {manifest.precisions(kind)})")
         task, tokens = _tokens(root, manifest, task)
-        same = manifest.artefact(kind, self.precision).sha256 == self.manifest.artefact(kind, self.precision).sha256
+        same = (source_sha256(manifest, self.backend, self.precision)
+                == source_sha256(self.manifest, self.backend, self.precision))
         runner = self.runner if same else self.opener(root, manifest)
         return Model(root, manifest, self.backend, self.precision, task, tokens, runner, self.reason, self.opener)
 
@@ -366,7 +428,9 @@ def _tokens(root: Path, manifest: mf.Manifest, task: int | None) -> tuple[int, n
 
 
 def _runner(root: Path, manifest: mf.Manifest, backend: str, precision: str, threads: int | None,
-            cache_dir: Path | None, spinning: bool) -> OrtRunner | TensorRTRunner:
+            cache_dir: Path | None, spinning: bool, mode: str | None = None) -> Runner:
+    if backend in TORCH_BACKENDS:
+        return torch_runner()(root, manifest, backend, precision, mode or DEFAULT_MODES[backend], threads)
     artefact = manifest.artefact(role(backend), precision)
     if backend == "trt":
         return TensorRTRunner(root / artefact.path)
@@ -376,13 +440,15 @@ def _runner(root: Path, manifest: mf.Manifest, backend: str, precision: str, thr
 
 def open_model(export_dir: str | os.PathLike, backend: str = "auto", precision: str | None = None,
                task: int | None = None, threads: int | None = None,
-               cache_dir: str | os.PathLike | None = None, spinning: bool = True) -> Model:
+               cache_dir: str | os.PathLike | None = None, spinning: bool = True, mode: str | None = None) -> Model:
     """Open an export folder on ``backend`` (one of BACKENDS).
 
     ``precision``: one the export has (default per backend: int8-cpu else fp32 on ort-cpu, fp32 when
     the int8-cpu graph would saturate on this CPU (:func:`saturates_here`; asked for, it raises
-    ValueError); fp16 else fp32 on GPUs). ``task``: whose token table a tokens-as-input export runs (default: the
-    manifest's). ``threads``: onnxruntime intra-op threads. ``spinning=False``: its idle threads sleep
+    ValueError); fp16 else fp32 on GPUs; the torch backends: fp32, fp16 or bf16, default fp16 on CUDA).
+    ``task``: whose token table a tokens-as-input export runs (default: the manifest's). ``threads``:
+    onnxruntime intra-op threads (torch's on torch-cpu). ``mode``: the torch backends' execution mode
+    (``TORCH_MODES``; default ``DEFAULT_MODES``; with ``auto``, used when it picks one). ``spinning=False``: its idle threads sleep
     rather than spin (``cign-live`` runs one inference per hop; see ``cign_runtime.live``).
     ``cache_dir``: root of onnxruntime's TensorRT engine cache (default ``cache_root()``). A tampered export raises the manifest's
     ValueError; a backend that cannot run here raises BackendUnavailable.
@@ -392,16 +458,21 @@ def open_model(export_dir: str | os.PathLike, backend: str = "auto", precision: 
     root = Path(export_dir)
     manifest = mf.Manifest.load(root)
     here = available(manifest)
-    if precision is not None and precision not in manifest.precisions("onnx") + manifest.precisions("engine"):
-        raise ValueError(f"precision {precision!r} is not in this export (onnx: {manifest.precisions('onnx')}, "
-                         f"engines: {manifest.precisions('engine')})")
+    if mode is not None and backend not in (*TORCH_BACKENDS, "auto"):
+        raise ValueError(f"mode {mode!r}: only the torch backends {TORCH_BACKENDS} take a mode, not {backend!r}")
     if backend != "auto" and backend not in here:
         raise BackendUnavailable(f"backend {backend!r} is not available here; available: {here}")
+    candidates = [b for b in here if b in AUTO_ORDER] if backend == "auto" else [backend]
+    if precision is not None and not any(precision in precisions(manifest, b) for b in candidates):
+        if backend != "auto":
+            raise ValueError(f"precision {precision!r}: {backend} runs {precisions(manifest, backend)} of this export")
+        raise ValueError(f"precision {precision!r} is not in this export (onnx: {manifest.precisions('onnx')}, "
+                         f"engines: {manifest.precisions('engine')}) for the backends auto picks from here {candidates}")
     task, tokens = _tokens(root, manifest, task)
     skipped: list[str] = []
     notes: list[str] = []
-    for b in here if backend == "auto" else [backend]:
-        if backend == "auto" and precision is not None and precision not in manifest.precisions(role(b)):
+    for b in candidates:
+        if backend == "auto" and precision is not None and precision not in precisions(manifest, b):
             skipped.append(f"{b}: no {precision} {role(b)}")
             continue
         p = pick_precision(manifest, b, precision)
@@ -413,7 +484,7 @@ def open_model(export_dir: str | os.PathLike, backend: str = "auto", precision: 
                 notes.append(f"fp32, not int8-cpu: {why}")
                 p = "fp32"
         try:
-            runner = _runner(root, manifest, b, p, threads, cache_dir, spinning)
+            runner = _runner(root, manifest, b, p, threads, cache_dir, spinning, mode)
         except BackendUnavailable as e:
             if backend != "auto":
                 raise
@@ -424,7 +495,9 @@ def open_model(export_dir: str | os.PathLike, backend: str = "auto", precision: 
             reason += f"; skipped {'; '.join(skipped)})" if skipped else ")"
         else:
             reason = f"{b} as requested"
+        if b in TORCH_BACKENDS:
+            reason += f" ({runner.mode} mode)"
         return Model(root, manifest, b, p, task, tokens, runner, "; ".join([reason, *notes]),
                      functools.partial(_runner, backend=b, precision=p, threads=threads, cache_dir=cache_dir,
-                                       spinning=spinning))
+                                       spinning=spinning, mode=mode))
     raise BackendUnavailable(f"auto: no backend could run {root} here (available: {here}; tried: {'; '.join(skipped)})")

@@ -17,7 +17,7 @@ from cign_runtime import latency
 from cign_runtime import swap
 from cign_runtime.audio import AudioSourceError, list_inputs, open_audio
 from cign_runtime import manifest as mf
-from cign_runtime.backends import BACKENDS, BackendUnavailable, TensorRTRunner, open_model
+from cign_runtime.backends import BACKENDS, TORCH_MODES, BackendUnavailable, TensorRTRunner, open_model
 from cign_runtime.live import JsonLines, Live, LiveOptions, Recorder, notice, overlay
 from cign_runtime.video import VideoSource, VideoSourceError, list_cameras
 
@@ -77,7 +77,9 @@ def register(model_dir: Path, plan: Path, precision: str | None) -> str:
 @click.option("--task", type=click.IntRange(min=0), help="Token table of this task (tokens-as-input exports) [default: the export's].")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True)
 @click.option("--precision", help="A precision the export has [default: the backend's best].")
-@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads (torch's on torch-cpu).")
+@click.option("--torch-mode", metavar="MODE", help="torch-cuda / torch-cpu: " + ", ".join(TORCH_MODES) + " (compile modes "
+              "as compile:MODE) [default: graph on CUDA, eager on the CPU].")
 @click.option("--hop", type=click.FloatRange(min=0.01), default=0.25, show_default=True, help="Seconds between predictions.")
 @click.option("--topk", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--smooth", type=click.IntRange(min=1), default=1, show_default=True, help="Average the last N predictions (1: off).")
@@ -102,7 +104,7 @@ def register(model_dir: Path, plan: Path, precision: str | None) -> str:
 @click.option("--countdown", type=click.FloatRange(min=0), default=en.COUNTDOWN, show_default=True,
               help="--enroll: seconds of countdown before each shot.")
 @fit_flags
-def main(model_dir, camera, mic, task, backend, precision, threads, hop, topk, smooth, headless, record, latency_log,
+def main(model_dir, camera, mic, task, backend, precision, threads, torch_mode, hop, topk, smooth, headless, record, latency_log,
          max_seconds, max_predictions, no_realtime, loop, list_devices, summarize, register_engine, no_watch,
          enroll_name, shots, countdown, **fit):
     """Live audio-visual classification: p_av = p_audio * p_visual every --hop seconds, with per-stage latency."""
@@ -125,7 +127,7 @@ def main(model_dir, camera, mic, task, backend, precision, threads, hop, topk, s
     logging.basicConfig(level=logging.WARNING, format="cign-live: %(message)s", stream=sys.stderr)
     logging.getLogger("cign_runtime").setLevel(logging.INFO)  # swaps and enrolments are news, not warnings
     try:
-        model = open_model(model_dir, backend, precision, task, threads, spinning=False)
+        model = open_model(model_dir, backend, precision, task, threads, spinning=False, mode=torch_mode)
     except (BackendUnavailable, ValueError, KeyError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"model: {model}", err=True)

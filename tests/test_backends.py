@@ -3,6 +3,7 @@ plain onnxruntime, task tables, refusals, a torch-free import, and native Tensor
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from cign_export import parity
 from cign_export.exporter import Exporter, ExportOptions
 from cign_export.parity import load_samples, open_store
 from cign_runtime import backends
@@ -20,6 +22,7 @@ from cign_runtime.backends import BackendUnavailable, open_model
 from cign_train.checkpoint import TaskCheckpoint
 
 GPU_PROVIDERS = {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers())
+CUDA = backends.gpu_count() > 0  # torch-cuda is available (and auto's choice over ort-cpu) where torch is
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +60,12 @@ def test_ort_cpu_matches_a_plain_onnxruntime_session_on_store_samples(exports, s
     assert model.confidence == model.manifest.confidence
 
 
-@pytest.mark.skipif(bool(GPU_PROVIDERS), reason=f"onnxruntime here has {GPU_PROVIDERS}: auto may pick them")
+@pytest.mark.skipif(bool(GPU_PROVIDERS) or CUDA, reason="a GPU is here: auto may pick a GPU backend")
 def test_auto_picks_ort_cpu_here_and_says_why(exports):
-    assert backends.available(mf.Manifest.load(exports["int8"])) == ["ort-cpu"]
+    assert backends.available(mf.Manifest.load(exports["int8"])) == ["ort-cpu", "torch-cpu"]  # torch-cpu: asked for only
     model = open_model(exports["int8"])
     assert (model.backend, model.precision) == ("ort-cpu", "int8-cpu")
-    assert "auto picked ort-cpu" in model.reason and "available: ['ort-cpu']" in str(model)
+    assert "auto picked ort-cpu" in model.reason and "available: ['ort-cpu', 'torch-cpu']" in str(model)
     assert "ort-cpu as requested" in str(open_model(exports["int8"], "ort-cpu"))
 
 
@@ -72,19 +75,19 @@ def test_precision_defaults_explicit_choice_and_missing_one(exports):
     assert open_model(exports["int8"], "ort-cpu", precision="fp32").precision == "fp32"
     with pytest.raises(ValueError, match=r"'fp16' is not in this export \(onnx: \['fp32', 'int8-cpu'\]"):
         open_model(exports["int8"], precision="fp16")
-    with pytest.raises(ValueError, match=r"'fp16' is not in this export"):
+    with pytest.raises(ValueError, match=r"precision 'fp16': ort-cpu runs \['fp32', 'int8-cpu'\] of this export"):
         open_model(exports["int8"], "ort-cpu", precision="fp16")
 
 
-@pytest.mark.skipif(bool(GPU_PROVIDERS), reason=f"onnxruntime here has {GPU_PROVIDERS}")
-@pytest.mark.parametrize("backend", ["ort-cuda", "ort-trt", "trt"])
+@pytest.mark.skipif(bool(GPU_PROVIDERS) or CUDA, reason="a GPU is here")
+@pytest.mark.parametrize("backend", ["ort-cuda", "ort-trt", "trt", "torch-cuda"])
 def test_a_backend_unavailable_here_errors_listing_the_available_ones(exports, backend):
-    message = rf"backend '{backend}' is not available here; available: \['ort-cpu'\]"
+    message = rf"backend '{backend}' is not available here; available: \['ort-cpu', 'torch-cpu'\]"
     with pytest.raises(BackendUnavailable, match=message):
         open_model(exports["int8"], backend)
 
 
-@pytest.mark.skipif(bool(GPU_PROVIDERS), reason=f"onnxruntime here has {GPU_PROVIDERS}")
+@pytest.mark.skipif(bool(GPU_PROVIDERS) or CUDA, reason="a GPU is here")
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
 def test_a_listed_provider_that_cannot_start_is_an_error_or_an_auto_fallback(exports, monkeypatch):
     """onnxruntime-gpu lists CUDA without a GPU and its sessions then run on CPU: that is refused, not hidden."""
@@ -93,11 +96,12 @@ def test_a_listed_provider_that_cannot_start_is_an_error_or_an_auto_fallback(exp
         open_model(exports["int8"], "ort-cuda")
     model = open_model(exports["int8"])
     assert model.backend == "ort-cpu"
-    assert "available: ['ort-cuda', 'ort-cpu']; skipped ort-cuda: onnxruntime could not start" in model.reason
+    assert "available: ['ort-cuda', 'ort-cpu', 'torch-cpu']; skipped ort-cuda: onnxruntime could not start" in model.reason
 
 
 def test_an_unknown_backend_lists_the_choices(exports):
-    with pytest.raises(ValueError, match=r"'cuda' is not one of \('auto', 'ort-cpu', 'ort-cuda', 'ort-trt', 'trt'\)"):
+    with pytest.raises(ValueError, match=r"'cuda' is not one of \('auto', 'ort-cpu', 'ort-cuda', 'ort-trt', 'trt', "
+                                         r"'torch-cuda', 'torch-cpu'\)"):
         open_model(exports["int8"], "cuda")
 
 
@@ -148,7 +152,7 @@ def test_imports_and_runs_without_torch(exports, samples, tmp_path, torchless_en
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
                     reason="tensorrt is not installed (it needs NVIDIA's index and a GPU): native engines untested")
 def test_native_tensorrt_engine_matches_onnxruntime(tiny_run, samples, tmp_path):
-    if backends._gpu_count() == 0:
+    if backends.gpu_count() == 0:
         pytest.skip("no CUDA GPU visible to cuda-python: TensorRT engines cannot run")
     out = tmp_path / "trt"
     result = Exporter(tiny_run, 1, out, ExportOptions(trt=True, parity_samples=10))()
@@ -190,3 +194,118 @@ def test_register_engine_without_tensorrt_is_a_clear_error_and_leaves_the_manife
                           capture_output=True, text=True, timeout=120, env=torchless_env)
     assert proc.returncode == 1 and "trt: TensorRT is not installed" in proc.stderr
     assert (copy / mf.FILENAME).read_bytes() == before
+
+
+def run_all(model, feeds: dict, batch: int = 8) -> dict:
+    """``model.predict`` over ``feeds`` in batches of ``batch``."""
+    parts = [model.predict(feeds[mf.FRAME][i : i + batch], feeds[mf.SPECTROGRAM][i : i + batch])
+             for i in range(0, len(feeds[mf.FRAME]), batch)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in mf.OUTPUTS}
+
+
+@pytest.mark.parametrize("export", ["int8", "tokens"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_torch_cpu_matches_onnxruntime_fp32_on_store_samples(exports, samples, export, precision):
+    """Baked and tokens-as-input exports; each precision within its tolerance (fp32: and every top-1 the same)."""
+    ref = plain(exports[export] / "model_fp32.onnx",
+                {**samples.feeds, **({mf.TOKENS: np.load(exports[export] / "tokens_task1.npy")} if export == "tokens" else {})})
+    with open_model(exports[export], "torch-cpu", precision, threads=2) as model:
+        assert (model.backend, model.precision, model.runner.mode) == ("torch-cpu", precision, "eager")
+        assert "torch-cpu as requested (eager mode)" in model.reason
+        got = run_all(model, samples.feeds)
+    result = parity.check_torch(got, ref, precision, f"torch-cpu {precision}")
+    if precision != "fp32":  # the cast really happened: half precision is measurably off fp32, within its tolerance
+        assert max(r["max_abs_diff"] for r in result.values()) > 1e-5
+
+
+def test_torch_backend_refusals(exports, tmp_path):
+    with pytest.raises(ValueError, match="torch mode 'graph' captures a CUDA graph: it needs torch-cuda"):
+        open_model(exports["int8"], "torch-cpu", mode="graph")
+    with pytest.raises(ValueError, match=r"torch mode 'jit': not one of \('eager', 'graph', 'compile', 'compile-graph'\)"):
+        open_model(exports["int8"], "torch-cpu", mode="jit")
+    with pytest.raises(ValueError, match="compile-graph:reduce-overhead'.* captures CUDA graphs itself"):
+        backends.torch_runner()  # the entry point resolves
+        from cign_export.torch_backend import parse_mode
+
+        parse_mode("compile-graph:reduce-overhead", "cuda")
+    with pytest.raises(ValueError, match="only the torch backends .* take a mode, not 'ort-cpu'"):
+        open_model(exports["int8"], "ort-cpu", mode="eager")
+    with pytest.raises(ValueError, match=r"precision 'int8-cpu': torch-cpu runs \['fp32', 'fp16', 'bf16'\] of this export"):
+        open_model(exports["int8"], "torch-cpu", "int8-cpu")
+    moved = shutil.copytree(exports["int8"], tmp_path / "moved")
+    data = json.loads((moved / mf.FILENAME).read_text())
+    data["checkpoint"]["path"] = str(tmp_path / "elsewhere" / "task_1.pt")
+    (moved / mf.FILENAME).write_text(json.dumps(data))
+    with pytest.raises(BackendUnavailable, match="torch-cpu: the export's source checkpoint .*elsewhere/task_1.pt is not on"):
+        open_model(moved, "torch-cpu")
+    assert open_model(moved, "ort-cpu").backend == "ort-cpu"  # the graphs do not need it
+
+
+def test_torch_cpu_version_swap_shares_the_model_and_runs_the_new_table(exports, samples):
+    """A new token table (what an enrolled version brings) reaches the torch runner without reloading it."""
+    with open_model(exports["tokens"], "torch-cpu", task=0) as model:
+        first = model.predict(samples.feeds[mf.FRAME], samples.feeds[mf.SPECTROGRAM])
+        swapped = model.version(exports["tokens"], model.manifest, task=1)
+        assert swapped.runner is model.runner and swapped.task == 1
+        got = swapped.predict(samples.feeds[mf.FRAME], samples.feeds[mf.SPECTROGRAM])
+    table = np.load(exports["tokens"] / "tokens_task1.npy")
+    ref = plain(exports["tokens"] / "model_fp32.onnx", {**samples.feeds, mf.TOKENS: table})
+    assert first["p_av"].shape == (len(samples), 5) and got["p_av"].shape == (len(samples), 10)
+    parity.check_torch(got, ref, "fp32", "torch-cpu after the swap")
+
+
+def test_torch_cpu_compile_matches_eager(exports, samples):
+    feeds = {k: v[:4] for k, v in samples.feeds.items()}
+    with open_model(exports["int8"], "torch-cpu", "fp32", mode="eager") as eager:
+        ref = eager.predict(feeds[mf.FRAME], feeds[mf.SPECTROGRAM])
+    with open_model(exports["int8"], "torch-cpu", "fp32", mode="compile") as compiled:
+        assert compiled.runner.mode == "compile" and "(compile mode)" in compiled.reason
+        got = compiled.predict(feeds[mf.FRAME], feeds[mf.SPECTROGRAM])
+    parity.check_torch(got, ref, "fp32", "torch-cpu compile")
+
+
+cuda = pytest.mark.skipif(not CUDA, reason="no CUDA GPU here (benchmarks/gpu_check.py runs these where there is one)")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("mode", ["eager", "graph", "compile-graph"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_torch_cuda_matches_onnxruntime_fp32(exports, samples, precision, mode):
+    ref = plain(exports["int8"] / "model_fp32.onnx", samples.feeds)
+    with open_model(exports["int8"], "torch-cuda", precision, mode=mode) as model:
+        got = run_all(model, samples.feeds, batch=1)
+    parity.check_torch(got, ref, precision, f"torch-cuda {precision} {mode}")
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_graph_replays_each_new_input_batch_and_shape(exports, samples):
+    """Static buffers: every call's inputs reach the replay (not the capture's), per captured batch size."""
+    feeds = samples.feeds
+    with open_model(exports["int8"], "torch-cuda", "fp32", mode="eager") as eager, \
+            open_model(exports["int8"], "torch-cuda", "fp32", mode="graph") as graph:
+        for start, size in ((0, 1), (1, 1), (2, 4), (6, 1), (7, 4)):
+            args = feeds[mf.FRAME][start : start + size], feeds[mf.SPECTROGRAM][start : start + size]
+            ref, got = eager.predict(*args), graph.predict(*args)
+            for name in mf.OUTPUTS:
+                np.testing.assert_allclose(got[name], ref[name], atol=1e-5)
+        assert len(graph.runner.captured) == 2
+        split = graph.runner.split_times({mf.FRAME: args[0], mf.SPECTROGRAM: args[1]})
+        assert set(split) == {"h2d_ms", "compute_ms", "d2h_ms"} and all(v > 0 for v in split.values())
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_graph_takes_a_new_token_table(exports, samples):
+    """A swapped version's table is copied into the captured graph's buffer (same K, other values)."""
+    table = np.load(exports["tokens"] / "tokens_task1.npy")
+    with open_model(exports["tokens"], "torch-cuda", "fp32", mode="graph") as model:
+        before = model.predict(samples.feeds[mf.FRAME][:1], samples.feeds[mf.SPECTROGRAM][:1])
+        model.tokens = np.ascontiguousarray(table[::-1])  # a new array, as Model.version brings
+        after = model.predict(samples.feeds[mf.FRAME][:1], samples.feeds[mf.SPECTROGRAM][:1])
+    ref = plain(exports["tokens"] / "model_fp32.onnx", {mf.FRAME: samples.feeds[mf.FRAME][:1],
+                                                        mf.SPECTROGRAM: samples.feeds[mf.SPECTROGRAM][:1],
+                                                        mf.TOKENS: table[::-1].copy()})
+    np.testing.assert_allclose(after["p_av"], ref["p_av"], atol=parity.FP32_TOLERANCE)
+    assert np.abs(after["p_av"] - before["p_av"]).max() > 1e-3

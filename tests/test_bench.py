@@ -116,27 +116,30 @@ def test_gemm_peaks_run_both_kernels():
 def test_cli_times_torch_and_onnxruntime_and_lists_what_it_skipped(export, tmp_path):
     out = tmp_path / "b"
     proc = subprocess.run([sys.executable, "-m", "cign_export.bench_cli", "--model", str(export), "--backends",
-                           "torch,ort-cpu,ort-cuda,trt", "--precision", "fp32,int8", "--batch", "1,2", "--iterations",
-                           "6", "--warmup", "1", "--threads", "1", "--profile", "2", "--out", str(out)],
+                           "torch-cpu,ort-cpu,ort-cuda,trt", "--precision", "fp32,int8", "--torch-modes", "eager,graph",
+                           "--batch", "1,2", "--iterations", "6", "--warmup", "1", "--threads", "1", "--profile", "2",
+                           "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
     got = {(r["backend"], r["precision"], r["batch"]) for r in result["rows"]}
-    assert got == {(b, p, n) for b, p in [("torch", "fp32"), ("ort-cpu", "fp32"), ("ort-cpu", "int8-cpu")] for n in (1, 2)}
+    assert got == {(b, p, n) for b, p in [("torch-cpu", "fp32"), ("ort-cpu", "fp32"), ("ort-cpu", "int8-cpu")] for n in (1, 2)}
     for r in result["rows"]:
         assert len(r["latencies_ms"]) == 6 and r["min_ms"] <= r["median_ms"] <= r["p99_ms"] <= r["max_ms"]
         assert r["samples_per_s"] == pytest.approx(r["batch"] * 1e3 / r["mean_ms"])
         assert r["floor_ms"] > 0 and r["vs_floor"] == pytest.approx(r["median_ms"] / r["floor_ms"])
-        eager = next(e for e in result["rows"] if e["backend"] == "torch" and e["batch"] == r["batch"])
+        eager = next(e for e in result["rows"] if e["backend"] == "torch-cpu" and e["batch"] == r["batch"])
         assert r["vs_eager"] == pytest.approx(r["median_ms"] / eager["median_ms"])
+        assert (r.get("mode"), "setup_s" in r) == (("eager", True) if r["backend"] == "torch-cpu" else (None, False))
     assert result["flops"]["2"] == 2 * result["flops"]["1"]
-    skipped = {(s["backend"], s["precision"]): s["reason"] for s in result["skipped"]}
-    assert "eager runs the fp32 checkpoint only" in skipped[("torch", "int8-trt")]
+    skipped = {(s["backend"], s["precision"], s["mode"]): s["reason"] for s in result["skipped"]}
+    assert "runs ('fp32', 'fp16', 'bf16'), not int8" in skipped[("torch-cpu", "int8", "eager")]
+    assert "captures a CUDA graph: it needs torch-cuda" in skipped[("torch-cpu", "fp32", "graph")]
     if not GPU:
-        assert "not available here" in skipped[("ort-cuda", "fp32")]
+        assert "not available here" in skipped[("ort-cuda", "fp32", None)]
     assert (out / "bench.png").stat().st_size > 1000
     md = (out / "bench.md").read_text()
-    assert "| ort-cpu | int8-cpu | 1 |" in md and "Skipped:" in md and bench.environment()["cpu"] in md
+    assert "| ort-cpu | int8-cpu | 1 |" in md and "| torch-cpu eager | fp32 | 2 |" in md and "Skipped:" in md and bench.environment()["cpu"] in md
     profiled = {(r["backend"], r["precision"], r["batch"]) for r in result["rows"] if "profile" in r}
     assert profiled == {("ort-cpu", p, n) for p in ("fp32", "int8-cpu") for n in (1, 2)}  # not torch
     assert "ort-cpu int8-cpu batch 2: onnxruntime profile, median of 2 calls" in md and "| QLinearConv |" in md
@@ -145,7 +148,7 @@ def test_cli_times_torch_and_onnxruntime_and_lists_what_it_skipped(export, tmp_p
 def test_cli_runs_without_torch_and_skips_the_torch_backend(export, tmp_path, torchless_env):
     out = tmp_path / "b"
     proc = subprocess.run([sys.executable, "-m", "cign_export.bench_cli", "--model", str(export), "--backends",
-                           "torch,ort-cpu", "--precision", "fp32", "--batch", "1", "--iterations", "3", "--warmup", "0",
+                           "torch-cpu,ort-cpu", "--torch-modes", "eager", "--precision", "fp32", "--batch", "1", "--iterations", "3", "--warmup", "0",
                            "--out", str(out)], capture_output=True, text=True, timeout=300, env=torchless_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
@@ -166,8 +169,8 @@ def test_torch_backend_refuses_a_checkpoint_changed_since_the_export(export, tmp
     (moved / mf.FILENAME).write_text(json.dumps(data))
     from cign_export.bench_cli import run_bench
 
-    result = run_bench(moved, {"backends": ["torch"], "precision": ["fp32"], "batch": [1], "iterations": 2,
-                               "warmup": 0, "threads": 1})
+    result = run_bench(moved, {"backends": ["torch-cpu"], "precision": ["fp32"], "torch_modes": ["eager"], "batch": [1],
+                               "iterations": 2, "warmup": 0, "threads": 1, "profile": 0})
     assert result["rows"] == [] and "changed since the export" in result["skipped"][0]["reason"]
 
 

@@ -229,6 +229,24 @@ def test_headless_file_run_without_torch_predicts_every_hop_and_logs_every_stage
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_headless_run_on_torch_cpu_gives_the_fp32_graph_predictions(export, clips):
+    """cign-live --backend torch-cpu: the same clip, the same top-3 per hop as onnxruntime fp32 (the torch backends
+    run the export's source checkpoint)."""
+    import os
+
+    args = ("--model", export, "--camera", clips[1], "--mic", clips[1], "--headless", "--no-realtime", "--hop", "1")
+    torch_run = run_live(*args, "--backend", "torch-cpu", "--torch-mode", "eager", env=os.environ)
+    graph_run = run_live(*args, "--backend", "ort-cpu", "--precision", "fp32", env=os.environ)
+    assert torch_run.returncode == 0 and graph_run.returncode == 0, torch_run.stderr[-3000:] + graph_run.stderr[-3000:]
+    assert "torch-cpu fp32" in torch_run.stderr and "torch-cpu as requested (eager mode)" in torch_run.stderr
+    got, ref = ([json.loads(x) for x in run.stdout.splitlines()] for run in (torch_run, graph_run))
+    assert len(got) == len(ref) == 4
+    for g, r in zip(got, ref):
+        assert [t["class"] for t in g["top"]] == [t["class"] for t in r["top"]]
+        for a, b in zip(g["top"], r["top"]):
+            assert a["p_av"] == pytest.approx(b["p_av"], abs=1e-4)
+
+
 def test_live_preprocessing_matches_the_training_side_torch_implementation(clips):
     spec = get_preset("cpu")
     decoded = decode_clip(clips[1], spec)
