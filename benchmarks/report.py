@@ -1157,6 +1157,63 @@ def gen_studies(ctx: Ctx) -> str:
     return table(["study", "question", "answer", "results"], rows, ["---"] * 4)
 
 
+TORCH_PARITY = (f"{RESULTS}/torch_parity_cpu.json", f"{RESULTS}/torch_parity_cuda.json")
+
+
+def gen_torch_parity(ctx: Ctx) -> str:
+    """The torch backends against onnxruntime fp32 per device, precision and mode (worst export, lowest agreement)."""
+    rels = [r for r in TORCH_PARITY if (ROOT / r).is_file()] or [TORCH_PARITY[0]]
+    rows, captions = [], []
+    for rel in rels:
+        d = load(rel)
+        groups: dict = {}
+        for r in d["rows"]:
+            groups.setdefault((r["precision"], r["mode"]), []).append(r)
+        for (precision, mode), rs in groups.items():
+            rows.append([f"torch-{d['device']}", precision, mode, f"{d['tolerances'][precision]:g}",
+                         " / ".join(f"{max(r['outputs'][o]['max_abs_diff'] for r in rs):.1e}" for o in ("p_audio", "p_visual", "p_av")),
+                         " / ".join(f"{100 * min(r['outputs'][o]['top1_agreement'] for r in rs):.1f}" for o in ("p_audio", "p_visual", "p_av")),
+                         f"{sum(r['accuracy'] for r in rs) / len(rs):.1f} / {sum(r['accuracy_fp32_onnx'] for r in rs) / len(rs):.1f}"])
+        gpu = d["machine"].get("gpu")
+        exports = sorted({r["export"] for r in d["rows"]})
+        captions.append(f"torch-{d['device']}: {', '.join(f'`{e}`' for e in exports)} ({rs[0]['classes']} classes, "
+                        f"{rs[0]['clips']} test clips each), batch {rs[0]['batch']}, {cpu_label(d['machine'])}"
+                        + (f", {gpu['name']}" if gpu and d["device"] == "cuda" else ""))
+    return "\n".join([table(["backend", "precision", "mode", "tolerance", "max diff p_audio / p_visual / p_av",
+                             "top-1 agreement % p_audio / p_visual / p_av", "AV accuracy % torch / onnx fp32"], rows,
+                            ["---", "---", "---", "---:", "---:", "---:", "---:"]), "",
+                      ctx.source(rels, "trained avdigits models (`cpu` preset), worst export per row", *captions)])
+
+
+GPU_LATENCY = (f"{RESULTS}/gpu_latency_paper.json", f"{RESULTS}/gpu_latency_avdigits.json")
+
+
+def gen_gpu(ctx: Ctx) -> str:
+    """Batch-1 latency on a GPU per backend, precision and mode, from ``make bench-gpu``'s cign-bench runs."""
+    rels = [r for r in GPU_LATENCY if (ROOT / r).is_file()]
+    if not rels:
+        return ("No GPU latency run is recorded in `benchmarks/results/`: `make bench-gpu` takes these numbers on a "
+                "machine with a CUDA GPU.")
+    rows, captions = [], []
+    for rel in rels:
+        d = load(rel)
+        for r in d["rows"]:
+            if r["batch"] != 1:
+                continue
+            rows.append([model_name(d), r["backend"] + (f" {r['mode']}" if r.get("mode") else ""), r["precision"],
+                         f(r["median_ms"], 3), f(r["p99_ms"], 3), f(r["max_ms"], 3),
+                         f(r["floor_ms"], 3) if "floor_ms" in r else "–",
+                         f(r["setup_s"], 1) if "setup_s" in r else "–",
+                         f(r["gpu_memory_peak_mib"], 0) if "gpu_memory_peak_mib" in r else "–"])
+        env = d["environment"]
+        captions.append(f"{Path(rel).name}: {env['gpu']['name']} (driver {env['gpu']['driver']}), torch "
+                        f"{env['versions']['torch']}, {d['iterations']} timed calls, host {cpu_label(env)}; GPU peaks "
+                        + ", ".join(f"{p} {v:.0f} TFLOP/s" for p, v in d.get("gpu_peak_tflops", {}).items()))
+    return "\n".join([table(["model", "backend", "precision", "median ms", "p99 ms", "max ms", "floor ms",
+                             "first output s", "GPU MiB"], rows, ["---", "---", "---"] + ["---:"] * 6), "",
+                      ctx.source(rels, "`make bench-gpu`, batch 1", *captions)])
+
+
 GENERATORS = {
     "headline": gen_headline, "demo_time": gen_demo_time, "methods": gen_methods, "methods_val": gen_methods_val,
     "current": gen_current, "ablation": gen_ablation, "ablation_diag": gen_ablation_diag, "depth": gen_depth,
@@ -1169,6 +1226,7 @@ GENERATORS = {
     "joint_epochs": gen_joint_epochs, "pretrain": gen_pretrain, "task_probe": gen_task_probe, "visual_readout": gen_visual_readout,
     "visual_stride": gen_visual_stride, "avx2_demo": gen_avx2_demo, "studies": gen_studies,
     "enroll": gen_enroll, "enroll_sweep": gen_enroll_sweep, "enroll_swap": gen_enroll_swap, "enroll_time": gen_enroll_time, "enroll_seeds": gen_enroll_seeds,
+    "torch_parity": gen_torch_parity, "gpu": gen_gpu,
 }
 
 

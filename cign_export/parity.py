@@ -18,10 +18,11 @@ from cign_train.data.store import PreparedStore
 
 FP32_TOLERANCE = 1e-4  # max |onnxruntime - eager| per output, fp32
 #: Max |p_torch - p_onnxruntime fp32| per output accepted from the torch backends, per precision: fp32
-#: as the export's own check; fp16 as the FP16 ONNX (``calibration.fp16.TOLERANCE``); bf16 three times
-#: the largest difference measured (``benchmarks/bench_torch_parity.py``: 0.063, p_audio of a trained
-#: avdigits model on torch-cpu; bf16 keeps 8 bits of mantissa against fp16's 11).
-TORCH_TOLERANCES = {"fp32": FP32_TOLERANCE, "fp16": FP16_TOLERANCE, "bf16": 0.2}
+#: as the export's own check; fp16 and bf16 three times the largest difference measured on torch-cpu
+#: (``benchmarks/bench_torch_parity.py``, three trained avdigits models, 320 test clips each: fp16
+#: 0.018, bf16 0.063, both on p_audio). PyTorch's CPU half-precision kernels are looser than the FP16
+#: ONNX's (``calibration.fp16``); bf16 keeps 8 bits of mantissa against fp16's 11.
+TORCH_TOLERANCES = {"fp32": FP32_TOLERANCE, "fp16": 0.05, "bf16": 0.2}
 MODALITY_OUTPUTS = {"audio": "p_audio", "visual": "p_visual", "audio_visual": "p_av"}
 
 

@@ -54,15 +54,18 @@ def parse_mode(mode: str, device: str) -> tuple[str, str | None]:
     return base, (compile_mode or "default") if base.startswith("compile") else None
 
 
-def source_checkpoint(manifest: mf.Manifest, backend: str) -> Path:
-    """The export's source checkpoint, or BackendUnavailable when it is missing or changed."""
-    path = Path(manifest.checkpoint["path"])
-    if not path.is_file():
-        raise BackendUnavailable(f"{backend}: the export's source checkpoint {path} is not on this machine "
-                                 "(the torch backends rebuild the model from it)")
-    if mf.sha256(path) != manifest.checkpoint["sha256"]:
-        raise BackendUnavailable(f"{backend}: {path} changed since the export (sha256 differs from the manifest's)")
-    return path
+def source_checkpoint(root: Path, manifest: mf.Manifest, backend: str) -> Path:
+    """The export's source checkpoint: at the manifest's path or, copied with the export to a device, beside
+    its manifest under the same name; its sha256 must be the manifest's. BackendUnavailable otherwise."""
+    recorded = Path(manifest.checkpoint["path"])
+    found = [p for p in (recorded, Path(root) / recorded.name) if p.is_file()]
+    if not found:
+        raise BackendUnavailable(f"{backend}: the export's source checkpoint {recorded} is not on this machine, nor "
+                                 f"{Path(root) / recorded.name} (the torch backends rebuild the model from it)")
+    for path in found:
+        if mf.sha256(path) == manifest.checkpoint["sha256"]:
+            return path
+    raise BackendUnavailable(f"{backend}: {found[0]} changed since the export (sha256 differs from the manifest's)")
 
 
 class TorchRunner:
@@ -76,7 +79,7 @@ class TorchRunner:
         if precision not in TORCH_PRECISIONS:
             raise ValueError(f"{backend}: precision {precision!r} is not one of {TORCH_PRECISIONS}")
         self.mode, compile_mode = parse_mode(mode, device)
-        ckpt = TaskCheckpoint.load(source_checkpoint(manifest, backend))
+        ckpt = TaskCheckpoint.load(source_checkpoint(root, manifest, backend))
         if ckpt.spec != manifest.spec:
             raise BackendUnavailable(f"{backend}: the checkpoint's preprocessing spec differs from {root}'s manifest")
         if threads is not None and device == "cpu":

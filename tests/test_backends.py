@@ -239,6 +239,13 @@ def test_torch_backend_refusals(exports, tmp_path):
     with pytest.raises(BackendUnavailable, match="torch-cpu: the export's source checkpoint .*elsewhere/task_1.pt is not on"):
         open_model(moved, "torch-cpu")
     assert open_model(moved, "ort-cpu").backend == "ort-cpu"  # the graphs do not need it
+    source = mf.Manifest.load(exports["int8"]).checkpoint["path"]
+    shutil.copy(source, moved / "task_1.pt")  # copied beside the manifest, as to a device
+    assert open_model(moved, "torch-cpu").backend == "torch-cpu"
+    with (moved / "task_1.pt").open("ab") as f:
+        f.write(b"\0")
+    with pytest.raises(BackendUnavailable, match="task_1.pt changed since the export"):
+        open_model(moved, "torch-cpu")
 
 
 def test_torch_cpu_version_swap_shares_the_model_and_runs_the_new_table(exports, samples):
