@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: setup demo test report bench experiments bench-demo bench-default bench-export bench-live bench-latency bench-enroll
+.PHONY: setup demo test report bench experiments bench-demo bench-default bench-export bench-live bench-latency bench-enroll bench-gpu
 
 setup:
 	PYTHON=$(PYTHON) bash scripts/setup.sh
@@ -61,3 +61,10 @@ bench-default: setup
 bench-live: setup
 	$(PYTHON) benchmarks/bench_live.py
 	$(PYTHON) benchmarks/bench_live.py --soak 600
+
+# Every GPU number in one run of at most 8 min on an H100 / H200 (benchmarks/gpu_check.py; --dry-run shows and checks
+# the plan): cign-bench on the GPU backends for the paper preset and a trained avdigits export, the default cign-train
+# on CUDA and its export, training throughput, the CUDA tests; writes benchmarks/results/gpu_*.json. SKIP_SETUP=1 runs
+# it without set-up, on a machine without network (the wheels it lacks: scripts/gpu_wheels.sh)
+bench-gpu: $(if $(SKIP_SETUP),,setup)
+	$(PYTHON) benchmarks/gpu_check.py

@@ -3,7 +3,7 @@
 For every export given (default: the three seeds' tokens-as-input exports of ``make bench-enroll``,
 trained avdigits models), every clip of its test split goes through onnxruntime fp32 (the reference)
 and through the torch backend at each precision (fp32, fp16, bf16) and mode (torch-cpu: eager;
-torch-cuda: eager, graph, compile-graph), batch 1 on CUDA (as cign-live calls it), batches of 16 on the
+torch-cuda: eager, graph), batch 1 on CUDA (as cign-live calls it), batches of 16 on the
 CPU. Per configuration: max |difference| of each output, top-1 agreement of each output, and the
 audio-visual accuracy of both. ``cign_export.parity.TORCH_TOLERANCES`` is set from these numbers.
 
@@ -27,7 +27,7 @@ from cign_train.checkpoint import TaskCheckpoint
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_EXPORTS = [Path(f"runs/bench-enroll/seed{s}/export") for s in range(3)]
-MODES = {"cpu": ("eager",), "cuda": ("eager", "graph", "compile-graph")}
+MODES = {"cpu": ("eager",), "cuda": ("eager", "graph")}
 
 
 def outputs(model, feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:

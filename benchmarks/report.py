@@ -1185,7 +1185,8 @@ def gen_torch_parity(ctx: Ctx) -> str:
                       ctx.source(rels, "trained avdigits models (`cpu` preset), worst export per row", *captions)])
 
 
-GPU_LATENCY = (f"{RESULTS}/gpu_latency_paper.json", f"{RESULTS}/gpu_latency_avdigits.json")
+GPU_LATENCY = (f"{RESULTS}/gpu_latency_paper.json", f"{RESULTS}/gpu_latency_paper_compile.json",
+               f"{RESULTS}/gpu_latency_avdigits.json")
 
 
 def gen_gpu(ctx: Ctx) -> str:

@@ -276,8 +276,8 @@ cuda = pytest.mark.skipif(not CUDA, reason="no CUDA GPU here (benchmarks/gpu_che
 
 @pytest.mark.cuda
 @cuda
-@pytest.mark.parametrize("mode", ["eager", "graph", "compile-graph"])
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(("precision", "mode"), [(p, m) for p in ("fp32", "fp16", "bf16") for m in ("eager", "graph")]
+                         + [("fp16", "compile-graph")])  # one compilation: each takes tens of seconds
 def test_torch_cuda_matches_onnxruntime_fp32(exports, samples, precision, mode):
     ref = plain(exports["int8"] / "model_fp32.onnx", samples.feeds)
     with open_model(exports["int8"], "torch-cuda", precision, mode=mode) as model:
