@@ -289,7 +289,7 @@ def test_bad_inputs_are_clear_errors(export, clips, torchless_env):
     proc = run_live("--model", export, "--camera", "/dev/video97", "--mic", clips[0], "--headless", env=torchless_env)
     assert proc.returncode == 1 and "camera '/dev/video97' cannot be opened" in proc.stderr
     proc = run_live("--model", export, "--backend", "ort-cuda", "--camera", clips[0], "--mic", clips[0], env=torchless_env)
-    assert proc.returncode == 1 and "available: ['ort-cpu']" in proc.stderr
+    assert proc.returncode == 1 and "backend 'ort-cuda' is not available here; available: ['ort-cpu'" in proc.stderr
     proc = run_live("--model", export, "--camera", "0", "--mic", "default", "--no-realtime", env=torchless_env)
     assert proc.returncode == 2 and "--no-realtime steps through files" in proc.stderr
 
