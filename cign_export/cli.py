@@ -10,6 +10,7 @@ import click
 from cign_export.exporter import ExportError, Exporter, ExportOptions, ExportResult
 from cign_export.onnx_format import DEFAULT_OPSET, OPSETS
 from cign_export.parity import ParityError
+from cign_runtime import manifest as mf
 from cign_train import checkpoint as ck
 
 RUNS = Path("runs")
@@ -63,7 +64,7 @@ def summary(result: ExportResult) -> str:
 @click.option("--tokens-as-input", is_flag=True, help="One graph for every task: the class-token table is an input; tables saved as tokens_taskT.npy.")
 @click.option("--trt", is_flag=True, help="Build TensorRT engines (needs tensorrt and a GPU; trtexec.sh is always written).")
 @click.option("--opset", type=click.IntRange(*OPSETS), default=DEFAULT_OPSET, show_default=True)
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Largest batch of the TensorRT profile.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=mf.DEFAULT_MAX_BATCH, show_default=True, help="Largest batch of the TensorRT profile.")
 @click.option("--calibration-per-class", type=click.IntRange(min=1), default=10, show_default=True, help="INT8 calibration clips per seen class.")
 @click.option("--parity-samples", type=click.IntRange(min=1), help="Test clips used for parity and accuracy [default: all].")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Where the run's prepared store is [default: the run's].")

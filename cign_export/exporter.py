@@ -57,7 +57,7 @@ class ExportOptions:
     tokens_as_input: bool = False
     trt: bool = False
     opset: int = DEFAULT_OPSET
-    max_batch: int = 8  # TensorRT profile: batch 1 / 1 / max_batch
+    max_batch: int = mf.DEFAULT_MAX_BATCH  # TensorRT profile: batch 1 / 1 / max_batch
     calibration_per_class: int = 10  # INT8 calibration samples per seen class (train split)
     parity_samples: int | None = None  # test samples for parity and accuracy (None: the whole split)
     seed: int = 0
@@ -233,6 +233,7 @@ class Exporter:
             outputs=output_infos(), opset=self.opt.opset, tokens_as_input=self.opt.tokens_as_input,
             artefacts=artefacts, checkpoint={"path": str(self.ckpt_path.resolve()), "sha256": self.ckpt_sha},
             confidence=confidence, created_by=f"cign-export {json.dumps(report['versions'])}",
+            profile={name: [list(s) for s in shapes] for name, shapes in self.profile().shapes.items()},
         )
         manifest.save(self.out)
         return ExportResult(self.out, manifest, report, engine_error)
@@ -276,7 +277,8 @@ class Exporter:
                 mf.Artefact.of(self.out, exemplars, "exemplars")]
 
     def write_trtexec(self, engines: list[str], report: dict) -> mf.Artefact:
-        """``trtexec.sh``: the trtexec line of every engine for TensorRT 10 and 11 (also in the report)."""
+        """``trtexec.sh``: builds every engine on the device with its trtexec (TensorRT 10 or 11+); the report
+        keeps the lines, with the script's ``$TRTEXEC`` and ``$CACHE``."""
         profile = self.profile()
         onnx_files = {p: self.onnx_path(p).name for p in self.opt.precisions}
         script = self.out / "trtexec.sh"
@@ -294,7 +296,7 @@ class Exporter:
             with step(f"tensorrt {p}", report, path):
                 _, version = trt_engine.import_tensorrt()
                 source = self.onnx_path(trt_engine.onnx_source(p, version))
-                trt_engine.build_engine(source, path, p, self.profile(), self.out / "timing.cache")
+                trt_engine.build_engine(source, path, p, self.profile(), self.out)
             built.append(mf.Artefact.of(self.out, path, "engine", precision=p))
         return built
 

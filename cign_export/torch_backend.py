@@ -29,7 +29,7 @@ import torch
 
 from cign_export.graph import ExportGraph
 from cign_runtime import manifest as mf
-from cign_runtime.backends import TORCH_MODES, TORCH_PRECISIONS, BackendUnavailable
+from cign_runtime.backends import TORCH_MODES, TORCH_PRECISIONS, BackendUnavailable, empty_outputs
 from cign_train.checkpoint import TaskCheckpoint
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -135,6 +135,8 @@ class TorchRunner:
             return self.forward(*[torch.from_numpy(a).to(self.device) for a in arrays])
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if len(feeds[mf.FRAME]) == 0:  # nothing to run (a CUDA graph would be captured for it)
+            return empty_outputs(feeds, self.graph.model.n_classes)
         outputs = self._call(self._inputs(feeds))
         return {name: out.cpu().numpy() for name, out in zip(mf.OUTPUTS, outputs)}
 

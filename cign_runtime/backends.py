@@ -5,10 +5,12 @@ opened from an export folder.
 ``open_model(dir, backend="auto")`` loads the manifest (every artefact's sha256 verified), picks a
 backend (auto: a built TensorRT engine > ort-trt > ort-cuda > torch-cuda > ort-cpu, falling back
 when one cannot start here and recording why in ``Model.reason``), a precision and, for
-tokens-as-input exports, one task's token table. Torch-free; ``tensorrt`` and ``cuda-python`` are
-imported only by the ``trt`` backend, and the ``torch-*`` backends' runner comes from the package
-registered under the ``cign_runtime.runners`` entry point (``cign_export.torch_backend`` in the
-training install), loaded only when one is opened.
+tokens-as-input exports, one task's token table. :func:`unavailable` says why each other backend
+cannot run here (no engine, TensorRT not importable, cuda-python built for a newer CUDA than the
+driver's, ...). Torch-free; ``tensorrt`` and ``cuda-python`` are imported only by the ``trt``
+backend, and the ``torch-*`` backends' runner comes from the package registered under the
+``cign_runtime.runners`` entry point (``cign_export.torch_backend`` in the training install), loaded
+only when one is opened.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import importlib.util
 import os
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -111,28 +113,124 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cign" / "ort-trt"
 
 
-def _cudart():
-    """cuda-python's runtime module (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6)."""
+class Driver(NamedTuple):
+    """What the CUDA driver API (``libcuda``) reports: GPUs, its CUDA version (major, minor), why no GPU."""
+
+    gpus: int
+    version: tuple[int, int] | None
+    problem: str | None
+
+
+def cuda_driver() -> Driver:
+    """Ask ``libcuda.so.1`` (also on Jetson; no toolkit needed) for its CUDA version (``cuDriverGetVersion``,
+    which needs no ``cuInit``) and its devices."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        return Driver(0, None, f"no CUDA driver ({e})")
+    raw, n = ctypes.c_int(0), ctypes.c_int(0)  # cuDriverGetVersion: 1000 * major + 10 * minor
+    known = cuda.cuDriverGetVersion(ctypes.byref(raw)) == 0 and raw.value > 0
+    version = (raw.value // 1000, raw.value % 1000 // 10) if known else None
+    call, code = "cuInit", cuda.cuInit(0)
+    if code == 0:
+        call, code = "cuDeviceGetCount", cuda.cuDeviceGetCount(ctypes.byref(n))
+    if code != 0:
+        name = ctypes.c_char_p()
+        named = cuda.cuGetErrorName(code, ctypes.byref(name)) == 0 and name.value
+        text = name.value.decode() if named else f"error {code}"
+        return Driver(0, version, f"the CUDA driver{_cuda_text(version)} fails {call}: {text}")
+    return Driver(n.value, version, None if n.value else f"the CUDA driver{_cuda_text(version)} sees no GPU")
+
+
+def _cuda_text(version: tuple[int, int] | None) -> str:
+    return f" (CUDA {version[0]}.{version[1]})" if version else ""
+
+
+def gpu_count() -> int:
+    """CUDA devices the driver API sees, 0 without driver or GPU (:func:`cuda_driver`)."""
+    return cuda_driver().gpus
+
+
+def cuda_python_version() -> str | None:
+    """The installed cuda-python bindings' version (``cuda-bindings``, or ``cuda-python`` before 12.6)."""
+    for dist in ("cuda-bindings", "cuda-python"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _pin(driver: Driver) -> str:
+    """The pip line of the cuda-python series this driver runs."""
+    major = driver.version[0] if driver.version else None
+    return f"pip install 'cuda-python>={major},<{major + 1}'" if major else "pip install cuda-python"
+
+
+def cuda_mismatches(driver: Driver) -> list[str]:
+    """Installed packages built for a newer CUDA major than the driver's, which they cannot run on, with the
+    pip line of the right build: cuda-python (its major is the CUDA major) and TensorRT's ``tensorrt-cuNN``."""
+    if driver.version is None:
+        return []
+    have, reports = driver.version[0], f"this one reports CUDA {driver.version[0]}.{driver.version[1]}"
+    found = []
+    version = cuda_python_version()
+    if version is not None and int(version.split(".")[0]) > have:
+        found.append(f"cuda-python {version} needs a CUDA {version.split('.')[0]} driver; {reports}: {_pin(driver)}")
+    for newer in range(have + 1, have + 4):
+        try:
+            trt_version = importlib.metadata.version(f"tensorrt-cu{newer}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found.append(f"tensorrt-cu{newer} {trt_version} needs a CUDA {newer} driver; {reports}: "
+                     f"pip install 'tensorrt-cu{have}>=10'")
+    return found
+
+
+def _cudart(driver: Driver | None = None):
+    """cuda-python's runtime module (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6), else
+    BackendUnavailable with the pip line for this driver."""
     try:
         from cuda.bindings import runtime
     except ImportError:
         try:
             from cuda import cudart as runtime
         except ImportError as e:
-            raise BackendUnavailable(f"trt: cuda-python is not installed ({e}); pip install cuda-python") from e
+            raise BackendUnavailable(f"trt: cuda-python is not importable ({e}); "
+                                     f"{_pin(driver or cuda_driver())}") from e
     return runtime
 
 
-def gpu_count() -> int:
-    """CUDA devices the driver API sees (``libcuda``, also on Jetson), 0 without driver or GPU; no toolkit needed."""
+def _error_name(cudart, err) -> str:
+    name = cudart.cudaGetErrorName(err)[1]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def _trt_problems(manifest: mf.Manifest, driver: Driver) -> list[str]:
+    """Why the ``trt`` backend cannot run this export here: no engine listed, no driver or GPU, ``tensorrt``
+    not importable, packages built for a newer CUDA than the driver's, cuda-python missing or failing to
+    reach the GPU."""
+    if not manifest.precisions("engine"):
+        return ["this export lists no TensorRT engine (build one here with its trtexec.sh, then "
+                "cign-live --register-engine)"]
+    problems = [driver.problem] if driver.problem else []
     try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
-    n = ctypes.c_int(0)
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(n)) != 0:
-        return 0
-    return n.value
+        import tensorrt  # noqa: F401
+    except Exception as e:  # ImportError, or OSError from a missing libnvinfer
+        problems.append(f"tensorrt not importable ({type(e).__name__}: {e}); pip install 'cign-edge[trt]' "
+                        "(on a Jetson: JetPack's python3-libnvinfer)")
+    mismatches = cuda_mismatches(driver)
+    problems += mismatches
+    try:
+        cudart = _cudart(driver)
+    except BackendUnavailable as e:
+        return problems + [str(e).removeprefix("trt: ")]
+    if driver.gpus and not mismatches:
+        err, _ = cudart.cudaGetDeviceCount()
+        if err != cudart.cudaError_t.cudaSuccess:
+            problems.append(f"cuda-python {cuda_python_version()} cannot reach the GPU: cudaGetDeviceCount gives "
+                            f"{_error_name(cudart, err)} (the driver{_cuda_text(driver.version)})")
+    return problems
 
 
 def _torch_entry_point() -> importlib.metadata.EntryPoint | None:
@@ -154,21 +252,44 @@ def torch_runner():
                              "'cign-edge[train]', or JetPack's torch wheel and then cign-edge)")
 
 
+def survey(manifest: mf.Manifest) -> tuple[list[str], dict[str, str]]:
+    """(:func:`available`, :func:`unavailable`) from one look at this machine."""
+    providers = ort.get_available_providers()
+    driver = cuda_driver()
+    absent: dict[str, str] = {}
+    for b, provider in PROVIDERS.items():
+        if provider not in providers:
+            absent[b] = (f"onnxruntime {ort.__version__} lists no {provider} (a CPU build? pip install "
+                         "onnxruntime-gpu, on a Jetson its JetPack's wheel)")
+    if _torch_entry_point() is None:
+        try:
+            torch_runner()
+        except BackendUnavailable as e:
+            absent["torch-cpu"] = absent["torch-cuda"] = str(e).removeprefix("torch-*: ")
+    elif driver.problem:
+        absent["torch-cuda"] = driver.problem
+    trt = _trt_problems(manifest, driver)
+    if trt:
+        absent["trt"] = "; ".join(trt)
+    here = [b for b in (*AUTO_ORDER, "torch-cpu") if b not in absent]
+    return here, absent
+
+
 def available(manifest: mf.Manifest) -> list[str]:
-    """Backends that can run this export here, best first.
+    """Backends that can run this export here, best first (``torch-cpu``, never auto's choice, last).
 
     ``ort-*``: onnxruntime lists the provider (onnxruntime-gpu lists CUDA/TensorRT even without a
-    GPU; opening such a backend then fails with the reason). ``trt``: ``tensorrt`` importable, a
-    built engine in the manifest and a CUDA GPU. ``torch-*``: torch and the runner installed
-    (torch-cuda: and a CUDA GPU); opening one fails with the reason when the source checkpoint is missing.
+    GPU; opening such a backend then fails with the reason). ``trt``: a built engine in the manifest,
+    a CUDA GPU, ``tensorrt`` importable and cuda-python reaching the GPU. ``torch-*``: torch and the
+    runner installed (torch-cuda: and a CUDA GPU); opening one fails with the reason when the source
+    checkpoint is missing.
     """
-    providers = set(ort.get_available_providers())
-    gpus = gpu_count()
-    torch_here = ["torch-cuda"] * (gpus > 0) + ["torch-cpu"] if _torch_entry_point() else []
-    here = [b for b in AUTO_ORDER if (b in PROVIDERS and PROVIDERS[b] in providers) or b in torch_here]
-    if manifest.precisions("engine") and importlib.util.find_spec("tensorrt") is not None and gpus > 0:
-        here.insert(0, "trt")
-    return here + ["torch-cpu"] * ("torch-cpu" in torch_here)
+    return survey(manifest)[0]
+
+
+def unavailable(manifest: mf.Manifest) -> dict[str, str]:
+    """{backend: why it cannot run this export here} for each backend :func:`available` leaves out."""
+    return survey(manifest)[1]
 
 
 def pick_precision(manifest: mf.Manifest, backend: str, precision: str | None) -> str:
@@ -186,11 +307,52 @@ def pick_precision(manifest: mf.Manifest, backend: str, precision: str | None) -
                      f"({role(backend)} precisions exported: {have}); pass a precision")
 
 
+def empty_outputs(feeds: dict[str, np.ndarray], classes: int | None) -> dict[str, np.ndarray]:
+    """What a batch of 0 gives: (0, K) float32 per output, K from the token table fed or the graph's ``classes``."""
+    k = len(feeds[mf.TOKENS]) if mf.TOKENS in feeds else classes
+    if k is None:
+        raise ValueError("a batch of 0 on a graph whose class count is not fixed needs its token table")
+    return {name: np.zeros((0, k), np.float32) for name in mf.OUTPUTS}
+
+
+def profile_text(profile: dict[str, list[list[int]]], bound: int) -> str:
+    """One bound (0 min, 1 opt, 2 max) of a shape profile as trtexec and onnxruntime write it:
+    ``frame:1x3x64x64,spectrogram:1x1x32x301``."""
+    return ",".join(f"{name}:{'x'.join(map(str, shapes[bound]))}" for name, shapes in profile.items())
+
+
+def ort_trt_options(precision: str, cache_dir: Path, profile: dict[str, list[list[int]]]) -> dict:
+    """TensorrtExecutionProvider's options for a graph of ``precision`` with the export's shape range.
+
+    ``profile`` ({input: [min, opt, max]}, ``Manifest.shape_profile``) goes in as the explicit
+    ``trt_profile_min/opt/max_shapes``, so the engine onnxruntime builds and caches in ``cache_dir`` (with
+    its timing cache) covers every batch and class count of the range; without them it builds for the
+    first shapes it sees and rebuilds whenever a larger batch or token table comes, minutes on a Jetson in
+    the middle of a stream. A shape beyond the range still makes it widen the range and rebuild.
+
+    int8-trt runs the Q/DQ graph's own scales (no calibration table) with FP16 enabled as well, so the
+    layers outside Q/DQ pairs (attention products, softmax, normalisation, sigmoid) run in FP16, the mixed
+    precision of the TensorRT 10 engines (``cign_export.engine.builder_flags``); with INT8 alone they run
+    in FP32.
+    """
+    options = {
+        "device_id": 0,
+        "trt_fp16_enable": precision in ("fp16", "int8-trt"),
+        "trt_int8_enable": precision == "int8-trt",
+        "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir),
+    }
+    for bound, kind in enumerate(("min", "opt", "max")):
+        options[f"trt_profile_{kind}_shapes"] = profile_text(profile, bound)
+    return options
+
+
 class OrtRunner:
-    """One onnxruntime session on the execution provider of an ``ort-*`` backend."""
+    """One onnxruntime session on the execution provider of an ``ort-*`` backend (``profile``: the export's
+    shape range, which ort-trt needs; :func:`ort_trt_options`)."""
 
     def __init__(self, path: Path, backend: str, precision: str, threads: int | None, cache_dir: Path,
-                 spinning: bool = True):
+                 spinning: bool = True, profile: dict[str, list[list[int]]] | None = None):
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
@@ -198,18 +360,13 @@ class OrtRunner:
         if not spinning:  # idle pool threads sleep instead of spinning after each parallel section
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         cuda = ("CUDAExecutionProvider", {"device_id": 0})
-        providers = {
-            "ort-cpu": ["CPUExecutionProvider"],
-            "ort-cuda": [cuda, "CPUExecutionProvider"],
-            "ort-trt": [("TensorrtExecutionProvider", {
-                "device_id": 0,
-                "trt_fp16_enable": precision == "fp16",
-                "trt_int8_enable": precision == "int8-trt",  # explicit Q/DQ scales, no calibration table
-                "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
-                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir),
-            }), cuda, "CPUExecutionProvider"],
-        }[backend]
+        providers: list = ["CPUExecutionProvider"]
+        if backend in ("ort-cuda", "ort-trt"):
+            providers.insert(0, cuda)
         if backend == "ort-trt":
+            if profile is None:
+                raise ValueError("ort-trt needs the export's shape profile (Manifest.shape_profile)")
+            providers.insert(0, ("TensorrtExecutionProvider", ort_trt_options(precision, cache_dir, profile)))
             cache_dir.mkdir(parents=True, exist_ok=True)
         wanted = PROVIDERS[backend]
         try:
@@ -221,8 +378,12 @@ class OrtRunner:
         if self.session.get_providers()[0] != wanted:  # onnxruntime falls back to CPU with a warning only
             raise BackendUnavailable(f"{backend}: onnxruntime could not start {wanted} (session runs on "
                                      f"{self.session.get_providers()}); check the CUDA / TensorRT libraries")
+        k = self.session.get_outputs()[0].shape[-1]
+        self.classes = k if isinstance(k, int) else None  # None: K comes with the token table
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if len(feeds[mf.FRAME]) == 0:  # onnxruntime's CPU kernels die with SIGFPE on an empty batch
+            return empty_outputs(feeds, self.classes)
         return dict(zip(mf.OUTPUTS, self.session.run(list(mf.OUTPUTS), feeds)))
 
     def split_times(self, feeds: dict[str, np.ndarray]) -> dict[str, float]:
@@ -250,44 +411,76 @@ class OrtRunner:
         self.session = None
 
 
+def _stream_handle(stream) -> int:
+    """The address of a cuda-python stream, as ``execute_async_v3`` takes it: ``get_cuda_native_handle``
+    (cuda-bindings 12.9.1 and 13, which deprecate ``int()`` on CUDA objects), ``int()`` before it."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(stream)
+    return get_cuda_native_handle(stream)
+
+
 class TensorRTRunner:
     """A serialized TensorRT 10/11 engine run with ``execute_async_v3`` on its own CUDA stream.
 
     Device buffers (cuda-python) grow to the largest batch seen; batches beyond the engine's
-    optimisation profile are split into chunks of its maximum batch.
+    optimisation profile are split into chunks of its maximum batch. Whatever keeps it from starting
+    (TensorRT or cuda-python missing or failing, an engine TensorRT cannot load, a TensorRT factory
+    returning null) is BackendUnavailable naming the cause, with what was allocated freed.
     """
 
     def __init__(self, plan: Path):
+        self.cudart = self.stream = self.context = self.engine = self.runtime = None
+        self.buffers: dict[str, tuple[int, int]] = {}  # tensor name -> (device pointer, bytes)
         try:
             import tensorrt as trt
         except ImportError as e:
             raise BackendUnavailable(f"trt: TensorRT is not installed ({e})") from e
         self.trt, self.cudart = trt, _cudart()
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
+        try:
+            self._open(Path(plan))
+        except Exception as e:  # RuntimeError from CUDA, TypeError from pybind on a null object, ...
+            self._release()
+            if isinstance(e, BackendUnavailable):
+                raise
+            why = "; ".join(cuda_mismatches(cuda_driver()))
+            raise BackendUnavailable(f"trt: {plan}: {type(e).__name__}: {e}" + (f" ({why})" if why else "")) from e
+
+    def _open(self, plan: Path) -> None:
+        trt = self.trt
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
         if self.engine is None:
             raise BackendUnavailable(f"trt: TensorRT {trt.__version__} could not deserialize {plan} (engines are "
                                      "specific to GPU and TensorRT version: rebuild it here with trtexec.sh)")
         self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise BackendUnavailable(f"trt: TensorRT {trt.__version__} could not create an execution context for "
+                                     f"{plan} (GPU memory?)")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         missing = sorted({mf.FRAME, mf.SPECTROGRAM, *mf.OUTPUTS} - set(names))
         if missing:
-            raise ValueError(f"{plan}: engine lacks tensors {missing} (has {names})")
+            raise BackendUnavailable(f"trt: {plan}: engine lacks tensors {missing} (has {names})")
         self.max_batch = int(self.engine.get_tensor_profile_shape(mf.FRAME, 0)[2][0])
+        k = int(self.engine.get_tensor_shape(mf.OUTPUTS[0])[-1])
+        self.classes = k if k >= 0 else None  # None: K comes with the token table
         self.stream = self._check(self.cudart.cudaStreamCreate())
-        self.buffers: dict[str, tuple[int, int]] = {}  # tensor name -> (device pointer, bytes)
+        self.stream_handle = _stream_handle(self.stream)
 
     def _check(self, result: tuple):
         """cuda-python returns (error, *values): raise on an error, else the value (if any)."""
         err, *values = result
         if err != self.cudart.cudaError_t.cudaSuccess:
-            raise RuntimeError(f"CUDA error {self.cudart.cudaGetErrorName(err)[1]!r}")
+            raise RuntimeError(f"CUDA error {_error_name(self.cudart, err)}")
         return values[0] if values else None
 
     def _buffer(self, name: str, nbytes: int) -> int:
         ptr, size = self.buffers.get(name, (0, 0))
         if size < nbytes:
             if ptr:
+                del self.buffers[name]  # not freed twice if the next allocation fails
                 self._check(self.cudart.cudaFree(ptr))
             ptr, size = int(self._check(self.cudart.cudaMalloc(nbytes))), nbytes
             self.buffers[name] = (ptr, size)
@@ -314,7 +507,7 @@ class TensorRTRunner:
         for name, host in outputs.items():
             self._buffer(name, host.nbytes)
         mark()
-        if not self.context.execute_async_v3(int(self.stream)):
+        if not self.context.execute_async_v3(self.stream_handle):
             raise RuntimeError("trt: execute_async_v3 failed")
         mark()
         for name, host in outputs.items():
@@ -335,16 +528,39 @@ class TensorRTRunner:
         return {"h2d_ms": (t1 - t0) * 1e3, "compute_ms": (t2 - t1) * 1e3, "d2h_ms": (t3 - t2) * 1e3}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.context is None:
+            raise ValueError("trt: this runner is closed")
         n = len(feeds[mf.FRAME])
+        if n == 0:
+            return empty_outputs(feeds, self.classes)
         parts = [self._run_batch({k: v if k == mf.TOKENS else v[s : s + self.max_batch] for k, v in feeds.items()})
                  for s in range(0, n, self.max_batch)]
         return {name: np.concatenate([p[name] for p in parts]) for name in mf.OUTPUTS}
 
+    def _release(self) -> list[str]:
+        """Drop the context, engine and runtime (in that order), free the buffers and the stream; the CUDA
+        errors met. Everything is let go even when a free fails, so a second call has nothing to do."""
+        buffers, stream, self.buffers, self.stream = self.buffers, self.stream, {}, None
+        self.context = self.engine = self.runtime = None
+        calls = [("cudaFree", ptr) for ptr, _ in buffers.values()]
+        if stream is not None:
+            calls.append(("cudaStreamDestroy", stream))
+        errors = []
+        for name, arg in calls:
+            err = getattr(self.cudart, name)(arg)[0]
+            if err != self.cudart.cudaError_t.cudaSuccess:
+                errors.append(f"{name}: {_error_name(self.cudart, err)}")
+        return errors
+
     def close(self) -> None:
-        for ptr, _ in self.buffers.values():
-            self._check(self.cudart.cudaFree(ptr))
-        self.buffers = {}
-        self._check(self.cudart.cudaStreamDestroy(self.stream))
+        """Free the device memory and the stream; a second call does nothing. RuntimeError naming the frees
+        that failed."""
+        errors = self._release()
+        if errors:
+            raise RuntimeError("trt: " + "; ".join(errors))
+
+    def __del__(self) -> None:
+        self._release()  # a runner dropped without close(); errors have no one to go to here
 
 
 class Model:
@@ -399,6 +615,7 @@ class Model:
         return Model(root, manifest, self.backend, self.precision, task, tokens, runner, self.reason, self.opener)
 
     def close(self) -> None:
+        """Close the runner (every runner's close may be called again)."""
         self.runner.close()
 
     def __enter__(self) -> "Model":
@@ -435,7 +652,8 @@ def _runner(root: Path, manifest: mf.Manifest, backend: str, precision: str, thr
     if backend == "trt":
         return TensorRTRunner(root / artefact.path)
     cache = Path(cache_dir or cache_root()) / artefact.sha256[:16]
-    return OrtRunner(root / artefact.path, backend, precision, threads, cache, spinning)
+    profile = manifest.shape_profile() if backend == "ort-trt" else None
+    return OrtRunner(root / artefact.path, backend, precision, threads, cache, spinning, profile)
 
 
 def open_model(export_dir: str | os.PathLike, backend: str = "auto", precision: str | None = None,
@@ -451,17 +669,20 @@ def open_model(export_dir: str | os.PathLike, backend: str = "auto", precision: 
     (``TORCH_MODES``; default ``DEFAULT_MODES``; with ``auto``, used when it picks one). ``spinning=False``: its idle threads sleep
     rather than spin (``cign-live`` runs one inference per hop; see ``cign_runtime.live``).
     ``cache_dir``: root of onnxruntime's TensorRT engine cache (default ``cache_root()``). A tampered export raises the manifest's
-    ValueError; a backend that cannot run here raises BackendUnavailable.
+    ValueError; a backend that cannot run here raises BackendUnavailable with the reason (:func:`unavailable`,
+    or the runner's failure). ``auto`` goes on to the next backend instead, and ``Model.reason`` says why each
+    better one was skipped or is not available.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
     root = Path(export_dir)
     manifest = mf.Manifest.load(root)
-    here = available(manifest)
+    here, absent = survey(manifest)
     if mode is not None and backend not in (*TORCH_BACKENDS, "auto"):
         raise ValueError(f"mode {mode!r}: only the torch backends {TORCH_BACKENDS} take a mode, not {backend!r}")
     if backend != "auto" and backend not in here:
-        raise BackendUnavailable(f"backend {backend!r} is not available here; available: {here}")
+        raise BackendUnavailable(f"backend {backend!r} is not available here; available: {here}; "
+                                 f"{backend}: not available: {absent[backend]}")
     candidates = [b for b in here if b in AUTO_ORDER] if backend == "auto" else [backend]
     if precision is not None and not any(precision in precisions(manifest, b) for b in candidates):
         if backend != "auto":
@@ -491,8 +712,13 @@ def open_model(export_dir: str | os.PathLike, backend: str = "auto", precision: 
             skipped.append(str(e))
             continue
         if backend == "auto":
-            reason = f"auto picked {b}, the best backend that runs here (available: {here}"
-            reason += f"; skipped {'; '.join(skipped)})" if skipped else ")"
+            better = [f"{a}: {absent[a]}" for a in AUTO_ORDER[: AUTO_ORDER.index(b)] if a in absent]
+            parts = [f"available: {here}"]
+            if skipped:
+                parts.append(f"skipped {'; '.join(skipped)}")
+            if better:
+                parts.append(f"not available: {'; '.join(better)}")
+            reason = f"auto picked {b}, the best backend that runs here ({'; '.join(parts)})"
         else:
             reason = f"{b} as requested"
         if b in TORCH_BACKENDS:
@@ -500,4 +726,6 @@ def open_model(export_dir: str | os.PathLike, backend: str = "auto", precision: 
         return Model(root, manifest, b, p, task, tokens, runner, "; ".join([reason, *notes]),
                      functools.partial(_runner, backend=b, precision=p, threads=threads, cache_dir=cache_dir,
                                        spinning=spinning, mode=mode))
-    raise BackendUnavailable(f"auto: no backend could run {root} here (available: {here}; tried: {'; '.join(skipped)})")
+    gone = "; ".join(f"{a}: {why}" for a, why in absent.items())
+    raise BackendUnavailable(f"auto: no backend could run {root} here (available: {here}; tried: {'; '.join(skipped)}; "
+                             f"not available: {gone})")

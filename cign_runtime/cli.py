@@ -60,10 +60,11 @@ def register(model_dir: Path, plan: Path, precision: str | None) -> str:
     """``--register-engine``: check that TensorRT loads ``plan`` with the graph's tensors, then list it in the manifest."""
     if precision not in mf.PRECISIONS:
         raise click.UsageError(f"--register-engine needs --precision, one of {mf.PRECISIONS}")
-    try:
-        manifest = mf.Manifest.load(model_dir)
+    try:  # an engine rebuilt in place replaces its entry: every other artefact must be unchanged
+        manifest = mf.Manifest.load(model_dir, verify=False).with_engine(model_dir, plan, precision)
+        manifest.verify(model_dir)
         TensorRTRunner(plan).close()
-        manifest.with_engine(model_dir, plan, precision).save(model_dir)
+        manifest.save(model_dir)
     except (BackendUnavailable, ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
     return f"registered {plan} as the {precision} engine of {model_dir / mf.FILENAME}"

@@ -14,6 +14,9 @@ the graph, see ``cign_export.graph``):
 - ``tokens`` (tokens-as-input exports only): float32 (K, D), one task's class-token table.
 
 Outputs: ``p_audio``, ``p_visual``, ``p_av`` float32 (N, K), with p_av = p_audio * p_visual (Sec. 3.3).
+
+``profile`` records the shape range the TensorRT engines are built for ({input: [min, opt, max]}), which
+onnxruntime's TensorRT provider is given too (:meth:`Manifest.shape_profile`).
 """
 from __future__ import annotations
 
@@ -44,6 +47,9 @@ PRECISIONS = ("fp32", "fp16", "int8-trt", "int8-cpu")
 #: What each artefact role means; ``Artefact.role`` is one of these. ``encoders``, ``head`` and
 #: ``exemplars`` are what on-device enrolment needs (``cign_export.enrolment``, ``cign_runtime.enroll``).
 ROLES = ("onnx", "engine", "tokens", "trtexec", "report", "encoders", "head", "exemplars")
+#: Largest batch of the shape range that :meth:`Manifest.shape_profile` assumes for a manifest that records none
+#: (``cign-export --max-batch``'s default).
+DEFAULT_MAX_BATCH = 8
 
 NORMALIZATION = (
     "inside the graph: frame / 255, minus spec.frame_mean, over spec.frame_std (per RGB channel); "
@@ -123,6 +129,7 @@ class Manifest:
     enrolled: list[dict] = field(default_factory=list)  # classes learned on the device (cign_runtime.enroll.Enrolled)
     revision: int = 0  # 0: written by cign-export; n: the n-th version cign-enroll derived from it
     parent: dict | None = None  # {"path", "manifest_sha256"} of the version this one was derived from
+    profile: dict | None = None  # {input name: [min, opt, max] shapes}: the engines' shape range (shape_profile)
     normalization: str = NORMALIZATION
     created_by: str = ""  # exporter and library versions
     format: str = FORMAT
@@ -133,6 +140,11 @@ class Manifest:
             raise ValueError(f"not a {FORMAT} v{VERSION} manifest (got {self.format} v{self.version})")
         if sum(self.classes_per_task) != len(self.classes):
             raise ValueError(f"classes_per_task {self.classes_per_task} does not add up to {len(self.classes)} classes")
+        ranks = {t.name: len(t.shape) for t in self.inputs}
+        for name, shapes in (self.profile or {}).items():
+            if name not in ranks or len(shapes) != 3 or any(len(s) != ranks[name] for s in shapes):
+                raise ValueError(f"profile of {name!r} is not [min, opt, max] shapes of one of the inputs {ranks} "
+                                 f"(name: rank): {shapes}")
 
     # ----------------------------------------------------------------------------- queries
     def artefact(self, role: str, precision: str | None = None, task: int | None = None) -> Artefact:
@@ -150,6 +162,31 @@ class Manifest:
     def n_classes(self, task: int | None = None) -> int:
         """K after ``task`` (default: the manifest's task)."""
         return sum(self.classes_per_task[: (self.task if task is None else task) + 1])
+
+    def shape_profile(self) -> dict[str, list[list[int]]]:
+        """{input name: [min, opt, max] shape} of every input: the range the engines were built for.
+
+        The recorded ``profile``; for a manifest without one, cign-export's defaults derived from the
+        inputs: batch 1 / 1 / ``DEFAULT_MAX_BATCH`` and classes (tokens as input) first task's / all / all
+        (not what the engines hold if the export had another ``--max-batch``). The classes axis reaches at
+        least this version's class count, so a version with enrolled classes fits.
+        """
+        k_first, k = self.classes_per_task[0], len(self.classes)
+        axes = {"batch": (1, 1, DEFAULT_MAX_BATCH), "classes": (k_first, k, k)}
+        out = {}
+        for info in self.inputs:
+            recorded = (self.profile or {}).get(info.name)
+            if recorded is None:
+                unknown = [d for d in info.shape if isinstance(d, str) and d not in axes]
+                if unknown:
+                    raise ValueError(f"input {info.name}: no recorded profile and unknown dynamic axes {unknown}")
+                recorded = [[d if isinstance(d, int) else axes[d][i] for d in info.shape] for i in range(3)]
+            shapes = [[int(d) for d in s] for s in recorded]
+            for j, d in enumerate(info.shape):
+                if d == "classes":
+                    shapes[2][j] = max(shapes[2][j], k)
+            out[info.name] = shapes
+        return out
 
     def with_engine(self, root: str | os.PathLike, plan: str | os.PathLike, precision: str) -> "Manifest":
         """This manifest plus an engine built on the device (e.g. by ``trtexec.sh``) with its sha256.

@@ -194,6 +194,13 @@ def test_register_engine_without_tensorrt_is_a_clear_error_and_leaves_the_manife
                           capture_output=True, text=True, timeout=120, env=torchless_env)
     assert proc.returncode == 1 and "trt: TensorRT is not installed" in proc.stderr
     assert (copy / mf.FILENAME).read_bytes() == before
+    mf.Manifest.load(copy).with_engine(copy, copy / "model_fp16.plan", "fp16").save(copy)
+    (copy / "model_fp16.plan").write_bytes(b"rebuilt by trtexec.sh in place")  # the listed engine, rebuilt
+    again = subprocess.run(proc.args, capture_output=True, text=True, timeout=120, env=torchless_env)
+    assert again.returncode == 1 and "trt: TensorRT is not installed" in again.stderr  # not "sha256 differs"
+    (copy / "model_int8-cpu.onnx").write_bytes(b"tampered")
+    other = subprocess.run(proc.args, capture_output=True, text=True, timeout=120, env=torchless_env)
+    assert other.returncode == 1 and "model_int8-cpu.onnx: sha256 differs" in other.stderr
 
 
 def run_all(model, feeds: dict, batch: int = 8) -> dict:
