@@ -62,7 +62,8 @@ def score(export: Path, threads: int) -> dict:
     acc = {}
     for artefact in manifest.artefacts:
         if artefact.role == "onnx":
-            session = ort.InferenceSession(str(export / artefact.path), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(export / artefact.path), options, providers=["CPUExecutionProvider"],
+                                           disabled_optimizers=list(mf.DISABLED_OPTIMIZERS.get(artefact.precision, ())))
             acc[artefact.precision] = accuracy(run_session(session, samples.feeds), samples.labels)["audio_visual"]
     return {p: {"audio_visual": v, "drop": acc["fp32"] - v} for p, v in acc.items()} | {"cpu_isa": isa.current()}
 

@@ -1015,6 +1015,27 @@ def where(split: str, seeds, machine) -> str:
     return f"({split} split, {seeds_text(seeds)}; {m})"
 
 
+def fp16_answer() -> str:
+    """The float16 study's answer: the range of the mean |diff ln p_av| per graph, in float16 arithmetic."""
+    d = load(rel_study("fp16_arithmetic.json"))
+    rows = [r for e in d["exports"] for r in e["rows"]]
+
+    def cell(graph: str, runner: str = "numpy, tensor types") -> str:
+        rs = [r for r in rows if (r["graph"], r["runner"]) == (graph, runner)]
+        dl = [r["mean_abs_dln_p_av"] for r in rs]
+        return f"{min(dl):.3f}-{max(dl):.3f}"
+
+    outputs_fp32 = "fp16 outputs' ops fp32"
+    return (f"In float16 arithmetic (numpy, each tensor's type) the mean absolute difference of ln p_av from fp32 is "
+            f"{cell('fp16 every layer')} with every layer float16, {cell(outputs_fp32)} with the output ops float32 and "
+            f"{cell('fp16')} for the export's FP16 graph (normalisations and reductions float32 too); the INT8 graph for "
+            f"TensorRT gives {cell('int8-trt fp32 layers')} with float32 layers and {cell('int8-trt')} with float16 ones. "
+            f"onnxruntime's CPU provider hides float16 ({cell('fp16 every layer', 'onnxruntime cpu')} for the all-float16 graph) "
+            f"and, with its default optimizations, mis-computes the float16 INT8 graph ({cell('int8-trt', 'onnxruntime cpu')}; "
+            f"{cell('int8-trt', 'onnxruntime cpu, WeightBiasQuantization off')} with WeightBiasQuantization off). "
+            f"{len(d['exports'])} trained avdigits models, test split; {short_cpu(d['machine'])}.")
+
+
 def study_answers(ctx: Ctx) -> dict[str, str]:
     band_d = load(rel_study("audio_probe_band_avdigits.json"))
     band = band_d["rows"]
@@ -1121,6 +1142,7 @@ def study_answers(ctx: Ctx) -> dict[str, str]:
             f"accuracy falls from {pm(vs1['summary']['final_visual'])} % to {pm(vs2['summary']['final_visual'])} % "
             f"{where(vsd['split'], vsd['seeds'], vsd['machine'])}: the digits need the full-resolution map. The preset keeps "
             "stride 1; `--visual-stride 2` is there for a faster, less accurate run."),
+        "fp16_arithmetic.py": fp16_answer(),
         "onednn_bf16_conv_grad.py": (
             (f"On {', '.join(nan_cpus)}: yes, at some batches of a few clips, never in fp32 or with oneDNN disabled. " if nan_cpus else "")
             + (f"On {', '.join(clean_cpus)}: never, at any batch probed, in either layout. " if clean_cpus else "")
@@ -1139,6 +1161,8 @@ STUDY_ROWS = (
      ("pretrain_avdigits.json", "pretrain_simclr_ezvsl_avdigits.json")),
     ("bench_task_probe.py", "Why does CIGN's 10-task avdigits run lose its visual branch?", ("task_probe_avdigits.json",)),
     ("bench_visual_readout.py", "Which read-out of the visual encoder learns avdigits' digits from scratch?", ("visual_readout_avdigits.json",)),
+    ("fp16_arithmetic.py", "What do float16 layers cost the FP16 and INT8 (TensorRT) graphs in float16 arithmetic?",
+     ("fp16_arithmetic.json",)),
     ("onednn_bf16_conv_grad.py", "Does oneDNN's bf16 convolution weight-gradient return NaN at small batches on this CPU?",
      ("onednn_bf16_conv_grad.json",)),
     ("train_step_profile.py", "Where does a training step's time go on AVX2 in fp32, against the native bf16 step?",

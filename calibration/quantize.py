@@ -7,7 +7,13 @@ class-balanced calibration set (``calibration.dataset``), and the same quantized
 - ``trt``: int8 activations, symmetric, so every zero point is 0 as TensorRT requires; weights in
   [-127, 127]; biases stay float (TensorRT dequantizes INT8 / FP8 only, not int32 biases); the
   QuantizeLinear / DequantizeLinear ops stay in the default ONNX domain and the result is checked
-  against TensorRT 10's operator list (``cign_runtime.trt_ops``).
+  against TensorRT 10's operator list (``cign_runtime.trt_ops``). The float layers, those outside
+  the Q/DQ pairs, are float16 but ``calibration.fp16.FP32_OPS`` and the outputs' ops
+  (``calibration.fp16.fp16_layers``), with float16 Q/DQ scales (opset 19, the first whose Q/DQ take
+  float16): TensorRT 11 runs each layer in its ONNX type, so this is INT8 + FP16 as TensorRT 10's
+  ``--int8 --fp16``; NVIDIA ModelOpt's INT8 ONNX has the same form by default (float16 layers and
+  scales, though it keeps no op type in float32). onnxruntime runs it with ORT_DISABLED_OPTIMIZERS
+  off (below).
 - ``cpu``: uint8 activations (asymmetric), the activation type onnxruntime's x86 integer kernels
   run fastest (below); onnxruntime fuses the Q/DQ pairs into QLinearConv / integer MatMul kernels.
   Weights take 7 bits ([-64, 64], onnxruntime's ``reduce_range``) so that the graph keeps its
@@ -22,22 +28,25 @@ class-balanced calibration set (``calibration.dataset``), and the same quantized
 
 Latency (onnxruntime 1.32 CPU provider, batch 1, medians of 300 interleaved runs per graph; this
 machine: "Intel(R) Xeon(R) Processor" under KVM, family 6 model 167, 2 vCPUs, AVX-512 VNNI,
-AVX512-BF16, AMX-INT8; random-weight CIGN exported with ``export_onnx``):
+AVX512-BF16, AMX-INT8; random-weight CIGN exported with ``export_onnx``; s8 activations: the ``trt``
+recipe with float32 layers, run as onnxruntime's default session runs it):
 
-=================================== ========= ========= ========= =========
-graph                               fp32      int8-trt  int8-cpu  fp16
-=================================== ========= ========= ========= =========
-cpu preset (D 256, depth 1), 2 thr  8.8 ms    13.1 ms   3.5 ms    10.3 ms
-cpu preset, 1 thread                16.5 ms   15.5 ms   4.6 ms    17.7 ms
-paper preset (D 512, depth 3,       46.5 ms   53.6 ms   19.0 ms   51.0 ms
+=================================== ========= =============== =========
+graph                               fp32      s8 activations  int8-cpu
+=================================== ========= =============== =========
+cpu preset (D 256, depth 1), 2 thr  8.8 ms    13.1 ms         3.5 ms
+cpu preset, 1 thread                16.5 ms   15.5 ms         4.6 ms
+paper preset (D 512, depth 3,       46.5 ms   53.6 ms         19.0 ms
 224 px, 257 x 300), 2 thr, 32 runs
-=================================== ========= ========= ========= =========
+=================================== ========= =============== =========
 
 int8-cpu is 2.5x (3.6x on one thread, 2.4x at paper size) faster than fp32; the symmetric int8
 activations TensorRT needs run 1.5x slower than fp32 on two threads and 6 % faster on one with
-onnxruntime's x86 kernels, hence a separate CPU graph. Among u8 recipes, per-tensor QDQ ran as
-fast (3.5 ms) and QOperator slower (4.1 ms per channel and per tensor), so the CPU recipe is QDQ
-per channel, the more accurate.
+onnxruntime's x86 kernels, hence a separate CPU graph. The ``trt`` graph itself, with float16 layers,
+has no integer kernel on onnxruntime's CPU provider (its Q/DQ pairs run in float): 23.5 ms against
+fp32's 3.9 ms (cpu preset, two threads, another session; ``benchmarks/studies/fp16_arithmetic.py``).
+Among u8 recipes, per-tensor QDQ ran as fast (3.5 ms) and QOperator slower (4.1 ms per channel and
+per tensor), so the CPU recipe is QDQ per channel, the more accurate.
 
 Accuracy against the fp32 graph, for a CIGN trained by the default ``cign-train`` run (avdigits,
 cpu preset, 5 tasks; task_4.pt, 10 classes) on the 2100 samples of its store outside the
@@ -76,6 +85,20 @@ Final numbers of the chosen recipes: int8-trt 96.1 % agreement (top-1 accuracy 4
 42.7 %), int8-cpu 97.3 % (42.3 %); on task_0.pt (2 classes, 420 clips, fp32 86.7 %) 99.3 %
 (86.4 %) and 99.0 % (86.7 %). (The trt ablations above had int32 biases; float biases measured
 the same to the third decimal.)
+
+The placement and ranges above were measured with the trt graph's float layers in float32. Its float16
+layers, on three trained avdigits models (``make bench-enroll``, 320 test clips each; Intel Xeon, 2
+cores, AMX; ``benchmarks/studies/fp16_arithmetic.py``), computed in float16 as a GPU does
+(``calibration.fp16.reference_outputs``: Q/DQ as ONNX defines them, float16 tensors between ops): top-1
+of p_av agreed with fp32 on 955 of 960 clips (954 with float32 layers), mean |diff ln p_av| 0.093-0.107
+(0.089-0.103), largest test-accuracy drop of a modality 0.94 point (0.62) for a goal of 1.0: within the
+noise of 320 clips a model. With the normalisations in float16 too: 955 of 960, 0.095-0.105.
+onnxruntime's CPU provider emulates the Q/DQ rounding (in float, then float32 convolutions), neither
+float16 arithmetic nor TensorRT's int8 kernels: 955 of 960, 0.092-0.104, largest drop 0.62 point, with
+ORT_DISABLED_OPTIMIZERS off. With them on, onnxruntime's default, WeightBiasQuantization computes each
+Conv / Gemm bias as int32(round(bias / (input scale * weight scale))) in float16, which overflows:
+926 of 960, 0.37-0.79, a visual drop of 5.6 points.
+
 7-bit weights for the cpu graph: on x86 CPUs without VNNI (AVX2-only, and AVX-512 before
 Cascade Lake) onnxruntime multiplies u8 x s8 with ``vpmaddubsw``, which adds two products into a
 saturating int16: with 8-bit weights 255 x 127 x 2 = 64,770 > 32,767 and large pre-activations are
@@ -110,11 +133,20 @@ import logging
 from pathlib import Path
 
 import onnx
+from onnx import version_converter
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+from calibration.fp16 import FP32_OPS, fp16_layers
+from cign_runtime import manifest as mf
 from cign_runtime import trt_ops
 
 TARGETS = ("trt", "cpu")
+#: The first opset whose QuantizeLinear / DequantizeLinear take float16 (scales and the float side).
+FP16_QDQ_OPSET = 19
+#: onnxruntime graph optimizations every session running the ``trt`` graph disables (``InferenceSession(...,
+#: disabled_optimizers=ORT_DISABLED_OPTIMIZERS)``): WeightBiasQuantization requantizes the float biases in
+#: the scales' type, float16, which overflows (above). Defined with the manifest's precisions.
+ORT_DISABLED_OPTIMIZERS = mf.DISABLED_OPTIMIZERS["int8-trt"]
 #: The ops whose inputs (weights and activations) are quantized; every other op runs in float.
 OP_TYPES = ("Conv", "Gemm", "MatMul", "Relu")
 #: target -> (activation type, symmetric activations, int32 biases, 7-bit weights). TensorRT's
@@ -147,12 +179,15 @@ def activation_matmuls(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not constants.intersection(n.input)]
 
 
-def quantize_int8(fp32_onnx: str | Path, out_onnx: str | Path, reader: CalibrationDataReader, target: str) -> Path:
+def quantize_int8(fp32_onnx: str | Path, out_onnx: str | Path, reader: CalibrationDataReader, target: str,
+                  keep_fp32: tuple[str, ...] | None = FP32_OPS) -> Path:
     """Write the INT8 graph of ``fp32_onnx`` for ``target`` ("trt" or "cpu") to ``out_onnx``.
 
     ``reader`` yields the calibration feeds (``calibration.dataset.StoreReader``) and is consumed;
-    the fp32 graph's metadata props are kept. Raises ValueError for another target, or (trt, and
-    then no file is left) when the result has an op outside TensorRT 10's list.
+    the fp32 graph's metadata props are kept. ``keep_fp32`` (trt): the op types whose layers stay
+    float32 while the other float layers become float16; None keeps every float layer float32, as
+    quantize_static writes it. Raises ValueError for another target, or (trt, and then no file is
+    left) when the result has an op outside TensorRT 10's list.
     """
     if target not in TARGETS:
         raise ValueError(f"unknown INT8 target {target!r}; choose from {TARGETS}")
@@ -167,8 +202,14 @@ def quantize_int8(fp32_onnx: str | Path, out_onnx: str | Path, reader: Calibrati
             extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": quantize_bias},
         )
     if target == "trt":
+        model = onnx.load(str(out_onnx))
+        if keep_fp32 is not None:
+            opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+            model = fp16_layers(version_converter.convert_version(model, max(opset, FP16_QDQ_OPSET)), keep_fp32)
+            onnx.save(model, str(out_onnx))
+            onnx.checker.check_model(str(out_onnx))
         try:
-            trt_ops.check(onnx.load(str(out_onnx), load_external_data=False), str(out_onnx))
+            trt_ops.check(model, str(out_onnx))
         except ValueError:
             out_onnx.unlink()
             raise

@@ -201,7 +201,9 @@ class Exporter:
             with step(f"onnx {precision}", report, path):
                 self.derive(precision, fp32, path, store, table)
                 self.stamp(path, precision)
-                sessions[precision] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                sessions[precision] = ort.InferenceSession(
+                    str(path), providers=["CPUExecutionProvider"],
+                    disabled_optimizers=list(mf.DISABLED_OPTIMIZERS.get(precision, ())))
                 outputs[precision] = parity.run_session(sessions[precision], test.feeds, tokens=table)
                 report["parity"][f"{precision}_vs_fp32"] = parity.compare(outputs[precision], outputs["fp32"])
                 if precision == "fp16":

@@ -370,7 +370,8 @@ class OrtRunner:
             cache_dir.mkdir(parents=True, exist_ok=True)
         wanted = PROVIDERS[backend]
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
+            self.session = ort.InferenceSession(str(path), options, providers=providers,
+                                                disabled_optimizers=list(mf.DISABLED_OPTIMIZERS.get(precision, ())))
         except Exception as e:  # onnxruntime's own exception types differ between releases
             if backend == "ort-cpu":
                 raise

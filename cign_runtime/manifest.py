@@ -44,6 +44,10 @@ FEATURES = ("f_audio", "f_visual")
 #: Graph precisions an export can hold: fp32 always; fp16 (fp32 inputs/outputs); INT8 Q/DQ for
 #: TensorRT (symmetric, zero points 0) or for onnxruntime's CPU kernels (u8 activations).
 PRECISIONS = ("fp32", "fp16", "int8-trt", "int8-cpu")
+#: onnxruntime graph optimizations a session must leave off per precision: the int8-trt graph's float16
+#: Q/DQ scales make WeightBiasQuantization requantize its float biases in float16, which overflows
+#: (``calibration.quantize``).
+DISABLED_OPTIMIZERS = {"int8-trt": ("WeightBiasQuantization",)}
 #: What each artefact role means; ``Artefact.role`` is one of these. ``encoders``, ``head`` and
 #: ``exemplars`` are what on-device enrolment needs (``cign_export.enrolment``, ``cign_runtime.enroll``).
 ROLES = ("onnx", "engine", "tokens", "trtexec", "report", "encoders", "head", "exemplars")
