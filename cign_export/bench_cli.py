@@ -95,7 +95,7 @@ def measure(root: Path, manifest: mf.Manifest, backend: str, precision: str, mod
             feeds[mf.TOKENS] = model.tokens
         model.runner.run(feeds)
         setup_s = time.perf_counter() - started
-        graph = backend not in ("ort-cpu", "torch-cpu") and (backend != "torch-cuda" or mode.split(":")[0].endswith("graph"))
+        graph = backend not in ("ort-cpu", "torch-cpu") and getattr(model.runner, "mode", "graph").endswith("graph")
         row = timed_row(model.runner.run, model.runner.split_times if graph else None, feeds, backend, precision,
                         batch, a, bar)
     if backend in TORCH_BACKENDS:
@@ -152,14 +152,10 @@ def run_bench(root: Path, a: dict) -> dict:
         for backend, precision, mode, batch in configs:
             try:
                 row = measure(root, manifest, backend, precision, mode, batch, a, bar)
-            except (BackendUnavailable, ValueError, KeyError) as e:
+            except Exception as e:  # one configuration that cannot run or fails (a compiler, a driver) loses no other
+                expected = isinstance(e, (BackendUnavailable, ValueError, KeyError))
                 skipped.append({"backend": backend, "precision": precision, "mode": mode, "batch": batch,
-                                "reason": str(e)})
-                bar.update(a["iterations"])
-                continue
-            except Exception as e:  # a configuration that fails (a compiler, a driver) must not lose the others
-                skipped.append({"backend": backend, "precision": precision, "mode": mode, "batch": batch,
-                                "reason": f"failed: {type(e).__name__}: {str(e)[:2000]}"})
+                                "reason": str(e) if expected else f"failed: {type(e).__name__}: {str(e)[:2000]}"})
                 bar.update(a["iterations"])
                 continue
             if backend in ("torch-cpu", "ort-cpu"):

@@ -81,9 +81,11 @@ def saturates_here(onnx_path: Path) -> str | None:
 class Runner(Protocol):
     """What a backend runs: graph feeds (``manifest.feed`` + tokens) -> the outputs, float32 (N, K) each."""
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Protocol method (no body): the outputs of one batch of feeds, (0, K) for an empty batch."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Protocol method (no body): release the session, engine or model; a second call does nothing."""
 
 
 class BackendUnavailable(ValueError):
