@@ -385,6 +385,62 @@ def gen_tasks(ctx: Ctx) -> str:
     return "\n".join(out).rstrip()
 
 
+READINGS = f"{RESULTS}/experiment_readings_avdigits.json"
+SCALES = f"{RESULTS}/experiment_scales_avdigits.json"
+SCARCE = f"{RESULTS}/experiment_scarce_avdigits.json"
+COMPARE = {"avdigits": f"{RESULTS}/experiment_compare_avdigits.json", "fsdd_digits": f"{RESULTS}/experiment_compare_fsdd_digits.json"}
+
+
+def per_seed(e: dict, split: str, key: str = "average_accuracy_l2p", m: str = "audio_visual") -> dict[int, float]:
+    return {r["seed"]: r["metrics"][split][key][m] for r in e["runs"]}
+
+
+def paired(e: dict, ref: dict, split: str) -> str:
+    """Row minus ref in audio-visual Average Acc, per seed both finished, as mean ± std (paired by seed)."""
+    a, b = per_seed(e, split), per_seed(ref, split)
+    diffs = [a[s] - b[s] for s in sorted(a) if s in b]
+    return f"{pm(mean_std(diffs), n=len(diffs))}" if diffs else "–"
+
+
+def gen_variants(ctx: Ctx, rel: str, ref: str = "cign") -> str:
+    """Each row of an experiment against its reference row: audio-visual Average Acc on val (where settings
+    are chosen) and test, the paired per-seed difference from the reference, forgetting and each modality."""
+    rel = COMPARE[rel] if rel in COMPARE else rel
+    d = load(rel)
+    base = d["rows"][ref]
+    rows = []
+    for key, e in d["rows"].items():
+        s, v, n = e["summary"]["test"], e["summary"]["val"], nseeds(e)
+        diff = lambda split: "–" if key == ref else paired(e, base, split)  # noqa: E731
+        rows.append([e["label"], pm(v["audio_visual"]["average_accuracy_l2p"], n=n), diff("val"),
+                     f"{pm(s['audio_visual']['average_accuracy_l2p'], n=n)} / {pm(s['audio_visual']['forgetting_l2p'], n=n)}",
+                     diff("test"), pm(s["audio"]["average_accuracy_l2p"], n=n), pm(s["visual"]["average_accuracy_l2p"], n=n), n])
+    return "\n".join([exp_caption(ctx, rel, "val (chosen on) and test (reported)",
+                                  f"differences are paired by seed against the row \"{base['label']}\""), "",
+                      table(["row", "AV Average Acc, val", f"minus {ref}, val", "AV Average Acc / Forgetting, test",
+                             f"minus {ref}, test", "audio Average Acc, test", "visual Average Acc, test", "seeds"], rows)])
+
+
+def gen_scarce(ctx: Ctx) -> str:
+    """Replay alone, CIGN and the best baseline per condition, with CIGN's and the baseline's paired gain over replay."""
+    d = load(SCARCE)
+    conds: dict[str, dict] = {}
+    for key, e in d["rows"].items():
+        method, cond = key.rsplit("-", 1)
+        conds.setdefault(cond, {"label": e["label"].rsplit(", ", 1)[1]})[method] = e
+    rows = []
+    for c in conds.values():
+        cell = lambda m, split="test": (pm(c[m]["summary"][split]["audio_visual"]["average_accuracy_l2p"], n=nseeds(c[m]))  # noqa: E731
+                                        if m in c else "–")
+        gain = lambda m, split: paired(c[m], c["replay"], split) if m in c and "replay" in c else "–"  # noqa: E731
+        rows.append([c["label"], cell("replay"), cell("cign"), cell("il2m"), gain("cign", "val"), gain("cign", "test"),
+                     gain("il2m", "test"), min(nseeds(c[m]) for m in ("replay", "cign", "il2m") if m in c)])
+    return "\n".join([exp_caption(ctx, SCARCE, "test (val beside the gains)",
+                                  "audio-visual Average Acc with L2P's definitions; gains over replay alone are paired by seed"), "",
+                      table(["condition", "replay only", "CIGN", "IL2M", "CIGN minus replay, val", "CIGN minus replay, test",
+                             "IL2M minus replay, test", "seeds"], rows)])
+
+
 TSNE = f"{RESULTS}/experiment_tsne_avdigits.json"
 
 
@@ -1251,7 +1307,9 @@ GENERATORS = {
     "joint_epochs": gen_joint_epochs, "pretrain": gen_pretrain, "task_probe": gen_task_probe, "visual_readout": gen_visual_readout,
     "visual_stride": gen_visual_stride, "avx2_demo": gen_avx2_demo, "studies": gen_studies,
     "enroll": gen_enroll, "enroll_sweep": gen_enroll_sweep, "enroll_swap": gen_enroll_swap, "enroll_time": gen_enroll_time, "enroll_seeds": gen_enroll_seeds,
-    "torch_parity": gen_torch_parity, "gpu": gen_gpu,
+    "torch_parity": gen_torch_parity, "gpu": gen_gpu, "readings": lambda ctx: gen_variants(ctx, READINGS),
+    "scales": lambda ctx: gen_variants(ctx, SCALES), "scarce": gen_scarce,
+    "compare": lambda ctx, dataset: gen_variants(ctx, dataset, "replay"),
 }
 
 

@@ -41,6 +41,7 @@ class CIGNConfig:
     assign: str = "soft"  # grouping assignment (eq 6): softmax "soft" or Gumbel straight-through "hard"
     gumbel_tau: float = 1.0  # temperature of the hard assignment
     tau: float = 0.07  # temperature of the continual-grouping contrastive loss (eq 9); not given in the paper
+    kl_temperature: float = 1.0  # temperature of eq 8's token distributions (unit-RMS logits / T); not in the paper
     ctl_denominator: str = "infonce"  # CTL_DENOMINATORS: what eq 9's denominator sums
     ctl_negatives: str = "maxpool"  # CTL_NEGATIVES: which class slot of a new-class sample is eq 9's negative
     token_source: str = "contextual"  # TOKEN_SOURCES: what eq 8's KL and CE read as the class tokens c_i
@@ -68,6 +69,9 @@ class CIGNConfig:
             raise ValueError(f"assign must be 'soft' or 'hard', got {self.assign!r}")
         if self.dim % self.heads:
             raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        for name in ("tau", "kl_temperature", "gumbel_tau"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.depth < 1:
             raise ValueError(f"depth must be >= 1, got {self.depth}")
 

@@ -81,13 +81,33 @@ BUFFERS = (10, 20, 30, 40, 50)
 TASK_COUNTS = (2, 4, 5, 10)
 #: Figure 3's baseline panels beside CIGN's: the paper's LwF, BiC and L2P.
 TSNE_METHODS = ("lwf", "bic", "l2p")
+#: Each reading of eqs 8-9 (docs/paper-choices.md) flipped alone from the default: (field, other value, label).
+READINGS = (("token_source", "table", "eq 8 on the raw token table"),
+            ("ctl_negatives", "label", "eq 9's negative at its own label"),
+            ("ctl_denominator", "paper", "eq 9's denominator: negatives only"),
+            ("teacher_bn", "running", "teacher BatchNorm on running statistics"))
+#: Eq 9's tau and eq 8's KL temperature swept around the defaults (0.07, 1); the paper gives neither.
+TAUS = (0.03, 0.2, 0.5)
+KL_TEMPERATURES = (0.5, 2.0)
+#: Exemplars per class where replay is scarce, and the preset's 50 (the same runs as the default rows).
+SCARCE_BUFFERS = (5, 10, 20, 50)
+REPLAY = Row("replay", "replay only (no AVCTD, no AVCG)", model={"use_avctd": False, "use_avcg": False})
+#: The best baseline of Tables 1-3 on val (IL2M: audio-visual Average Acc 89.7 ± 1.0, seeds 0-2,
+#: experiment_methods_avdigits.json), set against CIGN and replay alone.
+BEST_BASELINE = Row("il2m", "IL2M (best baseline on val)", "il2m")
+
+
+def scarce_rows(suffix: str, label: str, **settings: Any) -> tuple[Row, ...]:
+    """Replay alone, CIGN and the best baseline with the same run ``settings``."""
+    return tuple(dataclasses.replace(r, key=f"{r.key}-{suffix}", label=f"{r.label}, {label}", settings=settings)
+                 for r in (REPLAY, CIGN_ROW, BEST_BASELINE))
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment("methods", "Tables 1-3: every method",
                (FINETUNE, *BASELINE_ROWS, CIGN_ROW, JOINT)),
     Experiment("ablation", "Table 4: what CIGN's modules add", (
         FINETUNE,
-        Row("replay", "replay only (no AVCTD, no AVCG)", model={"use_avctd": False, "use_avcg": False}),
+        REPLAY,
         Row("avctd", "+ AVCTD (eq 8's token terms)", model={"use_avcg": False}),
         Row("avcg", "+ AVCG (eq 9)", model={"use_avctd": False}),
         Row("both", "+ AVCTD + AVCG (CIGN)"),
@@ -96,6 +116,23 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     ), diagnostics=("loss/kl", "loss/ce", "loss/ctl", "diag/ctl_p_pos_a", "diag/ctl_p_pos_v", "diag/ctl_cos_pos_a",
                     "diag/ctl_cos_neg_a", "diag/grad_ratio_kl", "diag/grad_ratio_ce", "diag/grad_ratio_ctl",
                     "diag/teacher_student_cos_a", "diag/teacher_student_cos_v")),
+    Experiment("readings", "Eqs 8-9's readings, one at a time", (
+        CIGN_ROW,
+        *(Row(f"{k}={v}", f"CIGN, {label}", model={k: v}) for k, v, label in READINGS),
+        Row("literal", "CIGN, paper-literal eqs 8-9", model=LITERAL),
+        REPLAY,
+    ), diagnostics=("loss/kl", "loss/ctl", "diag/ctl_p_pos_a", "diag/ctl_p_pos_v", "diag/teacher_student_cos_a",
+                    "diag/teacher_student_cos_v")),
+    Experiment("scales", "Eq 9's tau and eq 8's KL temperature", (
+        Row("cign", "CIGN (tau 0.07, KL temperature 1)"),
+        *(Row(f"tau={t}", f"CIGN, tau {t}", model={"tau": t}) for t in TAUS),
+        *(Row(f"kl_temperature={t}", f"CIGN, KL temperature {t}", model={"kl_temperature": t}) for t in KL_TEMPERATURES),
+    ), diagnostics=("loss/kl", "loss/ctl", "diag/ctl_p_pos_a", "diag/ctl_p_pos_v")),
+    Experiment("scarce", "Where replay is scarce: few exemplars, many tasks", (
+        *(r for b in SCARCE_BUFFERS for r in scarce_rows(f"b{b}", f"{b} per class", buffer_per_class=b)),
+        *scarce_rows("t10", "10 tasks", tasks=10),
+    )),
+    Experiment("compare", "CIGN against replay alone and the best baseline", (REPLAY, CIGN_ROW, BEST_BASELINE)),
     Experiment("depth", "Table 5: transformer depth and grouping assignment", (
         *(Row(f"depth{d}", f"depth {d}, Softmax", model={"depth": d}) for d in DEPTHS),
         Row("hard", "Hard-Softmax (Gumbel), the preset's depth", model={"assign": "hard"}),
@@ -112,11 +149,12 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
 
 
 # ----------------------------------------------------------------------------- runs
-def run_name(settings: TrainSettings, preset: str) -> str:
+def run_name(settings: TrainSettings, preset: str, tasks: int | None = None) -> str:
     """The method plus ``+field=value`` for each result-changing setting that differs from the preset's
-    (a task count equal to the data set's default counts as the default), sorted."""
+    (a task count equal to the data set's default, or to ``tasks``, the sweep's own for a csv store,
+    counts as the default), sorted."""
     base = preset_settings(preset, method=settings.method, seed=settings.seed, dataset=settings.dataset,
-                           name=settings.name, data_dir=settings.data_dir, eval_split=settings.eval_split)
+                           name=settings.name, data_dir=settings.data_dir, eval_split=settings.eval_split, tasks=tasks)
     diff = {k: v for k, v in settings.model.to_dict().items() if getattr(base.model, k) != v}
     diff |= {f.name: getattr(settings, f.name) for f in dataclasses.fields(TrainSettings)
              if f.name not in ("model", *OPERATIONAL) and getattr(settings, f.name) != getattr(base, f.name)}
@@ -126,11 +164,12 @@ def run_name(settings: TrainSettings, preset: str) -> str:
 
 
 def row_settings(row: Row, preset: str, seed: int, dataset: str, name: str | None, data_dir: str,
-                 **operational: Any) -> TrainSettings:
-    """The preset with the row's overrides, scored on val while training. ``operational``: device,
-    amp, workers (device and amp change results, so a run made with other ones has another name)."""
+                 tasks: int | None = None, **operational: Any) -> TrainSettings:
+    """The preset with the row's overrides, scored on val while training; ``tasks``: the task count of
+    rows that set none (a csv store has no default). ``operational``: device, amp, workers (device and
+    amp change results, so a run made with other ones has another name)."""
     s = preset_settings(preset, method=row.method, seed=seed, dataset=dataset, name=name, data_dir=data_dir,
-                        eval_split="val", **row.settings, **operational)
+                        eval_split="val", **({"tasks": tasks} | dict(row.settings)), **operational)
     return dataclasses.replace(s, model=dataclasses.replace(s.model, **row.model))
 
 
@@ -139,8 +178,8 @@ def n_tasks(settings: TrainSettings) -> int:
     return len(make_plan(settings).task_classes)
 
 
-def run_dir(runs: Path, settings: TrainSettings, preset: str) -> Path:
-    return runs / f"{settings.store_name}-{preset}" / f"{run_name(settings, preset)}-seed{settings.seed}"
+def run_dir(runs: Path, settings: TrainSettings, preset: str, tasks: int | None = None) -> Path:
+    return runs / f"{settings.store_name}-{preset}" / f"{run_name(settings, preset, tasks)}-seed{settings.seed}"
 
 
 def finished(path: Path, settings: TrainSettings) -> bool:
@@ -321,12 +360,13 @@ class Sweep:
     seeds: Sequence[int] = (0, 1, 2)
     runs: Path = Path("runs/experiments")
     operational: Mapping[str, Any] = field(default_factory=dict)  # device, amp, workers
+    tasks: int | None = None  # task count of rows that set none (needed for a csv store)
 
     def settings(self, row: Row, seed: int) -> TrainSettings:
-        return row_settings(row, self.preset, seed, self.dataset, self.name, self.data_dir, **self.operational)
+        return row_settings(row, self.preset, seed, self.dataset, self.name, self.data_dir, self.tasks, **self.operational)
 
     def path(self, row: Row, seed: int) -> Path:
-        return run_dir(self.runs, self.settings(row, seed), self.preset)
+        return run_dir(self.runs, self.settings(row, seed), self.preset, self.tasks)
 
     def applies(self, row: Row, log=None) -> bool:
         """Whether the row's settings fit the data set (its task count divides the classes)."""
@@ -415,7 +455,7 @@ def write_results(exp: Experiment, sweep: Sweep, table: Mapping[str, dict], out:
     written = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     doc: dict[str, Any] = {"experiment": exp.name, "title": exp.title, "dataset": sweep.dataset, "name": sweep.name,
                            "preset": sweep.preset, "preset_settings": preset_settings(sweep.preset).to_dict(),
-                           "spec": spec.to_dict(),
+                           "tasks": n_tasks(sweep.settings(exp.rows[0], sweep.seeds[0])), "spec": spec.to_dict(),
                            "seeds": list(sweep.seeds),
                            "chosen_on": "val", "reported_on": "test", "machine": dict(machine), "rows": table}
     png = stem.with_suffix(".png")

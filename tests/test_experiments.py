@@ -40,7 +40,13 @@ def test_rows_with_equal_settings_share_one_run_across_experiments(tiny_avdigits
                 by_path.setdefault(s.path(r, 0), set()).add(f"{e.name}/{r.key}")
     shared = {frozenset(keys) for keys in by_path.values() if len(keys) > 1}
     assert shared == {
-        frozenset({"methods/cign", "ablation/both", "depth/depth1", "tasks/cign-5", "buffer/buffer50", "tsne/cign"}),
+        frozenset({"methods/cign", "ablation/both", "readings/cign", "scales/cign", "scarce/cign-b50", "compare/cign",
+                   "depth/depth1", "tasks/cign-5", "buffer/buffer50", "tsne/cign"}),
+        frozenset({"ablation/replay", "readings/replay", "scarce/replay-b50", "compare/replay"}),
+        frozenset({"methods/il2m", "scarce/il2m-b50", "compare/il2m"}),
+        frozenset({"ablation/literal", "readings/literal"}),
+        frozenset({"buffer/buffer10", "scarce/cign-b10"}), frozenset({"buffer/buffer20", "scarce/cign-b20"}),
+        frozenset({"tasks/cign-10", "scarce/cign-t10"}),
         frozenset({"methods/finetune", "ablation/finetune", "tasks/finetune-5"}),
         frozenset({"methods/joint", "ablation/joint"}),
         *(frozenset({f"methods/{m}", f"tsne/{m}"}) for m in ("lwf", "bic", "l2p")),
@@ -48,6 +54,26 @@ def test_rows_with_equal_settings_share_one_run_across_experiments(tiny_avdigits
     names = {k: p.name for p, keys in by_path.items() for k in keys}
     assert names["methods/cign"] == "cign-seed0" and names["depth/depth3"] == "cign+depth=3-seed0"
     assert names["tasks/cign-10"] == "cign+tasks=10-seed0" and names["buffer/buffer10"] == "cign+buffer_per_class=10-seed0"
+
+
+def test_a_csv_store_is_swept_at_the_task_count_given_and_rows_keep_their_own(tiny_avdigits, tmp_path):
+    from cign_train.cli.prepare import main as prepare_main
+
+    clips = tiny_avdigits / "avdigits" / "clips"
+    rows = [line.split(",") for line in (tiny_avdigits / "avdigits" / "avdigits.csv").read_text().splitlines()]
+    index = tmp_path / "mine.csv"
+    index.write_text("file,label,split\n" + "".join(f"{clips / f'{r[0]}_{int(r[1]):06d}.mp4'},{r[2]},{r[3]}\n" for r in rows))
+    prepared = CliRunner().invoke(prepare_main, ["--dataset", "csv", "--index", str(index), "--name", "mine", "--preset",
+                                                 "cpu", "--data-dir", str(tmp_path / "data"), "--workers", "1"])
+    assert prepared.exit_code == 0, prepared.output
+    s = Sweep("csv", "mine", str(tmp_path / "data"), "cpu", (0,), tmp_path / "runs", {}, tasks=5)
+    scarce = {r.key: r for r in EXPERIMENTS["scarce"].rows}
+    assert s.path(scarce["cign-b50"], 0) == tmp_path / "runs" / "mine-cpu" / "cign-seed0"
+    assert s.path(scarce["cign-t10"], 0).name == "cign+tasks=10-seed0"
+    assert s.settings(scarce["cign-b50"], 0).tasks == 5 and s.settings(scarce["cign-t10"], 0).tasks == 10
+    refused = CliRunner().invoke(experiment_main, ["compare", "--dataset", "csv", "--name", "mine", "--data-dir",
+                                                   str(tmp_path / "data"), "--no-train"])
+    assert refused.exit_code == 2 and "--dataset csv needs --name (the store cign-prepare wrote) and --tasks N" in refused.output
 
 
 def test_a_task_count_that_does_not_divide_the_classes_is_skipped_with_a_message(tiny_avdigits):

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cign_train.config import CIGNConfig
 from cign_train.losses import (
@@ -54,6 +55,19 @@ def test_token_distillation_value_and_gradient():
     assert token_distillation(torch.tensor(old), torch.tensor(old)).item() == pytest.approx(0.0, abs=1e-7)
     # Only a token's direction counts: a rescaled copy is at zero divergence.
     assert token_distillation(torch.tensor(old) * 3, torch.tensor(old)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_token_distillation_is_a_scaled_cosine_distance(temperature):
+    """Unit-RMS logits over T: a token pair at cosine s has KL about (1 - s) / T^2 (random pairs, D = 256)."""
+    gen = torch.Generator().manual_seed(0)
+    old = F.normalize(torch.randn(64, 256, generator=gen), dim=-1)
+    ortho = torch.randn(64, 256, generator=gen)
+    ortho = F.normalize(ortho - (ortho * old).sum(-1, keepdim=True) * old, dim=-1)
+    for cos in (0.99, 0.97, 0.90):
+        cur = cos * old + math.sqrt(1 - cos**2) * ortho
+        kl = token_distillation(cur, old, temperature).item() / 64  # the sum over the 64 tokens, per token
+        assert kl == pytest.approx((1 - cos) / temperature**2, rel=0.15)
 
 
 def test_token_independence_value():

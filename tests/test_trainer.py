@@ -211,6 +211,9 @@ def test_method_help_lists_its_own_options():
     (["--method", "finetune", "--no-avcg"], "--no-avcg does not apply to --method finetune: it does not use it"),
     (["--method", "ewc", "--buffer-per-class", "10"], "--buffer-per-class does not apply to --method ewc: it keeps no rehearsal buffer"),
     (["--method", "joint", "--token-source", "table"], "--token-source does not apply to --method joint"),
+    (["--method", "il2m", "--tau", "0.2"], "--tau does not apply to --method il2m"),
+    (["--method", "finetune", "--kl-temperature", "2"], "--kl-temperature does not apply to --method finetune"),
+    (["--kl-temperature", "0"], "0.0 is not in the range x>0"),
     (["--ewc-lambda", "1"], "No such option '--ewc-lambda'"),  # cign (the default) has no such option
     (["--preset", "paper", "--visual-stride", "2"], "visual_stride must be one of (1, 2) (cnn8 only), got 2"),
     (["--visual-stride", "3"], "visual_stride must be one of (1, 2) (cnn8 only), got 3"),

@@ -25,6 +25,8 @@ def describe() -> str:
 @click.option("--data-dir", default="data", show_default=True)
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="cpu", show_default=True,
               help="Training preset every row starts from.")
+@click.option("--tasks", type=click.IntRange(min=1), help="csv: the store's classes split into N equal tasks (rows "
+              "that set their own task count keep it) [default: the data set's].")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
 @click.option("--rows", help="Comma-separated row keys to train (default: all); the tables take every finished row.")
 @click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/experiments"),
@@ -36,13 +38,13 @@ def describe() -> str:
 @click.option("--amp", type=click.Choice(AMP_CHOICES), default="auto", show_default=True)
 @click.option("--workers", type=int, help="Loader processes [default: the preset's].")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch (two sweeps at --threads 1 on 2 cores).")
-def main(experiment, dataset, name, data_dir, preset, seeds, rows, runs, out, no_train, device, amp, workers, threads):
+def main(experiment, dataset, name, data_dir, preset, tasks, seeds, rows, runs, out, no_train, device, amp, workers, threads):
     """Run EXPERIMENT's rows for every seed (finished runs are re-read, interrupted ones resumed), then
     write its tables (paper layout, mean ± std; test reported, val chosen on) and figure."""
     if threads:
         torch.set_num_threads(threads)
-    if dataset == "csv" and not name:
-        raise click.UsageError("--dataset csv needs --name (the store cign-prepare wrote)")
+    if dataset == "csv" and not (name and tasks):
+        raise click.UsageError("--dataset csv needs --name (the store cign-prepare wrote) and --tasks N")
     exp = EXPERIMENTS[experiment]
     keys = [k for k in rows.split(",") if k] if rows else None
     unknown = set(keys or ()) - {r.key for r in exp.rows}
@@ -50,7 +52,7 @@ def main(experiment, dataset, name, data_dir, preset, seeds, rows, runs, out, no
         raise click.BadParameter(f"{sorted(unknown)} are not rows of {experiment} ({[r.key for r in exp.rows]})",
                                  param_hint="--rows")
     operational = {k: v for k, v in {"device": device, "amp": amp, "workers": workers}.items() if v is not None}
-    sweep = Sweep(dataset, name, data_dir, preset, [int(s) for s in seeds.split(",")], runs, operational)
+    sweep = Sweep(dataset, name, data_dir, preset, [int(s) for s in seeds.split(",")], runs, operational, tasks)
     run_experiment(exp, sweep, keys, train_missing=not no_train, log=tqdm.write)
     table = collect(exp, sweep)
     if not table:

@@ -24,7 +24,8 @@ from cign_train.trainer import NonFiniteLoss, Trainer
 #: Options that do not change a run's results: a resume may give them other values.
 OPERATIONAL_OPTIONS = {"threads", "workers", "out", "resume", "reuse", "no_progress", "stop_after"}
 #: Options that set a field of the model config.
-MODEL_OPTIONS = {"dim", "depth", "heads", "visual_stride", "assign", "ctl_denominator", "ctl_negatives", "token_source", "teacher_bn"}
+MODEL_OPTIONS = {"dim", "depth", "heads", "visual_stride", "assign", "ctl_denominator", "ctl_negatives", "token_source", "teacher_bn",
+                 "tau", "kl_temperature"}
 #: Options of the rehearsal buffer: only for methods that keep one (NEEDS_BUFFER).
 BUFFER_OPTIONS = ("buffer_per_class", "buffer_select", "rehearsal_sampling")
 
@@ -236,6 +237,10 @@ def reusable(settings: TrainSettings, out: Path) -> bool:
               "tokens: contextual (each sample's c_hat_a,i, c_hat_v,i of eqs 1-2, default) or table (the raw tokens).")
 @click.option("--teacher-bn", type=click.Choice(TEACHER_BN), help="BatchNorm statistics of the frozen previous "
               "model: batch (as the student's in training, default) or running (eval mode).")
+@click.option("--tau", type=click.FloatRange(min=0, min_open=True), help="Temperature of eq 9's cosine similarities "
+              "(the paper gives none) [default: 0.07].")
+@click.option("--kl-temperature", type=click.FloatRange(min=0, min_open=True), help="Temperature of eq 8's token "
+              "distributions: the KL is about (1 - cosine) / T^2, so T sets its weight (docs/paper-choices.md) [default: 1].")
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder [default: runs/DATASET-METHOD-seedSEED].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished task and epoch, with "
               "the settings of its config.json (other options may only repeat them; --threads, --workers, "
@@ -248,7 +253,7 @@ def reusable(settings: TrainSettings, out: Path) -> bool:
 @click.option("--no-progress", is_flag=True, help="No progress bars (one line per task still prints).")
 def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, batch_size, lr, encoder_lr, audio_encoder_lr, visual_encoder_lr, lr_schedule, warmup, tasks, class_order, max_per_class,
          buffer_per_class, buffer_select, rehearsal_sampling, augment, seed, device, amp, threads, workers, eval_split, encoder_weights, dim, depth, heads,
-         visual_stride, assign, no_avctd, no_avcg, ctl_denominator, ctl_negatives, token_source, teacher_bn, out, resume, reuse, stop_after, no_progress, **method_options):
+         visual_stride, assign, no_avctd, no_avcg, ctl_denominator, ctl_negatives, token_source, teacher_bn, tau, kl_temperature, out, resume, reuse, stop_after, no_progress, **method_options):
     """Train CIGN (or another --method) task by task, evaluate, and print the results table."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -276,7 +281,8 @@ def main(dataset, name, data_dir, preset, method, epochs, first_task_epochs, bat
             raise click.UsageError(str(e)) from e
         model_overrides = {k: v for k, v in dict(dim=dim, depth=depth, heads=heads, visual_stride=visual_stride, assign=assign,
                                                  ctl_denominator=ctl_denominator, ctl_negatives=ctl_negatives,
-                                                 token_source=token_source, teacher_bn=teacher_bn).items()
+                                                 token_source=token_source, teacher_bn=teacher_bn, tau=tau,
+                                                 kl_temperature=kl_temperature).items()
                            if v is not None}
         if no_avctd:
             model_overrides["use_avctd"] = False

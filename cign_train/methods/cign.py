@@ -16,7 +16,7 @@ from cign_train.model import CIGN, CIGNOutput
 class CignMethod(Method):
     NAME = "cign"
     NEEDS_BUFFER = True
-    LOSS_OPTIONS = ("no_avctd", "no_avcg", "ctl_denominator", "ctl_negatives", "token_source", "teacher_bn")
+    LOSS_OPTIONS = ("no_avctd", "no_avcg", "ctl_denominator", "ctl_negatives", "token_source", "teacher_bn", "tau", "kl_temperature")
 
     teacher: CIGN | None = None
 

@@ -23,7 +23,7 @@ from . import mix, scene
 from .config import CLASSES, AvdigitsConfig
 from .media import write_mp4
 from .speech import ACCENTS, Voice, synthesise
-from .splits import Clip, plan, pools, rng_for
+from .splits import Clip, Pools, plan, pools, rng_for
 
 #: Bump when the generator's output changes for the same config and seed.
 VERSION = 1
@@ -57,16 +57,22 @@ def generate(
     return csv_path
 
 
+def render_frames(rng: np.random.Generator, config: AvdigitsConfig, split_pools: Pools, split: str,
+                  label: int) -> np.ndarray:
+    """Frames (T, H, W, 3) uint8 of an image of digit ``label`` from ``split``'s image pool, in clutter."""
+    images, _ = scene.digit_images()
+    by_class = split_pools.images[split]
+    others = np.concatenate([by_class[c] for c in range(len(CLASSES)) if c != label])
+    fragments = [images[i] for i in rng.choice(others, config.clutter_fragments)]
+    n_frames = int(round(config.clip_seconds * config.fps))
+    return scene.render(rng, images[rng.choice(by_class[label])], fragments, n_frames, config)
+
+
 def render_clip(config: AvdigitsConfig, seed: int, clip: Clip) -> tuple[np.ndarray, np.ndarray, int]:
     """Frames (T, H, W, 3) uint8, mono float32 audio and its sample rate for one clip."""
     rng = rng_for(seed, _CLIP_STREAM, clip.index)
     split_pools = pools(config, seed)
-    images, _ = scene.digit_images()
-    by_class = split_pools.images[clip.split]
-    others = np.concatenate([by_class[c] for c in range(len(CLASSES)) if c != clip.label])
-    fragments = [images[i] for i in rng.choice(others, config.clutter_fragments)]
-    n_frames = int(round(config.clip_seconds * config.fps))
-    frames = scene.render(rng, images[rng.choice(by_class[clip.label])], fragments, n_frames, config)
+    frames = render_frames(rng, config, split_pools, clip.split, clip.label)
 
     variants = split_pools.variants[clip.split]
     target_variant, distractor_variant = rng.choice(variants, 2, replace=False)
