@@ -310,25 +310,31 @@ def gen_ablation(ctx: Ctx) -> str:
                              "AV forgetting (AV-CIL)", "visual average (AV-CIL)", "audio average (AV-CIL)", "paper (AV)"], rows)])
 
 
-def gen_ablation_diag(ctx: Ctx) -> str:
-    d = load(ABLATION)
+#: Diagnostic columns of an experiment's steps.jsonl medians: header and the keys shown in it.
+DIAG_COLUMNS = (("gradient on the body / BCE's: KL", ("diag/grad_ratio_kl",)), ("token CE", ("diag/grad_ratio_ce",)),
+                ("eq 9", ("diag/grad_ratio_ctl",)), ("eq 8's KL value", ("loss/kl",)),
+                ("eq 9's p_pos audio / visual", ("diag/ctl_p_pos_a", "diag/ctl_p_pos_v")), ("eq 9's value", ("loss/ctl",)),
+                ("teacher-student cosine of g at task end, audio / visual",
+                 ("diag/teacher_student_cos_a", "diag/teacher_student_cos_v")))
 
-    def g(e, k, digits=3):
+
+def gen_diag(ctx: Ctx, rel: str) -> str:
+    """The diagnostics an experiment recorded (median over a run's steps, mean over seeds), one column per
+    DIAG_COLUMNS entry that experiment records; rows without eqs 8-9 (fine-tuning, joint) left out."""
+    d = load(rel)
+    recorded = set(d["rows"][next(iter(d["rows"]))].get("diagnostics", {}))
+    cols = [(h, keys) for h, keys in DIAG_COLUMNS if set(keys) <= recorded]
+
+    def g(e, k):
         v = e.get("diagnostics", {}).get(k)
-        return "–" if v is None else f"{v[0]:.{digits}f}"
+        return "–" if v is None else f"{v[0]:.3f}"
 
-    rows = []
-    for key, e in d["rows"].items():
-        if key in ("finetune", "joint"):
-            continue
-        rows.append([e["label"], g(e, "diag/grad_ratio_kl"), g(e, "diag/grad_ratio_ce"), g(e, "diag/grad_ratio_ctl"),
-                     f"{g(e, 'diag/ctl_p_pos_a')} / {g(e, 'diag/ctl_p_pos_v')}", g(e, "loss/ctl"),
-                     f"{g(e, 'diag/teacher_student_cos_a')} / {g(e, 'diag/teacher_student_cos_v')}"])
+    rows = [[e["label"], *(" / ".join(g(e, k) for k in keys) for _, keys in cols)]
+            for key, e in d["rows"].items() if key not in ("finetune", "joint")]
     return "\n".join([
-        ctx.source(ABLATION, "the same runs' `steps.jsonl` diagnostics: median over a run's steps, mean over "
+        ctx.source(rel, "the same runs' `steps.jsonl` diagnostics: median over a run's steps, mean over "
                    + seeds_text(d["seeds"]), "train batches", cpu_label(d["machine"])), "",
-        table(["row", "gradient on the body / BCE's: KL", "token CE", "eq 9", "eq 9's p_pos audio / visual", "eq 9's value",
-               "teacher-student cosine of g at task end, audio / visual"], rows)])
+        table(["row", *(h for h, _ in cols)], rows)])
 
 
 DEPTH = f"{RESULTS}/experiment_depth_avdigits.json"
@@ -735,11 +741,44 @@ def gen_first_step(ctx: Ctx, what: str) -> str:
     if what == "ppos":
         return (f"at task 2's first step p_pos is {b['label_p_pos_a'][0]:.2f} audio / {b['label_p_pos_v'][0]:.2f} visual with `label`, "
                 f"{b['maxpool_p_pos_a'][0]:.2f} / {b['maxpool_p_pos_v'][0]:.2f} with `maxpool` " + where)
+    if what == "maxpool":
+        return (f"the positive's share p_pos is {b['maxpool_p_pos_v'][0]:.2f} on the visual side while student and teacher agree "
+                f"to a cosine of {b['maxpool_cos_pos_v'][0]:.4f} at task 2's first step " + where)
     if what == "bn":
         return (f"anchor-positive cosine of g on old samples at task 2's first step: {b['maxpool_cos_pos_a'][0]:.3f} audio / "
                 f"{b['maxpool_cos_pos_v'][0]:.4f} visual with `batch`, {r['maxpool_cos_pos_a'][0]:.3f} / {r['maxpool_cos_pos_v'][0]:.3f} "
                 "with `running` " + where)
     raise ValueError(what)
+
+
+HARD_AUDIO = f"{STUDIES}/hard_audio_avdigits.json"
+
+
+def hard_audio_text(ctx: Ctx) -> str:
+    """What hard assignment does to the audio branch (P = 1), from the trained Table 5 models (task 5, ten classes)."""
+    d = load(HARD_AUDIO)
+    soft, hard = d["rows"]["depth1"]["mean_std"], d["rows"]["hard"]["mean_std"]
+    k = next(iter(d["rows"]["hard"]["per_seed"].values()))["classes"]
+    return (f"with soft assignment every one of the {k} audio class slots receives nearly the same audio feature (the "
+            f"largest slot holds {pm(soft['spread'])} % of the slots' summed norm of g_a,i - c_hat_a,i; even is "
+            f"{100 / k:.0f} %), which adds nearly one constant to every audio logit, so the ranking comes from phi_a's "
+            f"tokens: their logits alone name the class in {pm(soft['tokens_only'])} % of clips, the audio head in "
+            f"{pm(soft['audio'])} %. Hard assignment puts the feature on one slot ({pm(hard['spread'])} %) and leaves "
+            f"every other slot at its token, but that slot is the audio prediction in only {pm(hard['slot_is_prediction'])} % "
+            f"of clips and the right class in {pm(hard['slot'])} % (chance {100 / k:.0f} %): the audio head still ranks by "
+            f"the tokens and reaches {pm(hard['audio'])} % (soft {pm(soft['audio'])} %). The loss is the visual head's, "
+            f"{pm(hard['visual'])} % against {pm(soft['visual'])} %, and audio-visual {pm(hard['audio_visual'])} % against "
+            f"{pm(soft['audio_visual'])} %, the last task's model over all classes {where(d['split'], d['seeds'], d['machine'])}; "
+            f"{ctx.link(HARD_AUDIO)}")
+
+
+def hard_audio_answer() -> str:
+    d = load(HARD_AUDIO)
+    soft, hard = d["rows"]["depth1"]["mean_std"], d["rows"]["hard"]["mean_std"]
+    return (f"It puts the audio feature on one class slot, but that slot is the right class in {pm(hard['slot'])} % of clips, "
+            f"about chance, and the audio head ranks by phi_a's tokens under both assignments ({pm(hard['audio'])} % hard, "
+            f"{pm(soft['audio'])} % soft); Table 5's Hard-Softmax loss is the visual head's ({pm(hard['visual'])} % against "
+            f"{pm(soft['visual'])} %) {where(d['split'], d['seeds'], d['machine'])}.")
 
 
 ONEDNN = f"{STUDIES}/onednn_bf16_conv_grad.json"
@@ -1199,6 +1238,7 @@ def study_answers(ctx: Ctx) -> dict[str, str]:
             f"{where(vsd['split'], vsd['seeds'], vsd['machine'])}: the digits need the full-resolution map. The preset keeps "
             "stride 1; `--visual-stride 2` is there for a faster, less accurate run."),
         "fp16_arithmetic.py": fp16_answer(),
+        "hard_audio.py": hard_audio_answer(),
         "onednn_bf16_conv_grad.py": (
             (f"On {', '.join(nan_cpus)}: yes, at some batches of a few clips, never in fp32 or with oneDNN disabled. " if nan_cpus else "")
             + (f"On {', '.join(clean_cpus)}: never, at any batch probed, in either layout. " if clean_cpus else "")
@@ -1219,6 +1259,8 @@ STUDY_ROWS = (
     ("bench_visual_readout.py", "Which read-out of the visual encoder learns avdigits' digits from scratch?", ("visual_readout_avdigits.json",)),
     ("fp16_arithmetic.py", "What do float16 layers cost the FP16 and INT8 (TensorRT) graphs in float16 arithmetic?",
      ("fp16_arithmetic.json",)),
+    ("hard_audio.py", "With one audio location, what does hard assignment do to the audio branch that soft assignment does not?",
+     ("hard_audio_avdigits.json",)),
     ("onednn_bf16_conv_grad.py", "Does oneDNN's bf16 convolution weight-gradient return NaN at small batches on this CPU?",
      ("onednn_bf16_conv_grad.json",)),
     ("train_step_profile.py", "Where does a training step's time go on AVX2 in fp32, against the native bf16 step?",
@@ -1297,7 +1339,7 @@ def gen_gpu(ctx: Ctx) -> str:
 
 GENERATORS = {
     "headline": gen_headline, "demo_time": gen_demo_time, "methods": gen_methods, "methods_val": gen_methods_val,
-    "current": gen_current, "ablation": gen_ablation, "ablation_diag": gen_ablation_diag, "depth": gen_depth,
+    "current": gen_current, "ablation": gen_ablation, "ablation_diag": lambda ctx: gen_diag(ctx, ABLATION), "depth": gen_depth,
     "buffer": gen_buffer, "tasks": gen_tasks, "tsne": gen_tsne, "default_run": gen_default_run, "train_cpu": gen_train_cpu,
     "guard": gen_guard, "guard_inline": gen_guard_inline, "train_gpu": gen_train_gpu, "data": gen_data,
     "export_latency": gen_export_latency, "normalization": gen_normalization, "export_accuracy": gen_export_accuracy,
@@ -1307,7 +1349,7 @@ GENERATORS = {
     "joint_epochs": gen_joint_epochs, "pretrain": gen_pretrain, "task_probe": gen_task_probe, "visual_readout": gen_visual_readout,
     "visual_stride": gen_visual_stride, "avx2_demo": gen_avx2_demo, "studies": gen_studies,
     "enroll": gen_enroll, "enroll_sweep": gen_enroll_sweep, "enroll_swap": gen_enroll_swap, "enroll_time": gen_enroll_time, "enroll_seeds": gen_enroll_seeds,
-    "torch_parity": gen_torch_parity, "gpu": gen_gpu, "readings": lambda ctx: gen_variants(ctx, READINGS),
+    "torch_parity": gen_torch_parity, "gpu": gen_gpu, "hard_audio": hard_audio_text, "readings": lambda ctx: gen_variants(ctx, READINGS), "readings_diag": lambda ctx: gen_diag(ctx, READINGS),
     "scales": lambda ctx: gen_variants(ctx, SCALES), "scarce": gen_scarce,
     "compare": lambda ctx, dataset: gen_variants(ctx, dataset, "replay"),
 }
