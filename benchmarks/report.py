@@ -314,6 +314,7 @@ def gen_ablation(ctx: Ctx) -> str:
 DIAG_COLUMNS = (("gradient on the body / BCE's: KL", ("diag/grad_ratio_kl",)), ("token CE", ("diag/grad_ratio_ce",)),
                 ("eq 9", ("diag/grad_ratio_ctl",)), ("eq 8's KL value", ("loss/kl",)),
                 ("eq 9's p_pos audio / visual", ("diag/ctl_p_pos_a", "diag/ctl_p_pos_v")), ("eq 9's value", ("loss/ctl",)),
+                ("share of eq 9's max on the anchor's own slot, audio / visual", ("diag/ctl_own_slot_a", "diag/ctl_own_slot_v")),
                 ("teacher-student cosine of g at task end, audio / visual",
                  ("diag/teacher_student_cos_a", "diag/teacher_student_cos_v")))
 
@@ -322,7 +323,7 @@ def gen_diag(ctx: Ctx, rel: str) -> str:
     """The diagnostics an experiment recorded (median over a run's steps, mean over seeds), one column per
     DIAG_COLUMNS entry that experiment records; rows without eqs 8-9 (fine-tuning, joint) left out."""
     d = load(rel)
-    recorded = set(d["rows"][next(iter(d["rows"]))].get("diagnostics", {}))
+    recorded = {k for e in d["rows"].values() for k in e.get("diagnostics", {})}
     cols = [(h, keys) for h, keys in DIAG_COLUMNS if set(keys) <= recorded]
 
     def g(e, k):
@@ -401,9 +402,9 @@ def per_seed(e: dict, split: str, key: str = "average_accuracy_l2p", m: str = "a
     return {r["seed"]: r["metrics"][split][key][m] for r in e["runs"]}
 
 
-def paired(e: dict, ref: dict, split: str) -> str:
-    """Row minus ref in audio-visual Average Acc, per seed both finished, as mean ± std (paired by seed)."""
-    a, b = per_seed(e, split), per_seed(ref, split)
+def paired(e: dict, ref: dict, split: str, m: str = "audio_visual") -> str:
+    """Row minus ref in modality m's Average Acc, per seed both finished, as mean ± std (paired by seed)."""
+    a, b = per_seed(e, split, m=m), per_seed(ref, split, m=m)
     diffs = [a[s] - b[s] for s in sorted(a) if s in b]
     return f"{pm(mean_std(diffs), n=len(diffs))}" if diffs else "–"
 
@@ -438,13 +439,15 @@ def gen_scarce(ctx: Ctx) -> str:
     for c in conds.values():
         cell = lambda m, split="test": (pm(c[m]["summary"][split]["audio_visual"]["average_accuracy_l2p"], n=nseeds(c[m]))  # noqa: E731
                                         if m in c else "–")
-        gain = lambda m, split: paired(c[m], c["replay"], split) if m in c and "replay" in c else "–"  # noqa: E731
+        gain = lambda m, split, mod="audio_visual": (paired(c[m], c["replay"], split, mod)  # noqa: E731
+                                                    if m in c and "replay" in c else "–")
         rows.append([c["label"], cell("replay"), cell("cign"), cell("il2m"), gain("cign", "val"), gain("cign", "test"),
-                     gain("il2m", "test"), min(nseeds(c[m]) for m in ("replay", "cign", "il2m") if m in c)])
+                     gain("cign", "test", "audio"), gain("cign", "test", "visual"), gain("il2m", "test"),
+                     min(nseeds(c[m]) for m in ("replay", "cign", "il2m") if m in c)])
     return "\n".join([exp_caption(ctx, SCARCE, "test (val beside the gains)",
-                                  "audio-visual Average Acc with L2P's definitions; gains over replay alone are paired by seed"), "",
+                                  "audio-visual Average Acc with L2P's definitions (audio and visual where named); gains over replay alone are paired by seed, the seeds column counts the condition's fewest"), "",
                       table(["condition", "replay only", "CIGN", "IL2M", "CIGN minus replay, val", "CIGN minus replay, test",
-                             "IL2M minus replay, test", "seeds"], rows)])
+                             "the same, audio", "the same, visual", "IL2M minus replay, test", "seeds"], rows)])
 
 
 TSNE = f"{RESULTS}/experiment_tsne_avdigits.json"
@@ -1350,7 +1353,7 @@ GENERATORS = {
     "visual_stride": gen_visual_stride, "avx2_demo": gen_avx2_demo, "studies": gen_studies,
     "enroll": gen_enroll, "enroll_sweep": gen_enroll_sweep, "enroll_swap": gen_enroll_swap, "enroll_time": gen_enroll_time, "enroll_seeds": gen_enroll_seeds,
     "torch_parity": gen_torch_parity, "gpu": gen_gpu, "hard_audio": hard_audio_text, "readings": lambda ctx: gen_variants(ctx, READINGS), "readings_diag": lambda ctx: gen_diag(ctx, READINGS),
-    "scales": lambda ctx: gen_variants(ctx, SCALES), "scarce": gen_scarce,
+    "scales": lambda ctx: gen_variants(ctx, SCALES), "scales_diag": lambda ctx: gen_diag(ctx, SCALES), "scarce": gen_scarce,
     "compare": lambda ctx, dataset: gen_variants(ctx, dataset, "replay"),
 }
 

@@ -127,7 +127,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
         Row("cign", "CIGN (tau 0.07, KL temperature 1)"),
         *(Row(f"tau={t}", f"CIGN, tau {t}", model={"tau": t}) for t in TAUS),
         *(Row(f"kl_temperature={t}", f"CIGN, KL temperature {t}", model={"kl_temperature": t}) for t in KL_TEMPERATURES),
-    ), diagnostics=("loss/kl", "loss/ctl", "diag/ctl_p_pos_a", "diag/ctl_p_pos_v")),
+    ), diagnostics=("loss/kl", "loss/ctl", "diag/ctl_p_pos_a", "diag/ctl_p_pos_v", "diag/ctl_own_slot_a",
+                    "diag/ctl_own_slot_v")),
     Experiment("scarce", "Where replay is scarce: few exemplars, many tasks", (
         *(r for b in SCARCE_BUFFERS for r in scarce_rows(f"b{b}", f"{b} per class", buffer_per_class=b)),
         *scarce_rows("t10", "10 tasks", tasks=10),

@@ -6,6 +6,7 @@ are global: the K classes seen so far, old classes first, match the rows of the 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -72,11 +73,18 @@ def grouping_bce(logits_a: torch.Tensor, logits_v: torch.Tensor, labels: torch.T
     return (bce_a + bce_v).mean()
 
 
+class _Contrast(NamedTuple):
+    """Eq 9's unit vectors in fp32 and the anchors' classes."""
+
+    anchor: torch.Tensor  # (N, D) g_old[n, y_n] over the old-class samples n
+    pos: torch.Tensor  # (N, D) g_new[n, y_n]
+    neg: torch.Tensor  # over the new-class samples m: (M, D) g_new[m, y_m] (label), (M, K, D) g_new[m] (maxpool)
+    classes: torch.Tensor  # (N,) y_n
+
+
 def _contrast(g_old: torch.Tensor, g_new: torch.Tensor, labels: torch.Tensor, old_classes: Sequence[int],
-              negatives: str = "maxpool"):
-    """Eq 9's unit vectors in fp32: anchors g_old[n, y_n] (N, D), positives g_new[n, y_n] (N, D) over the
-    old-class samples n, negatives over the new-class samples m: g_new[m, y_m] (M, D) for ``label``,
-    all their class slots g_new[m] (M, K, D) for ``maxpool``; None when the batch lacks either."""
+              negatives: str = "maxpool") -> _Contrast | None:
+    """Eq 9's anchors, positives and negatives (``_Contrast``); None when the batch lacks old or new samples."""
     old = torch.isin(labels, torch.as_tensor(list(old_classes), dtype=labels.dtype, device=labels.device))
     if not old.any() or old.all():
         return None
@@ -84,13 +92,13 @@ def _contrast(g_old: torch.Tensor, g_new: torch.Tensor, labels: torch.Tensor, ol
     anchor = F.normalize(g_old.detach()[rows[old], labels[old]].float(), dim=-1)
     pos = F.normalize(g_new[rows[old], labels[old]].float(), dim=-1)
     neg = g_new[rows[~old], labels[~old]] if negatives == "label" else g_new[~old]
-    return anchor, pos, F.normalize(neg.float(), dim=-1)
+    return _Contrast(anchor, pos, F.normalize(neg.float(), dim=-1), labels[old])
 
 
 def _similarities(parts) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine of each anchor with its positive (N,) and with each negative sample (N, M); a negative
     given by all its class slots (M, K, D) counts with its most similar slot (max-pooling)."""
-    anchor, pos, neg = parts
+    anchor, pos, neg, _ = parts
     sim_pos = (anchor * pos).sum(dim=-1)  # (N,)
     if neg.dim() == 2:
         return sim_pos, anchor @ neg.T  # (N, M)
@@ -141,7 +149,8 @@ def contrast_stats(g_old: torch.Tensor, g_new: torch.Tensor, labels: torch.Tenso
     """What eq 9 sees on a batch: mean anchor-positive cosine ``cos_pos``, mean anchor-negative cosine
     ``cos_neg`` (after max-pooling for ``maxpool``), and ``p_pos``, the mean softmax probability of the
     positive among [positive, negatives] at tau (near 1: the InfoNCE form has saturated and gives no
-    gradient). Empty when eq 9 does not apply to the batch."""
+    gradient), and for ``maxpool`` ``own_slot``, the share of (anchor, negative) pairs whose max lands on
+    the anchor's own class slot. Empty when eq 9 does not apply to the batch."""
     return _stats(_contrast(g_old, g_new, labels, old_classes, negatives), tau)
 
 
@@ -150,9 +159,14 @@ def _stats(parts, tau: float) -> dict[str, torch.Tensor]:
     """``contrast_stats`` on ``_contrast``'s unit vectors."""
     if parts is None:
         return {}
-    sim_pos, sim_neg = _similarities(tuple(x.detach() for x in parts))  # (N,), (N, M)
+    parts = _Contrast(*(x.detach() for x in parts))
+    sim_pos, sim_neg = _similarities(parts)  # (N,), (N, M)
     p_pos = torch.softmax(torch.cat([sim_pos[:, None], sim_neg], dim=1) / tau, dim=1)[:, 0]
-    return {"cos_pos": sim_pos.mean(), "cos_neg": sim_neg.mean(), "p_pos": p_pos.mean()}
+    stats = {"cos_pos": sim_pos.mean(), "cos_neg": sim_neg.mean(), "p_pos": p_pos.mean()}
+    if parts.neg.dim() == 3:
+        slot = torch.einsum("nd,mkd->nmk", parts.anchor, parts.neg).argmax(dim=-1)  # (N, M)
+        stats["own_slot"] = (slot == parts.classes[:, None]).float().mean()
+    return stats
 
 
 def cign_loss(

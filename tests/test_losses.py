@@ -233,6 +233,9 @@ def test_continual_grouping_maxpool_value():
     assert stats["cos_neg"].item() == pytest.approx(
         sum(max(cos(a, slot) for slot in g_new[m].tolist()) for a in ([1.0, 0.0], [0.0, 2.0]) for m in (2, 3)) / 4,
         rel=1e-5)
+    # anchor 0's max lands on slot 0 of sample 2 and slot 1 of sample 3; anchor 1's on slot 1 of both
+    assert stats["own_slot"].item() == pytest.approx(3 / 4)
+    assert "own_slot" not in contrast_stats(g_old, g_new, labels, [0, 1], tau, negatives="label")
 
 
 def test_continual_grouping_maxpool_gradient_reaches_the_chosen_slots_only():
@@ -298,7 +301,7 @@ def test_cign_loss_sums_all_terms():
     parts = terms["bce"] + terms["kl"] + terms["ce"] + terms["ctl"]
     assert terms["total"].item() == pytest.approx(parts.item())
     # eq 9's diagnostics per modality, not part of the total
-    assert {k for k in terms if k.startswith("diag/")} == {f"diag/ctl_{s}_{m}" for s in ("cos_pos", "cos_neg", "p_pos")
+    assert {k for k in terms if k.startswith("diag/")} == {f"diag/ctl_{s}_{m}" for s in ("cos_pos", "cos_neg", "p_pos", "own_slot")
                                                           for m in "av"}
     stats = contrast_stats(t.g_v, out.g_v, labels, [0, 1], TINY.tau)
     assert terms["diag/ctl_p_pos_v"].item() == pytest.approx(stats["p_pos"].item())

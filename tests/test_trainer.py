@@ -516,11 +516,11 @@ def test_tensorboard_logs_every_loss_per_step_and_accuracy_per_task(tiny_run):
         assert [s for s, _ in tb[f"loss/{term}"]] == list(range(steps)), term
     # eq 9's diagnostics: only on steps of the second task whose batch holds old and new classes
     first_task_steps = torch.load(tiny_run / "task_0.pt", weights_only=True)["evaluation"]["global_step"]
-    for stat in ("cos_pos", "cos_neg", "p_pos"):
+    for stat in ("cos_pos", "cos_neg", "p_pos", "own_slot"):
         for m in "av":
             series = tb[f"diag/ctl_{stat}_{m}"]
             assert series and all(first_task_steps <= step < steps for step, _ in series)
-            assert all((0 <= v <= 1) if stat == "p_pos" else (-1 <= v <= 1) for _, v in series)
+            assert all((0 <= v <= 1) if stat in ("p_pos", "own_slot") else (-1 <= v <= 1) for _, v in series)
     assert not [tag for tag in tb if tag.startswith("loss/diag")]
     # each term's gradient norm on the shared body over BCE's, on the first step of every epoch
     second = steps - first_task_steps  # two epochs a task (tiny_run)
