@@ -745,8 +745,10 @@ def gen_first_step(ctx: Ctx, what: str) -> str:
         return (f"at task 2's first step p_pos is {b['label_p_pos_a'][0]:.2f} audio / {b['label_p_pos_v'][0]:.2f} visual with `label`, "
                 f"{b['maxpool_p_pos_a'][0]:.2f} / {b['maxpool_p_pos_v'][0]:.2f} with `maxpool` " + where)
     if what == "maxpool":
-        return (f"the positive's share p_pos is {b['maxpool_p_pos_v'][0]:.2f} on the visual side while student and teacher agree "
-                f"to a cosine of {b['maxpool_cos_pos_v'][0]:.4f} at task 2's first step " + where)
+        return (f"at task 2's first step the max lands on the anchor's own slot for {100 * b['maxpool_own_slot_a'][0]:.0f} % of "
+                f"anchor-negative pairs on the audio side and {100 * b['maxpool_own_slot_v'][0]:.0f} % on the visual side, and the "
+                f"positive's share p_pos is {b['maxpool_p_pos_v'][0]:.2f} on the visual side while student and teacher agree "
+                f"to a cosine of {b['maxpool_cos_pos_v'][0]:.4f} " + where)
     if what == "bn":
         return (f"anchor-positive cosine of g on old samples at task 2's first step: {b['maxpool_cos_pos_a'][0]:.3f} audio / "
                 f"{b['maxpool_cos_pos_v'][0]:.4f} visual with `batch`, {r['maxpool_cos_pos_a'][0]:.3f} / {r['maxpool_cos_pos_v'][0]:.3f} "

@@ -3,12 +3,11 @@ Answer: the table-token KL is exactly 0 (the table is copied), the contextual on
 let token identity rank the positive first, ``maxpool`` ones do not. Results: ``benchmarks/studies/results/first_step_avdigits.json``.
 
 The teacher is a trained task-1 model (``task_0.pt`` of the default CIGN runs of ``cign-experiment
-methods``, one per seed; the committed JSON was measured on the task-1 models of CIGN runs trained
-before eqs 8-9 took their current readings, with the same preset otherwise); the student is that model grown by task 2's classes. On real task-2 training batches (the new
+readings``, one per seed); the student is that model grown by task 2's classes. On real task-2 training batches (the new
 clips plus the run's buffer exemplars, class-balanced and augmented as in training) it measures, per
 teacher BatchNorm mode (``batch`` / ``running``): eq 9's anchor-positive cosine, mean (max-pooled)
 anchor-negative cosine and the positive's softmax share p_pos at tau, for ``label`` and ``maxpool``
-negatives; eq 8's KL on the token table and on the contextualised tokens; the cosine of the old
+negatives, and for ``maxpool`` how often the max lands on the anchor's own class slot; eq 8's KL on the token table and on the contextualised tokens; the cosine of the old
 classes' contextualised tokens, student vs teacher. Mean over 8 batches, then mean +- std over the
 seeds. Writes ``benchmarks/studies/results/first_step_avdigits.json`` with the CPU named.
 """
