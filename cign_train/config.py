@@ -37,7 +37,7 @@ class CIGNConfig:
     (each flipped alone, avdigits, seeds 0-2, ``experiment_readings_avdigits.json``): no flip's val
     Average Acc beat the default on every seed by more than the paired spread, and the paper's
     negatives-only denominator lost about 32 points. ``tau`` keeps 0.07 on the same rule in
-    ``cign-experiment scales`` (0.03 and 0.2 within the paired spread on val, seeds 0-2,
+    ``cign-experiment scales`` (0.03, 0.2 and 0.5 within the paired spread on val, seeds 0-2,
     ``experiment_scales_avdigits.json``); ``kl_temperature`` 1 is not yet chosen by a sweep.
     """
 
