@@ -759,10 +759,15 @@ def gen_first_step(ctx: Ctx, what: str) -> str:
 HARD_AUDIO = f"{STUDIES}/hard_audio_avdigits.json"
 
 
+def hard_audio_rows() -> tuple[dict, dict, dict]:
+    """The study's JSON and its soft (default run) and hard rows' mean ± std."""
+    d = load(HARD_AUDIO)
+    return d, d["rows"]["depth1"]["mean_std"], d["rows"]["hard"]["mean_std"]
+
+
 def hard_audio_text(ctx: Ctx) -> str:
     """What hard assignment does to the audio branch (P = 1), from the trained Table 5 models (task 5, ten classes)."""
-    d = load(HARD_AUDIO)
-    soft, hard = d["rows"]["depth1"]["mean_std"], d["rows"]["hard"]["mean_std"]
+    d, soft, hard = hard_audio_rows()
     k = next(iter(d["rows"]["hard"]["per_seed"].values()))["classes"]
     return (f"with soft assignment every one of the {k} audio class slots receives nearly the same audio feature (the "
             f"largest slot holds {pm(soft['spread'])} % of the slots' summed norm of g_a,i - c_hat_a,i; even is "
@@ -778,8 +783,7 @@ def hard_audio_text(ctx: Ctx) -> str:
 
 
 def hard_audio_answer() -> str:
-    d = load(HARD_AUDIO)
-    soft, hard = d["rows"]["depth1"]["mean_std"], d["rows"]["hard"]["mean_std"]
+    d, soft, hard = hard_audio_rows()
     return (f"It puts the audio feature on one class slot, but that slot is the right class in {pm(hard['slot'])} % of clips, "
             f"about chance, and the audio head ranks by phi_a's tokens under both assignments ({pm(hard['audio'])} % hard, "
             f"{pm(soft['audio'])} % soft); Table 5's Hard-Softmax loss is the visual head's ({pm(hard['visual'])} % against "

@@ -95,14 +95,16 @@ def _contrast(g_old: torch.Tensor, g_new: torch.Tensor, labels: torch.Tensor, ol
     return _Contrast(anchor, pos, F.normalize(neg.float(), dim=-1), labels[old])
 
 
-def _similarities(parts) -> tuple[torch.Tensor, torch.Tensor]:
+def _similarities(parts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Cosine of each anchor with its positive (N,) and with each negative sample (N, M); a negative
-    given by all its class slots (M, K, D) counts with its most similar slot (max-pooling)."""
+    given by all its class slots (M, K, D) counts with its most similar slot (max-pooling), whose
+    index (N, M) comes third (None for single-slot negatives)."""
     anchor, pos, neg, _ = parts
     sim_pos = (anchor * pos).sum(dim=-1)  # (N,)
     if neg.dim() == 2:
-        return sim_pos, anchor @ neg.T  # (N, M)
-    return sim_pos, torch.einsum("nd,mkd->nmk", anchor, neg).amax(dim=-1)  # (N, M, K) -> (N, M)
+        return sim_pos, anchor @ neg.T, None  # (N, M)
+    sim_neg, slot = torch.einsum("nd,mkd->nmk", anchor, neg).max(dim=-1)  # (N, M, K) -> (N, M)
+    return sim_pos, sim_neg, slot
 
 
 def continual_grouping(
@@ -138,7 +140,8 @@ def _eq9(parts, g_new: torch.Tensor, tau: float, denominator: str) -> torch.Tens
     if parts is None:
         return g_new.sum().float() * 0.0
     with torch.autocast(g_new.device.type, enabled=False):
-        sim_pos, sim_neg = (x / tau for x in _similarities(parts))  # (N,), (N, M)
+        sim_pos, sim_neg, _ = _similarities(parts)  # (N,), (N, M)
+        sim_pos, sim_neg = sim_pos / tau, sim_neg / tau
         if denominator == "paper":
             return (torch.logsumexp(sim_neg, dim=1) - sim_pos).mean()
         return (torch.logsumexp(torch.cat([sim_pos[:, None], sim_neg], dim=1), dim=1) - sim_pos).mean()
@@ -160,11 +163,10 @@ def _stats(parts, tau: float) -> dict[str, torch.Tensor]:
     if parts is None:
         return {}
     parts = _Contrast(*(x.detach() for x in parts))
-    sim_pos, sim_neg = _similarities(parts)  # (N,), (N, M)
+    sim_pos, sim_neg, slot = _similarities(parts)  # (N,), (N, M), (N, M) or None
     p_pos = torch.softmax(torch.cat([sim_pos[:, None], sim_neg], dim=1) / tau, dim=1)[:, 0]
     stats = {"cos_pos": sim_pos.mean(), "cos_neg": sim_neg.mean(), "p_pos": p_pos.mean()}
-    if parts.neg.dim() == 3:
-        slot = torch.einsum("nd,mkd->nmk", parts.anchor, parts.neg).argmax(dim=-1)  # (N, M)
+    if slot is not None:
         stats["own_slot"] = (slot == parts.classes[:, None]).float().mean()
     return stats
 
